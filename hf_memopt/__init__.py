@@ -1,0 +1,23 @@
+"""hf_memopt: memory-efficient training methods for the stock Hugging Face ``Trainer``.
+
+``attach(trainer, config)`` installs a method; importing the package also makes the stock
+``TrainingArguments(optim="galore_*")`` names use hf_memopt's GaLore.
+"""
+
+from hf_memopt.galore import GaLoreConfig
+from hf_memopt.galore.stock import reroute_stock_galore_names
+from hf_memopt.integration import attach
+from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback, plot_memory_breakdown
+from hf_memopt.registry import METHODS
+
+__all__ = [
+    "METHODS",
+    "GaLoreConfig",
+    "MemoryBreakdown",
+    "MemoryReportCallback",
+    "attach",
+    "plot_memory_breakdown",
+]
+__version__ = "0.1.0"
+
+reroute_stock_galore_names()

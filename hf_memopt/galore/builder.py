@@ -1,0 +1,167 @@
+"""Build GaLore optimizers from a config: parameter groups, the optimizer, and the Trainer wiring."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.pytorch_utils import Conv1D
+from transformers.training_args import ParallelMode
+
+from hf_memopt.galore.config import GaLoreConfig
+from hf_memopt.galore.optimizer import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, _GaLoreOptimizer
+from hf_memopt.integration import (
+    OptimizerHyperparameters,
+    install_optimizer_factory,
+    no_decay_parameter_names,
+    trainable_parameters,
+)
+from hf_memopt.targeting import ALL_LINEAR, match_target_modules
+
+__all__ = ["build_galore", "create_galore_optimizer", "galore_target_parameters"]
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER_CLASSES: dict[str, type[_GaLoreOptimizer]] = {
+    "adamw": GaLoreAdamW,
+    "adamw_8bit": GaLoreAdamW8bit,
+    "adafactor": GaLoreAdafactor,
+}
+_TARGET_TYPES = (nn.Linear, nn.Embedding, Conv1D)
+
+
+def galore_target_parameters(model: nn.Module, config: GaLoreConfig) -> dict[str, nn.Parameter]:
+    """``{name: weight}`` of the trainable 2-D weights GaLore projects; validates rank against every shape."""
+    modules = match_target_modules(model, config.target_modules, allowed_types=_TARGET_TYPES)
+    if isinstance(config.target_modules, str) and config.target_modules.replace("_", "-") == ALL_LINEAR:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        modules = {n: m for n, m in modules.items() if m is not head}  # as peft's "all-linear"
+    targets: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, module in modules.items():
+        weight = module.weight
+        if not weight.requires_grad or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        if weight.dim() != 2:
+            raise ValueError(f"target_modules: {name} has a {weight.dim()}-D weight; GaLore projects 2-D weights only")
+        if config.rank > min(weight.shape):
+            raise ValueError(
+                f"rank must be in [1, {min(weight.shape)}] for {name}.weight of shape {tuple(weight.shape)}; got "
+                f"{config.rank}. Lower rank or leave this module out of target_modules"
+            )
+        targets[f"{name}.weight"] = weight
+    if not targets:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no trainable weight")
+    return targets
+
+
+def create_galore_optimizer(
+    model: nn.Module,
+    config: GaLoreConfig,
+    hparams: OptimizerHyperparameters,
+    *,
+    no_decay_names: set[str] | None = None,
+    is_accumulation_boundary: Callable[[], bool] | None = None,
+) -> _GaLoreOptimizer:
+    """The GaLore optimizer for ``model``: projected groups for the targets, the same base rule for the rest.
+
+    Biases and normalisation weights (``no_decay_names``) get no weight decay, as in the Trainer's default optimizer.
+    """
+    if config.layerwise and hparams.max_grad_norm > 0 and hparams.gradient_accumulation_steps > 1:
+        raise ValueError(
+            "layer-wise GaLore with gradient accumulation cannot clip gradients (the full norm of accumulated "
+            "projected gradients is never formed): set max_grad_norm=0, or layerwise=False, or "
+            "gradient_accumulation_steps=1"
+        )
+    no_decay_names = no_decay_parameter_names(model) if no_decay_names is None else no_decay_names
+    targets = {id(p) for p in galore_target_parameters(model, config).values()}
+    projection = {
+        "rank": config.rank,
+        "update_proj_gap": config.update_proj_gap,
+        "scale": config.scale,
+        "proj_type": config.proj_type,
+        "svd_method": config.svd_method,
+        "svd_iterations": config.svd_iterations,
+        "seed": config.seed,
+    }
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    names: dict[nn.Parameter, str] = {}
+    for name, p in trainable_parameters(model):
+        names[p] = name
+        buckets.setdefault((id(p) in targets, name not in no_decay_names), []).append(p)
+    groups: list[dict[str, Any]] = []
+    for (projected, decay), params in sorted(buckets.items(), reverse=True):
+        group: dict[str, Any] = {"params": params, "weight_decay": hparams.weight_decay if decay else 0.0}
+        if projected:
+            group.update(projection)
+        groups.append(group)
+    cls = OPTIMIZER_CLASSES[config.optimizer]
+    kwargs: dict[str, Any] = {"lr": hparams.lr, "weight_decay": hparams.weight_decay}
+    if config.optimizer != "adafactor":
+        kwargs.update(betas=hparams.betas, eps=hparams.eps)
+    return cls(
+        groups,
+        layerwise=config.layerwise,
+        max_grad_norm=hparams.max_grad_norm if config.layerwise else 0.0,
+        is_accumulation_boundary=is_accumulation_boundary,
+        parameter_names=names,
+        **kwargs,
+    )
+
+
+def check_layerwise_supported(args: Any) -> None:
+    """Refuse layer-wise mode where it would be silently wrong."""
+    if args.parallel_mode == ParallelMode.DISTRIBUTED or args.world_size > 1:
+        raise NotImplementedError(
+            "layer-wise GaLore under distributed training is not implemented yet: hooks see un-reduced gradients. "
+            "Use layerwise=False with DDP"
+        )
+    if args.fp16:
+        raise ValueError("layer-wise GaLore cannot run with fp16=True (the gradients are loss-scaled); use bf16=True")
+
+
+class LayerwiseGradNormCallback(TrainerCallback):
+    """Reports the true gradient norm in layer-wise mode.
+
+    Uses ``on_log``: the Trainer computes ``grad_norm`` from ``.grad`` after backward, when layer-wise updates have
+    already freed every gradient (transformers' own layer-wise mode logs 0). The optimizer measured the norm inside
+    the hooks; an unknown norm (projected gradients accumulated over micro-batches) is removed rather than shown as 0.
+    """
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        if logs is None or "grad_norm" not in logs or optimizer is None:
+            return
+        while not isinstance(optimizer, _GaLoreOptimizer) and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        if not isinstance(optimizer, _GaLoreOptimizer) or optimizer.layerwise is None:
+            return
+        last = state.log_history[-1] if state.log_history else {}
+        if optimizer.last_grad_norm is None:
+            logs.pop("grad_norm")
+            last.pop("grad_norm", None)
+        else:
+            logs["grad_norm"] = last["grad_norm"] = optimizer.last_grad_norm
+
+
+def build_galore(trainer: Trainer, config: GaLoreConfig) -> None:
+    """Registry builder: validate against the model now, build the optimizer when training starts."""
+    galore_target_parameters(trainer.model, config)  # fail at attach(), not minutes later in train()
+    if config.layerwise:
+        check_layerwise_supported(trainer.args)
+        # first in line, so the printer and loggers see the corrected value
+        trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback())
+
+    def build(model: nn.Module) -> torch.optim.Optimizer:
+        return create_galore_optimizer(
+            model,
+            config,
+            OptimizerHyperparameters.from_args(trainer.args),
+            no_decay_names=no_decay_parameter_names(model, trainer),
+        )
+
+    install_optimizer_factory(trainer, build)

@@ -1,0 +1,68 @@
+"""Configuration of GaLore."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hf_memopt.targeting import validate_target_modules
+from hf_memopt.validation import check_bool, check_choice, check_float, check_int
+
+__all__ = ["GALORE_OPTIMIZERS", "PROJ_TYPES", "SVD_METHODS", "GaLoreConfig"]
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+GALORE_OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
+SVD_METHODS = ("subspace", "exact")
+
+
+@dataclass
+class GaLoreConfig:
+    """GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection (https://arxiv.org/abs/2403.03507).
+
+    Each targeted weight's gradient G (m x n) is projected to a rank-r subspace, R = P^T G (Sec. 3, Eq. 5); the base
+    optimizer's states live on R, and the update scale * P N(R) is projected back. P is re-found from the current
+    gradient every ``update_proj_gap`` optimizer updates.
+
+    Args:
+        rank: rank r of the projection; 1 <= rank <= min(m, n) of every targeted weight.
+        update_proj_gap: optimizer updates between projector refreshes (T in the paper), >= 1.
+        scale: the paper's alpha; multiplies the projected-back update, > 0.
+        proj_type: ``std`` projects the smaller side (right when m >= n), ``reverse_std`` the larger one, ``left``,
+            ``right``, or ``full`` (both sides, R = P^T G Q).
+        target_modules: names, a regex, or ``"all-linear"`` (every Linear except the output embedding). Linear,
+            Embedding and GPT-2 Conv1D weights can be targeted; other trainable parameters get the base optimizer
+            without projection.
+        optimizer: the base optimizer: ``adamw``, ``adamw_8bit`` (bitsandbytes block-wise 8-bit states) or
+            ``adafactor``.
+        layerwise: update each parameter inside backward, as soon as its gradient is complete, and free the gradient
+            at once (Sec. 4.3). Supports gradient accumulation (the projected gradient is accumulated).
+        svd_method: ``subspace`` (default): a few subspace iterations warm-started from the previous projector
+            (randomized range finder at the first refresh), O(m n r); ``exact``: ``torch.linalg.svd`` as in the
+            reference implementation.
+        svd_iterations: subspace iterations per refresh for ``svd_method="subspace"``, >= 1.
+        seed: seed of the random start of the first refresh (``subspace`` only), so runs are reproducible.
+    """
+
+    rank: int = field(default=128, metadata={"help": "Rank of the gradient projection (>= 1, <= min(m, n))."})
+    update_proj_gap: int = field(default=200, metadata={"help": "Optimizer updates between projector refreshes."})
+    scale: float = field(default=0.25, metadata={"help": "Scale of the projected-back update (alpha)."})
+    proj_type: str = field(default="std", metadata={"help": f"Projection side: one of {PROJ_TYPES}."})
+    target_modules: list[str] | str = field(
+        default="all-linear", metadata={"help": "Module names, a regex, or 'all-linear'."}
+    )
+    optimizer: str = field(default="adamw", metadata={"help": f"Base optimizer: one of {GALORE_OPTIMIZERS}."})
+    layerwise: bool = field(default=False, metadata={"help": "Update inside backward and free each gradient."})
+    svd_method: str = field(default="subspace", metadata={"help": f"Projector refresh: one of {SVD_METHODS}."})
+    svd_iterations: int = field(default=2, metadata={"help": "Subspace iterations per refresh (>= 1)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the randomized first refresh."})
+
+    def __post_init__(self) -> None:
+        check_int("rank", self.rank, 1)
+        check_int("update_proj_gap", self.update_proj_gap, 1)
+        self.scale = check_float("scale", self.scale, 0.0, low_inclusive=False)
+        check_choice("proj_type", self.proj_type, PROJ_TYPES)
+        check_choice("optimizer", self.optimizer, GALORE_OPTIMIZERS)
+        check_bool("layerwise", self.layerwise)
+        check_choice("svd_method", self.svd_method, SVD_METHODS)
+        check_int("svd_iterations", self.svd_iterations, 1)
+        check_int("seed", self.seed)
+        self.target_modules = validate_target_modules(self.target_modules)

@@ -1,0 +1,295 @@
+"""GaLore optimizers: AdamW, 8-bit AdamW and Adafactor whose states live in a projected subspace.
+
+One private base class holds the GaLore mechanics (projection, refresh, weight decay, layer-wise mode); each public
+class only supplies the base optimizer's rule on a (possibly projected) gradient: its state and its update direction.
+Parameter groups carrying ``rank`` are projected; other groups get the same rule on the full gradient.
+
+The optimizer state holds only tensors and ints (moments, 8-bit codes and absmax tables, projectors, step counts), so
+``optimizer.pt`` reloads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from hf_memopt.galore.layerwise import LayerwiseUpdates
+from hf_memopt.galore.projector import project, project_back, projection_sides, refresh_projector
+from hf_memopt.optim_state import keep_state_dtypes_on_load
+
+__all__ = ["GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit"]
+
+_PROJECTION_DEFAULTS = {
+    "rank": None,
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "svd_method": "subspace",
+    "svd_iterations": 2,
+    "seed": 0,
+}
+
+
+class _GaLoreOptimizer(torch.optim.Optimizer):
+    """GaLore mechanics around a base rule (see module docstring).
+
+    Args:
+        params: parameters or groups; groups with ``rank`` set are projected (keys: ``rank``, ``update_proj_gap``,
+            ``scale``, ``proj_type``, ``svd_method``, ``svd_iterations``, ``seed``).
+        lr, weight_decay: as in AdamW; weight decay is decoupled, p <- p (1 - lr wd), applied before the update.
+        layerwise: update each parameter inside backward (post-accumulate-grad hook) and free its gradient.
+        max_grad_norm: layer-wise mode only: clip the global gradient norm (the Trainer cannot, the gradients are gone
+            by then). 0 disables.
+        is_accumulation_boundary: layer-wise mode only: returns True on the micro-batch that ends an accumulation
+            window. Defaults to accelerate's ``GradientState().sync_gradients``, which ``Trainer`` sets per micro-batch.
+        parameter_names: ``{parameter: name}``, used in messages.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        defaults: dict[str, Any],
+        *,
+        weight_decay: float = 0.0,
+        layerwise: bool = False,
+        max_grad_norm: float = 0.0,
+        is_accumulation_boundary: Callable[[], bool] | None = None,
+        parameter_names: dict[torch.nn.Parameter, str] | None = None,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0; got {lr}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **_PROJECTION_DEFAULTS, **defaults})
+        self._names = parameter_names or {}
+        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for group in self.param_groups:
+            if group["rank"] is not None:
+                for p in group["params"]:
+                    if p.dim() != 2:
+                        raise ValueError(f"GaLore projects 2-D weights only; {self._name(p)} has shape {tuple(p.shape)}")
+                    if not 1 <= group["rank"] <= min(p.shape):
+                        raise ValueError(
+                            f"rank must be in [1, {min(p.shape)}] for {self._name(p)} of shape {tuple(p.shape)}; "
+                            f"got {group['rank']}"
+                        )
+        keep_state_dtypes_on_load(self)
+        self.layerwise: LayerwiseUpdates | None = None
+        if layerwise:
+            self.layerwise = LayerwiseUpdates(self, max_grad_norm, is_accumulation_boundary)
+
+    # ---- the base rule: implemented by the public classes -------------------------------------------------------
+    def _init_rule_state(self, state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _direction(
+        self, state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]
+    ) -> tuple[torch.Tensor, float]:
+        """``(direction, multiplier)`` with update = -lr * multiplier * direction; ``state["step"]`` is already t."""
+        raise NotImplementedError
+
+    # ---- GaLore mechanics ----------------------------------------------------------------------------------------
+    def _name(self, p: torch.nn.Parameter) -> str:
+        return self._names.get(p, f"parameter #{self._index.get(p, '?')} {tuple(p.shape)}")
+
+    def is_projected(self, group: dict[str, Any]) -> bool:
+        return group["rank"] is not None
+
+    def is_refresh_step(self, p: torch.nn.Parameter, group: dict[str, Any]) -> bool:
+        """Whether the next update of ``p`` re-finds its projector (needs the full gradient)."""
+        state = self.state[p]
+        return "proj_left" not in state and "proj_right" not in state or state["step"] % group["update_proj_gap"] == 0
+
+    def project_gradient(self, p: torch.nn.Parameter, grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """R = P^T G, refreshing P from ``grad`` first when this update is a refresh step."""
+        state = self.state[p]
+        state.setdefault("step", 0)
+        if self.is_refresh_step(p, group):
+            generator = torch.Generator().manual_seed(group["seed"] + 1_000_003 * state["step"] + self._index[p])
+            left, right = refresh_projector(
+                grad,
+                group["rank"],
+                projection_sides(group["proj_type"], p.shape),
+                method=group["svd_method"],
+                previous=(state.get("proj_left"), state.get("proj_right")),
+                iterations=group["svd_iterations"],
+                generator=generator,
+                name=self._name(p),
+            )
+            for key, value in (("proj_left", left), ("proj_right", right)):
+                if value is not None:
+                    state[key] = value
+        return project(grad, state.get("proj_left"), state.get("proj_right"))
+
+    @torch.no_grad()
+    def apply_update(
+        self, p: torch.nn.Parameter, group: dict[str, Any], grad: torch.Tensor, *, projected: bool = False
+    ) -> None:
+        """One optimizer update of ``p`` from its gradient (``projected=True``: ``grad`` is already R = P^T G)."""
+        state = self.state[p]
+        state.setdefault("step", 0)
+        low = grad
+        if self.is_projected(group) and not projected:
+            low = self.project_gradient(p, grad, group)
+        if state["step"] == 0:
+            self._init_rule_state(state, low, group)
+        state["step"] += 1
+        direction, multiplier = self._direction(state, low, group)
+        if self.is_projected(group):
+            direction = project_back(direction, state.get("proj_left"), state.get("proj_right"), group["scale"])
+        if group["weight_decay"] > 0.0:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.add_(direction.to(p.dtype), alpha=-group["lr"] * multiplier)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.layerwise is not None:
+            self.layerwise.finish_step()
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    self.apply_update(p, group, p.grad)
+        return loss
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """Layer-wise mode: the global gradient norm of the last update (None when it could not be known)."""
+        return self.layerwise.last_grad_norm if self.layerwise is not None else None
+
+
+def _adam_defaults(betas: tuple[float, float], eps: float) -> dict[str, Any]:
+    if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+        raise ValueError(f"betas must be in [0, 1); got {betas}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0; got {eps}")
+    return {"betas": tuple(betas), "eps": eps}
+
+
+def _adam_direction(state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Adam moments update; direction m / (sqrt(v) + eps) with the bias corrections folded into the multiplier."""
+    beta1, beta2 = group["betas"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    step = state["step"]
+    return exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+class GaLoreAdamW(_GaLoreOptimizer):
+    """AdamW with GaLore projection (paper Alg. 2). Bias correction as in the reference: step size lr sqrt(1-b2^t) /
+    (1-b1^t), eps added to sqrt(v) before it."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay=0.0, **kwargs):
+        super().__init__(params, lr, _adam_defaults(betas, eps), weight_decay=weight_decay, **kwargs)
+
+    def _init_rule_state(self, state, grad, group):
+        state["exp_avg"] = torch.zeros_like(grad)
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+
+    def _direction(self, state, grad, group):
+        return _adam_direction(state, grad, group)
+
+
+class GaLoreAdamW8bit(_GaLoreOptimizer):
+    """AdamW with GaLore projection and bitsandbytes block-wise 8-bit moments (Dettmers et al. 2022).
+
+    Tensors (projected or not) with at least ``min_8bit_size`` elements keep uint8 moments with one absmax per
+    256-element block, updated by bitsandbytes' fused kernel (CPU and CUDA); smaller ones keep float32 moments, as
+    bitsandbytes does.
+    """
+
+    BLOCK_SIZE = 256
+
+    def __init__(
+        self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay=0.0,
+        *, min_8bit_size: int = 4096, **kwargs,
+    ):
+        super().__init__(params, lr, _adam_defaults(betas, eps), weight_decay=weight_decay, **kwargs)
+        self.min_8bit_size = min_8bit_size
+        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._qmaps:
+            import bitsandbytes.functional as bnbf
+
+            self._qmaps[device] = (
+                bnbf.create_dynamic_map(signed=True).to(device),
+                bnbf.create_dynamic_map(signed=False).to(device),
+            )
+        return self._qmaps[device]
+
+    def _init_rule_state(self, state, grad, group):
+        if grad.numel() < self.min_8bit_size:
+            state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+            return
+        blocks = math.ceil(grad.numel() / self.BLOCK_SIZE)
+        state["state1"] = torch.zeros_like(grad, dtype=torch.uint8)
+        state["state2"] = torch.zeros_like(grad, dtype=torch.uint8)
+        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+
+    def _direction(self, state, grad, group):
+        beta1, beta2 = group["betas"]
+        grad32 = grad.float().contiguous()
+        if "state1" not in state:
+            return _adam_direction(state, grad32, group)
+        import bitsandbytes.functional as bnbf
+
+        qmap1, qmap2 = self._qmap(grad32.device)
+        # The fused kernel updates a parameter in place: run it on a zero buffer with lr=1 to read the direction.
+        buffer = torch.zeros_like(grad32)
+        bnbf.optimizer_update_8bit_blockwise(
+            "adam", grad32, buffer, state["state1"], state["state2"], beta1, beta2, 0.0, 0.0, group["eps"],
+            state["step"], 1.0, qmap1, qmap2, state["absmax1"], state["absmax2"], 0.0, 1.0, False,
+        )
+        return buffer.neg_(), 1.0
+
+
+class GaLoreAdafactor(_GaLoreOptimizer):
+    """Adafactor (Shazeer & Stern 2018) with GaLore projection: factored second moment of the (projected) gradient,
+    update clipping, no first moment, fixed learning rate (``relative_step=False``, ``scale_parameter=False``, as the
+    Trainer configures Adafactor)."""
+
+    def __init__(
+        self, params, lr: float = 1e-3, eps=(1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
+        weight_decay=0.0, **kwargs,
+    ):
+        defaults = {"eps": tuple(eps), "clip_threshold": clip_threshold, "decay_rate": decay_rate}
+        super().__init__(params, lr, defaults, weight_decay=weight_decay, **kwargs)
+
+    def _init_rule_state(self, state, grad, group):
+        if grad.dim() >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1], dtype=torch.float32, device=grad.device)
+            state["exp_avg_sq_col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:], dtype=torch.float32, device=grad.device)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+
+    def _direction(self, state, grad, group):
+        grad = grad.float()
+        beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+        squared = grad.square().add_(group["eps"][0])
+        if "exp_avg_sq_row" in state:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c_factor = col.unsqueeze(-2).rsqrt()
+            update = torch.mul(r_factor, c_factor).mul_(grad)
+        else:
+            state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
+            update = state["exp_avg_sq"].rsqrt().mul_(grad)
+        rms = update.norm(2) / math.sqrt(update.numel())
+        update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
+        return update, 1.0

@@ -1,0 +1,39 @@
+"""Optimizer-state helpers shared by the methods' optimizers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["keep_state_dtypes_on_load"]
+
+
+def keep_state_dtypes_on_load(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` keep the saved dtype of every state tensor.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the parameter's dtype. States deliberately
+    kept in another precision (float32 projectors and moments of a bfloat16 weight, float32 absmax tables) would be
+    rounded on resume, so a resumed run would drift from the uninterrupted one. A pre-hook sets those tensors aside
+    and a post-hook puts them back, moved to the parameter's device only.
+    """
+    aside: list[tuple[torch.nn.Parameter, str, torch.Tensor]] = []
+
+    def pre_hook(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        aside.clear()
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        by_id = dict(zip(saved_ids, (p for g in opt.param_groups for p in g["params"])))
+        for param_id, param_state in state_dict["state"].items():
+            param = by_id.get(param_id)
+            for key, value in param_state.items():
+                if param is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    if value.dtype != param.dtype:
+                        aside.append((param, key, value))
+
+    def post_hook(opt: torch.optim.Optimizer) -> None:
+        for param, key, value in aside:
+            opt.state[param][key] = value.to(param.device)
+        aside.clear()
+
+    optimizer.register_load_state_dict_pre_hook(pre_hook)
+    optimizer.register_load_state_dict_post_hook(post_hook)

@@ -1,0 +1,128 @@
+"""GLUE, instruction and pretraining text data: bundled offline copies, or the Hub for users who have it.
+
+GLUE TSVs are read with ``quoting=QUOTE_NONE`` (several rows contain quotes) and ``utf-8-sig`` (MRPC starts with a
+BOM); CoLA has no header row. Sources and licenses of the bundled files: ``hf_memopt/data/README.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "BUNDLED_DATA",
+    "GLUE_TASKS",
+    "GlueTask",
+    "load_alpaca",
+    "load_glue",
+    "load_text",
+]
+
+BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """How to read one GLUE task: text columns, label column, number of labels (1 = regression), metric names."""
+
+    name: str
+    text_columns: tuple[str, ...]
+    label_column: str
+    num_labels: int
+    metrics: tuple[str, ...]
+    has_header: bool = True
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "rte": GlueTask("rte", ("sentence1", "sentence2"), "label", 2, ("accuracy",)),
+    "mrpc": GlueTask("mrpc", ("#1 String", "#2 String"), "Quality", 2, ("accuracy", "f1")),
+    "cola": GlueTask("cola", ("sentence",), "label", 2, ("matthews_correlation",), has_header=False),
+    "stsb": GlueTask("stsb", ("sentence1", "sentence2"), "score", 1, ("pearson", "spearmanr")),
+    "sst2": GlueTask("sst2", ("sentence",), "label", 2, ("accuracy",)),
+}
+_COLA_COLUMNS = ("source", "label", "original_judgment", "sentence")
+_RTE_LABELS = {"entailment": 0, "not_entailment": 1}
+
+
+def _glue_dir(task: str, data_dir: str | os.PathLike | None) -> Path | None:
+    candidates = [data_dir, os.environ.get("HF_MEMOPT_GLUE_DIR"), BUNDLED_DATA / "glue"]
+    for base in candidates:
+        if base and (Path(base) / task).is_dir():
+            return Path(base) / task
+    return None
+
+
+def read_glue_tsv(path: Path, task: GlueTask) -> list[dict[str, object]]:
+    """Rows of a GLUE TSV as ``{"text_a", "text_b", "label"}`` (``text_b`` absent for single-sentence tasks)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader) if task.has_header else list(_COLA_COLUMNS)
+        index = {name: i for i, name in enumerate(header)}
+        rows = []
+        for values in reader:
+            if len(values) < len(header):
+                continue
+            raw = values[index[task.label_column]]
+            if task.num_labels == 1:
+                label: object = float(raw)
+            else:
+                label = _RTE_LABELS[raw] if task.name == "rte" else int(raw)
+            row = {"text_a": values[index[task.text_columns[0]]], "label": label}
+            if len(task.text_columns) == 2:
+                row["text_b"] = values[index[task.text_columns[1]]]
+            rows.append(row)
+    return rows
+
+
+def load_glue(task: str, split: str = "train", limit: int | None = None, data_dir: str | None = None):
+    """A ``datasets.Dataset`` with ``text_a`` [, ``text_b``], ``label`` for a GLUE task.
+
+    Looks in ``data_dir``, ``$HF_MEMOPT_GLUE_DIR``, then the bundled copy (SST-2 train is bundled as its first 20,000
+    rows); otherwise loads ``nyu-mll/glue`` from the Hub. ``split`` is ``train`` or ``dev`` (``validation`` accepted).
+    """
+    import datasets
+
+    if task not in GLUE_TASKS:
+        raise ValueError(f"task must be one of {tuple(GLUE_TASKS)}; got {task!r}")
+    split = "dev" if split == "validation" else split
+    if split not in ("train", "dev"):
+        raise ValueError(f"split must be 'train' or 'dev'; got {split!r}")
+    spec = GLUE_TASKS[task]
+    folder = _glue_dir(task, data_dir)
+    if folder is not None:
+        rows = read_glue_tsv(folder / f"{split}.tsv", spec)
+        if limit is not None:
+            rows = rows[:limit]
+        return datasets.Dataset.from_list(rows)
+    hub = datasets.load_dataset("nyu-mll/glue", task, split="validation" if split == "dev" else "train")
+    keys = {"rte": ("sentence1", "sentence2"), "mrpc": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2")}
+    a, b = keys.get(task, ("sentence", None))
+    hub = hub.rename_column(a, "text_a")
+    if b:
+        hub = hub.rename_column(b, "text_b")
+    hub = hub.remove_columns([c for c in hub.column_names if c not in ("text_a", "text_b", "label")])
+    return hub.select(range(min(limit, len(hub)))) if limit is not None else hub
+
+
+def load_alpaca(path: str | os.PathLike | None = None, limit: int | None = None) -> list[dict[str, str]]:
+    """Alpaca-format records ``{instruction, input, output}``; the bundled demo set by default."""
+    path = Path(path) if path else BUNDLED_DATA / "instruct" / "alpaca_en_demo.json"
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)
+    return records[:limit] if limit is not None else records
+
+
+def load_text(name: str = "wikitext2_valid") -> str:
+    """Raw pretraining text: ``wikitext2_valid`` (bundled), ``c4_demo`` (bundled JSONL), or a file path."""
+    path = Path(name)
+    if not path.exists():
+        path = BUNDLED_DATA / "text" / (f"{name}.jsonl" if name == "c4_demo" else f"{name}.txt")
+    if not path.exists():
+        raise ValueError(f"text source {name!r} is neither a bundled name (wikitext2_valid, c4_demo) nor a file")
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
+    return path.read_text(encoding="utf-8")

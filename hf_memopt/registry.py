@@ -1,0 +1,68 @@
+"""The one table of method names.
+
+Each method package registers itself once, at the bottom of its ``__init__.py``::
+
+    register_method("galore", GaLoreConfig, build_galore, "Gradient low-rank projection of optimizer states")
+
+Everything else (``attach``, the CLI, model cards, docs) looks the name up here, so a method's name is
+written exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["METHODS", "MethodSpec", "method_name_of", "register_method"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the registry knows about a method.
+
+    Args:
+        name: the method's public name (``"galore"``, ``"blockllm"`` ...).
+        config_cls: the typed dataclass that configures it.
+        builder: ``builder(trainer, config)``; installs the method on a ``transformers.Trainer`` (optimizer factory,
+            callbacks, model transforms, training-step replacement).
+        summary: one line for ``hf-memopt methods`` and the docs.
+        sets_optimizer: whether the builder supplies the optimizer. Two such methods cannot be attached to one trainer.
+    """
+
+    name: str
+    config_cls: type
+    builder: Callable[[Any, Any], None]
+    summary: str
+    sets_optimizer: bool = True
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    config_cls: type,
+    builder: Callable[[Any, Any], None],
+    summary: str,
+    *,
+    sets_optimizer: bool = True,
+) -> MethodSpec:
+    """Add a method to :data:`METHODS`; a name or config class may be registered only once."""
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    for spec in METHODS.values():
+        if spec.config_cls is config_cls:
+            raise ValueError(f"{config_cls.__name__} is already registered as {spec.name!r}")
+    spec = MethodSpec(name, config_cls, builder, summary, sets_optimizer)
+    METHODS[name] = spec
+    return spec
+
+
+def method_name_of(config: Any) -> str:
+    """The registered name of a config instance (raises ``TypeError`` for an unregistered type)."""
+    for spec in METHODS.values():
+        if type(config) is spec.config_cls:
+            return spec.name
+    known = ", ".join(f"{s.config_cls.__name__} ({s.name})" for s in METHODS.values())
+    raise TypeError(f"{type(config).__name__} is not a registered hf_memopt config; known configs: {known}")
