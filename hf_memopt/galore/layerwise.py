@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 if TYPE_CHECKING:
     from hf_memopt.galore.optimizer import _GaLoreOptimizer
@@ -32,7 +33,7 @@ __all__ = ["LayerwiseUpdates", "accelerate_sync_gradients"]
 
 # One layer-wise optimizer may own a parameter at a time: a new one (e.g. a second Trainer on the same model)
 # removes the previous optimizer's hook instead of stepping the parameter twice.
-_OWNER_HOOKS: weakref.WeakKeyDictionary[torch.nn.Parameter, Any] = weakref.WeakKeyDictionary()
+_OWNER_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def accelerate_sync_gradients() -> bool:

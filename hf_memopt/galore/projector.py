@@ -1,6 +1,6 @@
 """GaLore's gradient projector: which sides to project, how to find the subspace, project and project back.
 
-The projector of an m x n gradient G is stored as plain float32 tensors: ``left`` (m x r, orthonormal columns) and/or
+The projector of an m x n gradient G is stored as plain float32 tensors (float64 for float64 weights): ``left`` (m x r, orthonormal columns) and/or
 ``right`` (r x n, orthonormal rows). The low-rank gradient is R = left^T G, G right^T, or left^T G right^T (``full``);
 the update goes back as scale * left N, N right, or left N right (paper Eq. 5-6).
 
@@ -44,13 +44,18 @@ def projection_sides(proj_type: str, shape: torch.Size | tuple[int, ...]) -> tup
 
 
 def project(grad: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
-    """R = left^T G right^T (each factor optional), in float32."""
-    low = grad.float()
+    """R = left^T G right^T (each factor optional), in at least float32."""
+    low = grad.to(_compute_dtype(grad))
     if left is not None:
         low = left.t() @ low
     if right is not None:
         low = low @ right.t()
     return low
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs, float64 stays float64."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def project_back(low: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -81,7 +86,7 @@ def low_rank_svd(
     blocks = [] if start is None else [start[:, :width]]
     missing = width - (0 if start is None else blocks[0].shape[1])
     if missing > 0:
-        omega = torch.randn(n, missing, generator=generator, dtype=torch.float32, device="cpu").to(matrix.device)
+        omega = torch.randn(n, missing, generator=generator, dtype=matrix.dtype, device="cpu").to(matrix.device)
         blocks.append(matrix @ omega)
     basis, _ = torch.linalg.qr(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
     for _ in range(iterations):
@@ -107,12 +112,12 @@ def refresh_projector(
     generator: torch.Generator | None = None,
     name: str = "",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """New ``(left, right)`` projector from the gradient ``grad``, computed in float32.
+    """New ``(left, right)`` projector from the gradient ``grad``, computed in float32 (or float64).
 
     A non-finite gradient keeps the previous projector (logged). If the exact SVD does not converge, the subspace
     iteration is used instead (logged), so a refresh never kills a run.
     """
-    matrix = grad.detach().float()
+    matrix = grad.detach().to(_compute_dtype(grad))
     prev_left, prev_right = previous
     if not torch.isfinite(matrix).all():
         if prev_left is not None or prev_right is not None:

@@ -1,0 +1,148 @@
+"""GaLore benchmark: LLaMA pretraining on bundled real text, hf_memopt GaLore vs AdamW, 8-bit AdamW, Adafactor and
+the peer galore-torch, in one run (each configuration in its own process, so peak RSS is its own).
+
+    python benchmarks/bench_galore.py --size 20m --steps 60 --gap 20
+    python benchmarks/bench_galore.py --size 60m --steps 30 --gap 10
+
+Writes ``benchmarks/results/galore_<size>.json`` and ``.png`` and prints a Markdown table (copied to
+docs/benchmarks.md). Ratios are against AdamW of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, machine, mb, run_isolated  # noqa: E402
+
+ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_WEIGHTS = ATTN_MLP + ["embed_tokens", "lm_head"]
+
+# name -> (description, how to build)
+CONFIGS = {
+    "adamw": "torch AdamW (Trainer default)",
+    "adamw_bnb_8bit": "bitsandbytes AdamW8bit (Trainer optim=adamw_bnb_8bit)",
+    "adafactor": "Adafactor (Trainer optim=adafactor)",
+    "galore_torch": "galore-torch GaLoreAdamW, attn+mlp (peer)",
+    "hf_galore_exact": "hf_memopt GaLore AdamW, attn+mlp, exact SVD",
+    "hf_galore": "hf_memopt GaLore AdamW, attn+mlp, subspace refresh (default)",
+    "hf_galore_8bit": "hf_memopt GaLore AdamW 8-bit, attn+mlp",
+    "hf_galore_adafactor": "hf_memopt GaLore Adafactor, attn+mlp",
+    "hf_galore_layerwise": "hf_memopt GaLore AdamW layer-wise, attn+mlp",
+    "hf_galore_all": "hf_memopt GaLore AdamW, attn+mlp+embeddings+head",
+    "hf_galore_8bit_all": "hf_memopt GaLore AdamW 8-bit, attn+mlp+embeddings+head",
+}
+
+
+def run_one(name: str, a: argparse.Namespace) -> dict:
+    import torch
+
+    import hf_memopt  # noqa: F401  (reroutes the stock names)
+    from hf_memopt import GaLoreConfig
+    from hf_memopt.recipes.pretrain import run_pretrain
+
+    torch.set_num_threads(a.threads)
+    rank = {"20m": 64, "60m": 128, "130m": 192}[a.size]  # d/4
+    common = dict(size=a.size, steps=a.steps, seq_len=a.seq, batch_size=a.batch, learning_rate=a.lr,
+                  warmup_steps=a.warmup, output_dir=f"out/bench_galore/{name}")
+    galore = dict(rank=rank, update_proj_gap=a.gap, scale=a.scale, target_modules=ATTN_MLP)
+    overrides = {"max_grad_norm": 0.0}  # galore-torch and layer-wise runs compare without clipping
+    if name == "adamw":
+        result = run_pretrain(None, training_overrides=overrides, **common)
+    elif name in ("adamw_bnb_8bit", "adafactor"):
+        result = run_pretrain(None, training_overrides={**overrides, "optim": name}, **common)
+    elif name == "galore_torch":
+        from galore_torch import GaLoreAdamW
+
+        def peer(model):
+            targets = [p for n, p in model.named_parameters() if any(f".{t}." in n for t in ATTN_MLP)]
+            ids = {id(p) for p in targets}
+            rest = [p for p in model.parameters() if id(p) not in ids]
+            groups = [{"params": rest}, {"params": targets, "rank": rank, "update_proj_gap": a.gap, "scale": a.scale,
+                                          "proj_type": "std"}]
+            return GaLoreAdamW(groups, lr=a.lr, no_deprecation_warning=True), None
+
+        result = run_pretrain(None, optimizers=peer, training_overrides=overrides, **common)
+    else:
+        variant = dict(
+            hf_galore_exact=dict(svd_method="exact"),
+            hf_galore=dict(),
+            hf_galore_8bit=dict(optimizer="adamw_8bit"),
+            hf_galore_adafactor=dict(optimizer="adafactor"),
+            hf_galore_layerwise=dict(layerwise=True),
+            hf_galore_all=dict(target_modules=ALL_WEIGHTS),
+            hf_galore_8bit_all=dict(target_modules=ALL_WEIGHTS, optimizer="adamw_8bit"),
+        )[name]
+        result = run_pretrain(GaLoreConfig(**{**galore, **variant}), training_overrides=overrides, **common)
+    summary = result.summary()
+    summary["name"] = name
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="20m")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--gap", type=int, default=20)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--one-output", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        Path(a.one_output).write_text(json.dumps(run_one(a.one, a)))
+        return
+    passthrough = sys.argv[1:]
+    rows = [run_isolated(__file__, name, passthrough) for name in a.configs.split(",")]
+    report = {"machine": machine(), "settings": vars(a), "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"galore_{a.size}.json").write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    chart(report)
+
+
+def markdown(report: dict) -> str:
+    rows = {r["name"]: r for r in report["rows"]}
+    base = rows.get("adamw")
+    peer = rows.get("galore_torch")
+    lines = [
+        "| configuration | optimizer state MB | x AdamW | gradients MB | peak RSS MB | s / step | x galore-torch | "
+        "final loss | x galore-torch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        m = r["memory_bytes"]
+        state_ratio = m["optimizer_state"] / base["memory_bytes"]["optimizer_state"] if base else float("nan")
+        t_ratio = r["median_step_seconds"] / peer["median_step_seconds"] if peer else float("nan")
+        l_ratio = r["final_loss"] / peer["final_loss"] if peer else float("nan")
+        lines.append(
+            f"| {CONFIGS[name]} | {mb(m['optimizer_state'])} | {state_ratio:.2f} | {mb(m['gradients'])} | "
+            f"{mb(m['peak_process'])} | {r['median_step_seconds']:.2f} | {t_ratio:.2f} | {r['final_loss']:.3f} | "
+            f"{l_ratio:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(report: dict) -> None:
+    from hf_memopt.memory import MemoryBreakdown, plot_memory_breakdown
+
+    runs = {}
+    for r in report["rows"]:
+        m = dict(r["memory_bytes"])
+        runs[r["name"]] = MemoryBreakdown(**m)
+    s = report["settings"]
+    plot_memory_breakdown(runs, str(RESULTS / f"galore_{s['size']}.png"),
+                          title=f"LLaMA {s['size']} pretraining, batch {s['batch']}x{s['seq']}, fp32, CPU")
+
+
+if __name__ == "__main__":
+    main()

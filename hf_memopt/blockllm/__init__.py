@@ -1,0 +1,26 @@
+"""BlockLLM: block coordinate descent over parameter blocks chosen by the gradient (https://arxiv.org/abs/2406.17296)."""
+
+from hf_memopt.blockllm.blocks import Block, build_blocks, select_blocks
+from hf_memopt.blockllm.builder import BlockLLMCallback, build_blockllm, create_blockllm_optimizer
+from hf_memopt.blockllm.config import BlockLLMConfig
+from hf_memopt.blockllm.optimizer import BlockLLMAdamW, BlockLLMAdamW8bit
+from hf_memopt.registry import register_method
+
+__all__ = [
+    "Block",
+    "BlockLLMAdamW",
+    "BlockLLMAdamW8bit",
+    "BlockLLMCallback",
+    "BlockLLMConfig",
+    "build_blockllm",
+    "build_blocks",
+    "create_blockllm_optimizer",
+    "select_blocks",
+]
+
+register_method(
+    "blockllm",
+    BlockLLMConfig,
+    build_blockllm,
+    "Block coordinate descent: only the blocks with the largest (visit-discounted) gradient norms train",
+)

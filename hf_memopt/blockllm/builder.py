@@ -1,0 +1,185 @@
+"""Build BlockLLM from a config: blocks, the optimizer, and the Trainer wiring (loss capture and re-selection)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.training_args import ParallelMode
+
+from hf_memopt.blockllm.blocks import build_blocks, selection_budget
+from hf_memopt.blockllm.config import BlockLLMConfig
+from hf_memopt.blockllm.optimizer import (
+    BlockLLMAdamW,
+    BlockLLMAdamW8bit,
+    _BlockLLMOptimizer,
+    unwrap_blockllm_optimizer,
+)
+from hf_memopt.integration import OptimizerHyperparameters, install_optimizer_factory, no_decay_parameter_names
+
+__all__ = ["BlockLLMCallback", "build_blockllm", "create_blockllm_optimizer", "prepare_blockllm_model"]
+
+logger = logging.getLogger(__name__)
+_CACHE = "_hf_memopt_blockllm_blocks"
+
+
+def prepare_blockllm_model(model: nn.Module, config: BlockLLMConfig):
+    """Find the blocks and freeze what can never be selected (embeddings / head unless ``train_embeddings``).
+
+    Returns ``(blocks, budget)``; raises ``ValueError`` when no selection can fit the budget. Idempotent: the blocks
+    and the trainable count are remembered on the model, so a later call (the Trainer builds the optimizer after
+    ``attach``, when embeddings and unselected blocks may already be frozen) sees the same blocks and budget.
+    """
+    key = (config.block_granularity, config.train_embeddings)
+    cached = model.__dict__.get(_CACHE)
+    if cached is None or cached[0] != key:
+        cached = model.__dict__[_CACHE] = (key, *build_blocks(model, *key))
+    _, blocks, trainable = cached
+    if not blocks:
+        raise ValueError("BlockLLM selection would be empty: the model has no selectable trainable parameter")
+    budget = selection_budget(config.sparsity, trainable)
+    smallest = min(b.numel for b in blocks)
+    if budget < smallest:
+        raise ValueError(
+            f"BlockLLM selection would be empty: sparsity={config.sparsity} leaves a budget of {budget} of "
+            f"{trainable} trainable parameters, and the smallest block holds {smallest}; lower sparsity or use "
+            "block_granularity='parameter'"
+        )
+    in_blocks = {id(p) for b in blocks for p in b.params}
+    for p in model.parameters():
+        if id(p) not in in_blocks:
+            p.requires_grad_(False)
+    return blocks, budget
+
+
+def create_blockllm_optimizer(
+    model: nn.Module,
+    config: BlockLLMConfig,
+    hparams: OptimizerHyperparameters,
+    *,
+    no_decay_names: set[str] | None = None,
+) -> _BlockLLMOptimizer:
+    """The BlockLLM optimizer over every selectable parameter of ``model`` (biases and norms without decay).
+
+    Nothing is selected yet: the first training step is a scoring step (``BlockLLMCallback``), or call
+    ``begin_scoring()`` / ``finish_scoring()`` around a backward pass yourself in a custom loop.
+    """
+    blocks, budget = prepare_blockllm_model(model, config)
+    no_decay_names = no_decay_parameter_names(model) if no_decay_names is None else no_decay_names
+    decay, no_decay = [], []
+    for block in blocks:
+        for name, p in zip(block.names, block.params):
+            (no_decay if name in no_decay_names else decay).append(p)
+    groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    kwargs: dict[str, Any] = dict(
+        lr=hparams.lr,
+        betas=hparams.betas,
+        eps=hparams.eps,
+        weight_decay=hparams.weight_decay,
+        blocks=blocks,
+        budget=budget,
+        patience=config.patience,
+        mask_fraction=config.mask_fraction,
+        visit_penalty=config.visit_penalty,
+    )
+    if config.optimizer == "adamw_8bit":
+        return BlockLLMAdamW8bit(groups, min_8bit_size=config.min_8bit_size, **kwargs)
+    return BlockLLMAdamW(groups, **kwargs)
+
+
+class BlockLLMCallback(TrainerCallback):
+    """Drives selection and re-selection from the Trainer loop.
+
+    Events used (the loop runs backward -> on_pre_optimizer_step -> step -> on_optimizer_step -> scheduler ->
+    zero_grad -> on_step_end, then saves checkpoints):
+
+    * ``on_train_begin``: the optimizer exists and a checkpoint, if any, is loaded; a fresh run starts with a scoring
+      step (Alg. 1 selects at t = 1); gradient checkpointing gets input gradients (frozen embeddings would otherwise
+      cut the graph of re-entrant checkpointing);
+    * ``on_step_end``: gradients are zeroed and the step is complete, so the selection can change before the next
+      forward: a scoring step ends with the new selection; otherwise the step's loss feeds the stall test, which may
+      make the next step a scoring step. Running here, before ``_maybe_log_save_evaluate``, makes every checkpoint hold
+      the state the next step needs;
+    * ``on_train_end``: leave only the selected blocks trainable and remove the scoring hooks.
+
+    The step's loss is the sum of ``training_step``'s return values over its micro-batches (what the Trainer logs),
+    gathered by :meth:`add_micro_batch_loss`.
+    """
+
+    def __init__(self) -> None:
+        self._loss: torch.Tensor | None = None
+
+    def add_micro_batch_loss(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self._loss = loss if self._loss is None else self._loss + loss
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        opt = unwrap_blockllm_optimizer(optimizer)
+        if opt is None:
+            return
+        if args.parallel_mode == ParallelMode.DISTRIBUTED or args.world_size > 1:
+            raise NotImplementedError(
+                "BlockLLM under distributed training is not implemented: DDP fixes its gradient buckets from "
+                "requires_grad when it wraps the model, and BlockLLM changes requires_grad at every re-selection"
+            )
+        if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+            if not getattr(model, "_require_grads_hooks", None) and not getattr(model, "_require_grads_hook", None):
+                model.enable_input_require_grads()
+        self._loss = None
+        if opt.num_selections == 0 and not opt.scoring:
+            opt.begin_scoring()
+        else:
+            opt.apply_selection()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        opt = unwrap_blockllm_optimizer(optimizer)
+        if opt is None:
+            return
+        loss, self._loss = self._loss, None
+        if opt.scoring:
+            chosen = opt.finish_scoring()
+            logger.info(
+                "BlockLLM step %d: selection %d chose %d of %d blocks (%d parameters, budget %d)",
+                state.global_step, opt.num_selections, int(chosen.sum()), len(chosen), opt.selected_numel, opt.budget,
+            )
+        elif loss is not None and opt.observe_loss(loss.item()):
+            opt.begin_scoring()
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        opt = unwrap_blockllm_optimizer(optimizer)
+        if opt is not None:
+            opt.apply_selection(scoring=False)
+
+
+def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
+    """Registry builder: freeze the unselectable parameters now (so errors surface at ``attach``), build the
+    optimizer when training starts, and wrap ``training_step`` to read each micro-batch's loss."""
+    if trainer.is_model_parallel or trainer.args.world_size > 1:
+        raise NotImplementedError("BlockLLM under distributed or model-parallel training is not implemented")
+    prepare_blockllm_model(trainer.model, config)
+    callback = BlockLLMCallback()
+    trainer.add_callback(callback)
+
+    # NOTE: the loss of every step is needed for the stall test, but callbacks only see it on logging steps; wrapping
+    # the bound method keeps subclasses' own training_step (TRL's included) in place.
+    original_training_step = trainer.training_step
+
+    def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = original_training_step(*args, **kwargs)
+        callback.add_micro_batch_loss(loss)
+        return loss
+
+    trainer.training_step = training_step
+
+    def build(model: nn.Module) -> torch.optim.Optimizer:
+        return create_blockllm_optimizer(
+            model,
+            config,
+            OptimizerHyperparameters.from_args(trainer.args),
+            no_decay_names=no_decay_parameter_names(model, trainer),
+        )
+
+    install_optimizer_factory(trainer, build)

@@ -1,0 +1,69 @@
+"""Configuration of BlockLLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hf_memopt.validation import check_bool, check_choice, check_float, check_int
+
+__all__ = ["BLOCKLLM_OPTIMIZERS", "BLOCK_GRANULARITIES", "BlockLLMConfig"]
+
+BLOCKLLM_OPTIMIZERS = ("adamw", "adamw_8bit")
+BLOCK_GRANULARITIES = ("parameter", "layer")
+
+
+@dataclass
+class BlockLLMConfig:
+    """BlockLLM: Memory-Efficient Adaptation of LLMs by Selecting and Optimizing the Right Coordinate Blocks
+    (https://arxiv.org/abs/2406.17296).
+
+    Block coordinate descent over parameter blocks (Sec. 3): only a selected set of blocks, holding at most
+    ``1 - sparsity`` of the trainable parameters, gets gradients and optimizer state. Blocks are ranked by their
+    gradient norm discounted by how often they were selected before; the set is re-chosen when the loss stalls (the
+    mean of the last ``patience`` losses is not below the mean since the last selection).
+
+    Args:
+        sparsity: fraction of the trainable parameters that is *not* updated, in [0, 1). The selection budget is
+            ``(1 - sparsity)`` times the number of parameters that were trainable when ``attach()`` ran (the
+            parameters full fine-tuning would train), frozen embeddings included in that count.
+        patience: m in the paper, >= 1: the loss window compared with the running mean since the last selection.
+        optimizer: the base update of the selected blocks: ``adamw`` (torch AdamW math) or ``adamw_8bit``
+            (bitsandbytes block-wise 8-bit moments).
+        block_granularity: ``parameter`` (each parameter tensor is a block) or ``layer`` (all parameters of one
+            numbered layer, ``...layers.3.`` / ``...layer.3.``, form one block; others stay per-parameter).
+        train_embeddings: let the input embeddings, position / token-type embeddings and the LM head be selected.
+            Off by default, as in the paper: they stay frozen.
+        mask_fraction: within-block top-k masking: the fraction of each selected block's coordinates that is
+            updated, chosen by gradient magnitude from the block's first gradient after it is (re-)selected.
+            1.0 disables masking.
+        visit_penalty: lambda in the discount: score = ||G_b|| * exp(-lambda * f_b), f_b = fraction of the past
+            selections that chose block b. 0 ranks by gradient norm alone.
+        min_8bit_size: ``adamw_8bit`` only: blocks with fewer elements keep float32 moments (as bitsandbytes does).
+    """
+
+    sparsity: float = field(default=0.95, metadata={"help": "Fraction of trainable parameters not updated, [0, 1)."})
+    patience: int = field(default=100, metadata={"help": "Loss window m for the stall test (>= 1)."})
+    optimizer: str = field(default="adamw", metadata={"help": f"Base optimizer: one of {BLOCKLLM_OPTIMIZERS}."})
+    block_granularity: str = field(
+        default="parameter", metadata={"help": f"What a block is: one of {BLOCK_GRANULARITIES}."}
+    )
+    train_embeddings: bool = field(
+        default=False, metadata={"help": "Allow embeddings and the LM head to be selected (frozen by default)."}
+    )
+    mask_fraction: float = field(
+        default=1.0, metadata={"help": "Fraction of a selected block's coordinates updated (top-|g|), (0, 1]."}
+    )
+    visit_penalty: float = field(
+        default=1.0, metadata={"help": "Discount of the score by visit frequency: exp(-penalty * f), >= 0."}
+    )
+    min_8bit_size: int = field(default=4096, metadata={"help": "adamw_8bit: smaller blocks keep float32 moments."})
+
+    def __post_init__(self) -> None:
+        self.sparsity = check_float("sparsity", self.sparsity, 0.0, 1.0, high_inclusive=False)
+        check_int("patience", self.patience, 1)
+        check_choice("optimizer", self.optimizer, BLOCKLLM_OPTIMIZERS)
+        check_choice("block_granularity", self.block_granularity, BLOCK_GRANULARITIES)
+        check_bool("train_embeddings", self.train_embeddings)
+        self.mask_fraction = check_float("mask_fraction", self.mask_fraction, 0.0, 1.0, low_inclusive=False)
+        self.visit_penalty = check_float("visit_penalty", self.visit_penalty, 0.0)
+        check_int("min_8bit_size", self.min_8bit_size, 1)

@@ -1,0 +1,363 @@
+"""BlockLLM optimizers: AdamW (torch math) or 8-bit AdamW restricted to the selected blocks, plus the selection state.
+
+One optimizer holds every selectable parameter, so the Trainer builds it once; only the selected blocks have
+``requires_grad`` and optimizer state. Changing the selection adds and removes state inside this optimizer:
+
+* a block that leaves the selection loses its moments at once (its memory is freed);
+* a block that stays selected keeps its moments and step count (Adam's estimates for it remain valid: the block's
+  loss landscape did not change because other blocks were swapped);
+* a block that enters starts from zero moments (step 0, so bias correction applies afresh).
+
+The selection state (selected blocks, visit counts, number of selections, the loss history since the last selection,
+whether the next step is a scoring step) travels in ``state_dict()["blockllm"]`` as plain tensors, ints and bools, and
+the masks in each parameter's state, so ``optimizer.pt`` reloads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_memopt.blockllm.blocks import Block, select_blocks
+from hf_memopt.optim_state import keep_state_dtypes_on_load
+
+__all__ = ["BlockLLMAdamW", "BlockLLMAdamW8bit"]
+
+_STATE_KEY = "blockllm"
+
+
+class _BlockLLMOptimizer(torch.optim.Optimizer):
+    """Selection, scoring and the masked AdamW step; subclasses supply the moments (see module docstring).
+
+    Args:
+        params: parameters or groups; must contain every parameter of ``blocks``.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (decoupled decay, applied to selected coordinates).
+        blocks: the selectable blocks (``hf_memopt.blockllm.blocks.build_blocks``).
+        budget: most parameters one selection may hold.
+        patience: m, the loss window of the stall test.
+        mask_fraction: fraction of a selected block's coordinates updated (top-|g|); 1.0 disables masking.
+        visit_penalty: lambda of the visit-frequency discount.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        *,
+        blocks: list[Block],
+        budget: int,
+        patience: int = 100,
+        mask_fraction: float = 1.0,
+        visit_penalty: float = 1.0,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0; got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1); got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0; got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+        if not blocks:
+            raise ValueError("BlockLLM needs at least one selectable block; the model has no trainable parameter left")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        in_groups = {id(p) for g in self.param_groups for p in g["params"]}
+        self.blocks = blocks
+        self._block_of: dict[int, int] = {}
+        for i, block in enumerate(blocks):
+            for name, p in zip(block.names, block.params):
+                if id(p) not in in_groups:
+                    raise ValueError(f"parameter {name} of block {block.name} is missing from the optimizer's params")
+                self._block_of[id(p)] = i
+        self.sizes = torch.tensor([b.numel for b in blocks], dtype=torch.int64)
+        if budget < int(self.sizes.min()):
+            raise ValueError(
+                f"BlockLLM selection would be empty: the budget is {budget} parameters (1 - sparsity of the trainable "
+                f"ones) and the smallest block has {int(self.sizes.min())}; lower sparsity or use "
+                "block_granularity='parameter'"
+            )
+        self.budget = budget
+        self.patience = patience
+        self.mask_fraction = mask_fraction
+        self.visit_penalty = visit_penalty
+        self.selected = torch.zeros(len(blocks), dtype=torch.bool)
+        self.visits = torch.zeros(len(blocks), dtype=torch.int64)
+        self.num_selections = 0
+        self.loss_history: list[float] = []
+        self.scoring = False
+        self._norms_sq = torch.zeros(len(blocks), dtype=torch.float64)
+        self._hooks: list[Any] = []
+        keep_state_dtypes_on_load(self)
+
+    # ---- the base rule: implemented by the public classes -------------------------------------------------------
+    def _init_moments(self, state: dict[str, Any], p: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _direction(self, state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Update the moments with ``grad`` and return d with p <- p - lr * d (bias corrections included)."""
+        raise NotImplementedError
+
+    # ---- selection ----------------------------------------------------------------------------------------------
+    def block_index(self, p: torch.Tensor) -> int:
+        return self._block_of[id(p)]
+
+    def is_selected(self, p: torch.Tensor) -> bool:
+        return bool(self.selected[self._block_of[id(p)]])
+
+    @property
+    def selected_numel(self) -> int:
+        return int(self.sizes[self.selected].sum())
+
+    def apply_selection(self, *, scoring: bool | None = None) -> None:
+        """``requires_grad`` on for the selected blocks (on for all during a scoring step), off for the rest.
+
+        ``scoring=False`` applies the selection alone and removes the scoring hooks while keeping a pending scoring
+        step pending (used when training ends, so the model is left with only the selected blocks trainable).
+        """
+        scoring = self.scoring if scoring is None else scoring
+        for i, block in enumerate(self.blocks):
+            on = scoring or bool(self.selected[i])
+            for p in block.params:
+                p.requires_grad_(on)
+                if not on:
+                    p.grad = None
+        self._remove_hooks()
+        if scoring:
+            self._register_scoring_hooks()
+
+    def begin_scoring(self) -> None:
+        """Make the next forward/backward a scoring pass: every block gets a gradient, whose norm is read and which,
+        for blocks outside the current selection, is dropped at once (Sec. 3: gradient norms of all blocks without
+        keeping the full gradient). The selected blocks keep theirs for this step's update."""
+        self.scoring = True
+        self._norms_sq.zero_()
+        self.apply_selection()
+
+    def _register_scoring_hooks(self) -> None:
+        for i, block in enumerate(self.blocks):
+            for p in block.params:
+                self._hooks.append(p.register_hook(self._norm_hook(i)))
+                if not self.selected[i]:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(_drop_grad))
+
+    def _norm_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            # one micro-batch's gradient; with accumulation the score is the root of the summed squares
+            self._norms_sq[index] += grad.detach().double().pow(2).sum().item()
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def finish_scoring(self) -> torch.Tensor:
+        """Choose the new selection from the norms gathered in the scoring pass and apply it; returns the mask."""
+        if not self.scoring:
+            raise RuntimeError("finish_scoring() without begin_scoring()")
+        chosen = select_blocks(
+            self._norms_sq.sqrt(), self.visits, self.num_selections, self.sizes, self.budget, self.visit_penalty
+        )
+        for i, block in enumerate(self.blocks):
+            for p in block.params:
+                if not chosen[i]:
+                    self.state.pop(p, None)  # leaving blocks free their moments
+                else:
+                    self.state.get(p, {}).pop("mask", None)  # masks are re-drawn from the next gradient
+        self.visits += chosen.long()
+        self.num_selections += 1
+        self.selected = chosen
+        self.loss_history = []
+        self.scoring = False
+        self.apply_selection()
+        return chosen
+
+    def observe_loss(self, loss: float) -> bool:
+        """Record one optimizer step's loss; True when the loss has stalled and a re-selection should start.
+
+        Stall test (Alg. 1): with H the losses since the last selection, re-select when mean(H[-m:]) >= mean(H).
+        It is evaluated once H holds more than m losses (with exactly m the two means coincide).
+        """
+        if not math.isfinite(loss):
+            return False
+        self.loss_history.append(float(loss))
+        m = self.patience
+        if len(self.loss_history) <= m:
+            return False
+        recent = sum(self.loss_history[-m:]) / m
+        running = sum(self.loss_history) / len(self.loss_history)
+        return recent >= running
+
+    # ---- the step ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None or not self.is_selected(p):
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    self._init_moments(state, p)
+                grad = p.grad
+                mask = state.get("mask")
+                if self.mask_fraction < 1.0 and mask is None:
+                    mask = state["mask"] = _top_fraction_mask(grad, self.mask_fraction)
+                if mask is not None:
+                    grad = grad * mask
+                state["step"] += 1
+                direction = self._direction(state, grad, group)
+                if mask is not None:
+                    direction = direction * mask
+                if wd > 0.0:
+                    if mask is None:
+                        p.mul_(1.0 - lr * wd)
+                    else:
+                        p.mul_(torch.where(mask, 1.0 - lr * wd, 1.0).to(p.dtype))
+                p.add_(direction.to(p.dtype), alpha=-lr)
+        return loss
+
+    # ---- checkpointing -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd[_STATE_KEY] = {
+            "selected": self.selected.clone(),
+            "visits": self.visits.clone(),
+            "block_sizes": self.sizes.clone(),
+            "num_selections": self.num_selections,
+            "loss_history": torch.tensor(self.loss_history, dtype=torch.float64),
+            "scoring": self.scoring,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_STATE_KEY, None)
+        super().load_state_dict(state_dict)
+        if extra is None:
+            return
+        if not torch.equal(extra["block_sizes"].cpu(), self.sizes):
+            raise ValueError("this BlockLLM checkpoint was saved for different blocks (model or config changed)")
+        self.selected = extra["selected"].cpu().bool().clone()
+        self.visits = extra["visits"].cpu().long().clone()
+        self.num_selections = int(extra["num_selections"])
+        self.loss_history = [float(x) for x in extra["loss_history"].tolist()]
+        self.scoring = bool(extra["scoring"])
+        self._norms_sq.zero_()
+        self.apply_selection()
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
+
+
+def _top_fraction_mask(grad: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Bool mask of the ceil(fraction * n) coordinates with the largest |grad| (ties: lowest index first)."""
+    flat = grad.detach().abs().flatten()
+    k = max(1, math.ceil(fraction * flat.numel()))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=grad.device)
+    mask[torch.topk(flat.float(), k, sorted=False).indices] = True
+    return mask.view_as(grad)
+
+
+class BlockLLMAdamW(_BlockLLMOptimizer):
+    """AdamW on the selected blocks with the math of ``torch.optim.AdamW`` (bias-corrected moments, eps added to
+    sqrt(v_hat), decoupled weight decay). Moments are float32 (float64 for float64 parameters)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay=0.0, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+
+    def _init_moments(self, state, p):
+        dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _direction(self, state, grad, group):
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        grad = grad.to(exp_avg.dtype)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        step = state["step"]
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        return (exp_avg / denom).div_(bias_correction1)
+
+
+class BlockLLMAdamW8bit(_BlockLLMOptimizer):
+    """AdamW on the selected blocks with bitsandbytes block-wise 8-bit moments (Dettmers et al. 2022): blocks of at
+    least ``min_8bit_size`` elements keep uint8 moments with one absmax per 256 values, updated by bitsandbytes'
+    fused kernel (CPU and CUDA); smaller ones keep float32 moments and the AdamW math above."""
+
+    QUANT_BLOCK = 256
+
+    def __init__(
+        self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay=0.0,
+        *, min_8bit_size: int = 4096, **kwargs,
+    ):
+        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+        self.min_8bit_size = min_8bit_size
+        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._qmaps:
+            import bitsandbytes.functional as bnbf
+
+            self._qmaps[device] = (
+                bnbf.create_dynamic_map(signed=True).to(device),
+                bnbf.create_dynamic_map(signed=False).to(device),
+            )
+        return self._qmaps[device]
+
+    def _init_moments(self, state, p):
+        if p.numel() < self.min_8bit_size:
+            BlockLLMAdamW._init_moments(self, state, p)
+            return
+        blocks = math.ceil(p.numel() / self.QUANT_BLOCK)
+        state["state1"] = torch.zeros_like(p, dtype=torch.uint8)
+        state["state2"] = torch.zeros_like(p, dtype=torch.uint8)
+        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+    def _direction(self, state, grad, group):
+        if "state1" not in state:
+            return BlockLLMAdamW._direction(self, state, grad, group)
+        import bitsandbytes.functional as bnbf
+
+        beta1, beta2 = group["betas"]
+        grad32 = grad.float().contiguous()
+        qmap1, qmap2 = self._qmap(grad32.device)
+        # The fused kernel updates a parameter in place: run it on a zero buffer with lr=1 to read the direction.
+        buffer = torch.zeros_like(grad32)
+        bnbf.optimizer_update_8bit_blockwise(
+            "adam", grad32, buffer, state["state1"], state["state2"], beta1, beta2, 0.0, 0.0, group["eps"],
+            state["step"], 1.0, qmap1, qmap2, state["absmax1"], state["absmax2"], 0.0, 1.0, False,
+        )
+        return buffer.neg_()
+
+
+def unwrap_blockllm_optimizer(optimizer: Any) -> _BlockLLMOptimizer | None:
+    """The BlockLLM optimizer inside accelerate's (or another) wrapper, or None."""
+    while optimizer is not None and not isinstance(optimizer, _BlockLLMOptimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+__all__ += ["unwrap_blockllm_optimizer"]

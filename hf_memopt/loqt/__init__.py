@@ -1,0 +1,33 @@
+"""LoQT: low-rank adapters for quantized pretraining (https://arxiv.org/abs/2405.16528)."""
+
+from hf_memopt.loqt.builder import (
+    LoQTCallback,
+    build_loqt,
+    convert_to_loqt,
+    loqt_layers,
+    plain_linear_modules,
+    save_plain_pretrained,
+)
+from hf_memopt.loqt.config import LoQTConfig
+from hf_memopt.loqt.layer import LoQTLinear, quantize_with_error_compensation
+from hf_memopt.registry import register_method
+
+__all__ = [
+    "LoQTCallback",
+    "LoQTConfig",
+    "LoQTLinear",
+    "build_loqt",
+    "convert_to_loqt",
+    "loqt_layers",
+    "plain_linear_modules",
+    "quantize_with_error_compensation",
+    "save_plain_pretrained",
+]
+
+register_method(
+    "loqt",
+    LoQTConfig,
+    build_loqt,
+    "Quantized frozen weights + gradient-initialised low-rank factors, merged back periodically",
+    sets_optimizer=False,
+)

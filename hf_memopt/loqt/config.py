@@ -1,0 +1,117 @@
+"""Configuration of LoQT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hf_memopt.targeting import validate_target_modules
+from hf_memopt.validation import check_bool, check_choice, check_float, check_int
+
+__all__ = ["LOQT_PROJ_TYPES", "LOQT_QUANT_TYPES", "MOMENT_POLICIES", "SVD_METHODS", "LoQTConfig"]
+
+LOQT_QUANT_TYPES = ("nf4", "fp4", "int8", None)
+LOQT_PROJ_TYPES = ("std", "reverse_std", "left", "right")
+MOMENT_POLICIES = ("reset", "keep")
+SVD_METHODS = ("subspace", "exact")
+_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass
+class LoQTConfig:
+    """LoQT: Low-Rank Adapters for Quantized Pretraining (https://arxiv.org/abs/2405.16528).
+
+    Each targeted ``nn.Linear`` weight becomes W_q + scale * P B (Sec. 3): W_q is quantized and frozen, P (frozen)
+    holds the top-``rank`` singular vectors of the weight's gradient, and B, initialised to zero, is the only trained
+    factor of the layer. Every so often (an exponentially growing interval, Sec. 3.2) the product is merged into the
+    weight: W <- Q(W_q + scale * P B), a new gradient is taken for the next P, and B restarts (at zero, or at the
+    quantization error compensation of Sec. 3.3).
+
+    Args:
+        rank: rank r of P and B; 1 <= rank <= min(m, n) of every targeted weight (checked at ``attach``).
+        quant: ``"nf4"`` (paper default), ``"fp4"``, ``"int8"`` (bitsandbytes block-wise 8-bit), or ``None`` for the
+            unquantized variant LoQT-nq.
+        quantize_projection: also store P quantized with ``quant`` (the paper's LoQT quantizes P as well); needs a
+            ``quant``.
+        quant_block_size: block size of the absmax scaling of the quantized tensors (64 as QLoRA / the paper).
+        merge_every: optimizer updates between the initialisation and the first merge (T in the paper), >= 1.
+        merge_growth: each following interval is ``merge_growth`` times the previous one (T_k = T * growth^k,
+            rounded), >= 1; 1.0 gives a fixed interval.
+        max_merge_interval: optional cap on an interval, in optimizer updates (None: no cap).
+        error_compensation_steps: iterations of the joint solve of Sec. 3.3 after re-quantizing (B is set so that
+            W_q + scale * P B is closest to the full-precision weight); 0 re-quantizes and sets B = 0.
+        scale: the scale s of the adapter product (the official code's ``lora_alpha``, 0.5 there), > 0.
+        proj_type: side of the gradient projection, as GaLore: ``std`` puts P on the smaller side of the weight,
+            ``reverse_std`` on the larger, ``left`` (P is m x r, B is r x n) or ``right`` (B is m x r, P is r x n).
+        target_modules: names, a regex, or ``"all-linear"`` (every Linear except the output embedding).
+        svd_method: how P is found from the gradient: ``exact`` (``torch.linalg.svd``, as the paper) or
+            ``subspace`` (randomized subspace iteration, O(m n r); shared with GaLore).
+        svd_iterations: subspace iterations for ``svd_method="subspace"``, >= 1.
+        optimizer_state_on_merge: what happens to B's optimizer state when P changes at a merge: ``reset`` (the
+            state is dropped and rebuilt at B's next update: old moments are coordinates in the old basis) or
+            ``keep`` (the official code's behaviour: the moments carry over unchanged).
+        seed: seed of the random start of the ``subspace`` SVD (per layer and merge, so resumes are exact).
+    """
+
+    rank: int = field(default=128, metadata={"help": "Rank of P and B (>= 1, <= min(m, n))."})
+    quant: str | None = field(
+        default="nf4", metadata={"help": f"Weight quantization: one of {LOQT_QUANT_TYPES} (None: LoQT-nq)."}
+    )
+    quantize_projection: bool = field(default=False, metadata={"help": "Also quantize P with `quant`."})
+    quant_block_size: int = field(default=64, metadata={"help": f"Quantization block size, one of {_BLOCK_SIZES}."})
+    merge_every: int = field(default=100, metadata={"help": "Optimizer updates before the first merge (T)."})
+    merge_growth: float = field(default=1.2, metadata={"help": "Growth factor of the merge interval (>= 1)."})
+    max_merge_interval: int | None = field(default=None, metadata={"help": "Cap on the merge interval (updates)."})
+    error_compensation_steps: int = field(
+        default=0, metadata={"help": "Iterations of quantization error compensation at each merge (>= 0)."}
+    )
+    scale: float = field(default=0.5, metadata={"help": "Scale s of the adapter product s * P B (> 0)."})
+    proj_type: str = field(default="std", metadata={"help": f"Projection side: one of {LOQT_PROJ_TYPES}."})
+    target_modules: list[str] | str = field(
+        default="all-linear", metadata={"help": "Module names, a regex, or 'all-linear'."}
+    )
+    svd_method: str = field(default="exact", metadata={"help": f"SVD of the gradient: one of {SVD_METHODS}."})
+    svd_iterations: int = field(default=2, metadata={"help": "Subspace iterations (svd_method='subspace')."})
+    optimizer_state_on_merge: str = field(
+        default="reset", metadata={"help": f"B's optimizer state at a merge: one of {MOMENT_POLICIES}."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD start."})
+
+    def __post_init__(self) -> None:
+        check_int("rank", self.rank, 1)
+        check_choice("quant", self.quant, LOQT_QUANT_TYPES)
+        check_bool("quantize_projection", self.quantize_projection)
+        if self.quantize_projection and self.quant is None:
+            raise ValueError("quantize_projection=True needs a quant type; got quant=None")
+        check_choice("quant_block_size", self.quant_block_size, _BLOCK_SIZES)
+        check_int("merge_every", self.merge_every, 1)
+        self.merge_growth = check_float("merge_growth", self.merge_growth, 1.0)
+        if self.max_merge_interval is not None:
+            check_int("max_merge_interval", self.max_merge_interval, 1)
+        check_int("error_compensation_steps", self.error_compensation_steps, 0)
+        self.scale = check_float("scale", self.scale, 0.0, low_inclusive=False)
+        check_choice("proj_type", self.proj_type, LOQT_PROJ_TYPES)
+        check_choice("svd_method", self.svd_method, SVD_METHODS)
+        check_int("svd_iterations", self.svd_iterations, 1)
+        check_choice("optimizer_state_on_merge", self.optimizer_state_on_merge, MOMENT_POLICIES)
+        check_int("seed", self.seed)
+        self.target_modules = validate_target_modules(self.target_modules)
+
+    def merge_steps(self, until: int) -> list[int]:
+        """Optimizer-update indices (0-based) that collect a gradient and merge, up to ``until`` (exclusive).
+
+        Index 0 initialises P; the first merge follows after ``merge_every`` updates, then intervals grow as
+        ``round(merge_every * merge_growth**k)``, capped by ``max_merge_interval``.
+        """
+        steps, at, k = [], 0, 0
+        while at < until:
+            steps.append(at)
+            interval = max(1, round(self.merge_every * self.merge_growth**k))
+            if self.max_merge_interval is not None:
+                interval = min(interval, self.max_merge_interval)
+            at += interval
+            k += 1
+        return steps
+
+    def is_merge_step(self, update: int) -> bool:
+        """Whether optimizer update number ``update`` (0-based) collects a gradient and merges."""
+        return update in self.merge_steps(update + 1)

@@ -1,0 +1,292 @@
+"""The LoQT linear layer: y = x (W_q + s P B)^T + bias, with W_q quantized and frozen, P frozen, B trained.
+
+Shapes for a weight W of m x n (out x in): ``side="left"`` has P m x r and B r x n; ``side="right"`` has B m x r and
+P r x n (the product is then B P; we still write "P B" for either). Everything that defines the layer is a parameter
+or a persistent buffer, so ``state_dict`` / safetensors checkpoints carry it exactly:
+
+* ``weight_q`` (uint8) + ``weight_absmax`` (float32): the quantized frozen weight (``base_weight`` with quant=None);
+* ``proj`` (or ``proj_q`` + ``proj_absmax`` when P is quantized): the frozen projection P;
+* ``B``: the trainable factor (a parameter; zero after a merge without error compensation);
+* ``merges``: completed merges (0 means P has not been initialised from a gradient yet).
+
+The frozen product x W_q^T runs through :class:`_FrozenLinear`, which dequantizes the weight again in backward instead
+of saving it (no m x n tensor is kept per layer between forward and backward) and, while the layer is collecting a
+gradient for a merge, forms that layer's weight gradient G = grad_y^T x inside backward. G is reduced to its top-r
+singular vectors there and then, so at most one layer's full gradient exists at a time (per micro-batch; with gradient
+accumulation each layer keeps one running sum during the merge step's window).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_memopt.galore.layerwise import accelerate_sync_gradients
+from hf_memopt.galore.projector import refresh_projector
+from hf_memopt.loqt.quant import dequantize, quantize
+
+__all__ = ["LoQTLinear", "quantize_with_error_compensation"]
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """x W^T for the frozen (quantized) weight of a :class:`LoQTLinear`.
+
+    ``anchor`` is given while the layer collects its weight gradient: a fresh scalar leaf that requires grad, so
+    backward runs even when ``x`` does not need a gradient (its own gradient is returned as None; it is not a
+    parameter, so no parameter hook sees a None gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: LoQTLinear, anchor: torch.Tensor | None) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.collect = anchor is not None
+        if ctx.collect:
+            ctx.save_for_backward(x)
+        return F.linear(x, layer.frozen_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        layer: LoQTLinear = ctx.layer
+        grad_x = grad_out @ layer.frozen_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        if ctx.collect:
+            (x,) = ctx.saved_tensors
+            grad_w = grad_out.reshape(-1, layer.out_features).t().float() @ x.reshape(-1, layer.in_features).float()
+            layer._add_weight_gradient(grad_w)
+        return grad_x, None, None
+
+
+class LoQTLinear(nn.Module):
+    """A LoQT layer replacing an ``nn.Linear`` (see the module docstring).
+
+    Args:
+        base: the ``nn.Linear`` to replace; its bias parameter is kept as is (same object, same ``requires_grad``).
+        rank, scale, quant, quantize_projection, quant_block_size: as in :class:`~hf_memopt.loqt.LoQTConfig`.
+        side: ``"left"`` (P m x r) or ``"right"`` (P r x n).
+        name: the qualified module name, for messages and the per-layer SVD seed.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        rank: int,
+        scale: float,
+        side: str,
+        quant: str | None,
+        quantize_projection: bool = False,
+        quant_block_size: int = 64,
+        name: str = "",
+    ):
+        super().__init__()
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right'; got {side!r}")
+        weight = base.weight.detach()
+        self.out_features, self.in_features = weight.shape
+        if not 1 <= rank <= min(weight.shape):
+            raise ValueError(f"rank must be in [1, {min(weight.shape)}] for {name or 'this layer'}; got {rank}")
+        self.rank, self.scale, self.side, self.quant = rank, float(scale), side, quant
+        self.quantize_projection, self.quant_block_size, self.name = quantize_projection, quant_block_size, name
+        self.weight_dtype = weight.dtype
+        device = weight.device
+
+        if quant is None:
+            self.register_buffer("base_weight", weight.clone())
+            self._pending_weight = None
+        else:
+            data, absmax = quantize(weight, quant, quant_block_size)
+            self.register_buffer("weight_q", data)
+            self.register_buffer("weight_absmax", absmax)
+            # The paper's initialisation (Sec. 3.1) quantizes against the original full-precision W, and the first
+            # gradient is taken at W itself: keep it (outside the state_dict) until the first merge.
+            self._pending_weight = weight
+        proj_shape = (self.out_features, rank) if side == "left" else (rank, self.in_features)
+        if quantize_projection:
+            data, absmax = quantize(torch.zeros(proj_shape, device=device), quant, quant_block_size)
+            self.register_buffer("proj_q", data)
+            self.register_buffer("proj_absmax", absmax)
+        else:
+            self.register_buffer("proj", torch.zeros(proj_shape, dtype=weight.dtype, device=device))
+        b_shape = (rank, self.in_features) if side == "left" else (self.out_features, rank)
+        self.B = nn.Parameter(torch.zeros(b_shape, dtype=weight.dtype, device=device))
+        self.bias = base.bias
+        self.register_buffer("merges", torch.zeros((), dtype=torch.int64, device=device))
+
+        self.collecting = False
+        self._grad_sum: torch.Tensor | None = None
+        self._next_proj: torch.Tensor | None = None
+        self._svd_options: dict = {"method": "exact", "iterations": 2, "seed": 0}
+
+    # ---- the three parts of the weight --------------------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        """Whether P has been set from a gradient (at least one merge, the initialisation included)."""
+        return int(self.merges) > 0
+
+    def _pending(self) -> torch.Tensor | None:
+        if self._pending_weight is not None and self.initialized:  # a checkpoint was loaded over the fresh layer
+            self._pending_weight = None
+        return self._pending_weight
+
+    def frozen_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The frozen weight (dequantized), m x n."""
+        pending = self._pending()
+        if pending is not None:
+            return pending.to(device=self.B.device, dtype=dtype)
+        if self.quant is None:
+            return self.base_weight.to(dtype)
+        return dequantize(
+            self.weight_q, self.weight_absmax, self.quant, (self.out_features, self.in_features), self.quant_block_size
+        ).to(dtype)
+
+    def projector(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """P (dequantized when stored quantized)."""
+        if self.quantize_projection:
+            shape = (self.out_features, self.rank) if self.side == "left" else (self.rank, self.in_features)
+            return dequantize(self.proj_q, self.proj_absmax, self.quant, shape, self.quant_block_size).to(dtype)
+        return self.proj.to(dtype)
+
+    def adapter_product(self, P: torch.Tensor | None = None, B: torch.Tensor | None = None) -> torch.Tensor:
+        """scale * P B (m x n, float32)."""
+        P = self.projector() if P is None else P.float()
+        B = self.B.detach().float() if B is None else B.float()
+        return self.scale * (P @ B if self.side == "left" else B @ P)
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """W_q + scale * P B, dequantized, float32: the weight this layer computes with."""
+        return self.frozen_weight(torch.float32) + self.adapter_product()
+
+    # ---- forward --------------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        collecting = self.collecting and torch.is_grad_enabled()
+        # While collecting the merge gradient, B gets no gradient: its update would be in the basis being replaced.
+        B = self.B.detach() if collecting else self.B
+        anchor = torch.zeros((), device=x.device, requires_grad=True) if collecting else None
+        y = _FrozenLinear.apply(x, self, anchor)
+        P = self.projector(x.dtype)
+        if self.side == "left":
+            low = F.linear(F.linear(x, B.to(x.dtype)), P)
+        else:
+            low = F.linear(F.linear(x, P), B.to(x.dtype))
+        y = y + self.scale * low
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    # ---- merge ----------------------------------------------------------------------------------------------------
+
+    def _add_weight_gradient(self, grad_w: torch.Tensor) -> None:
+        """Called from backward while collecting: accumulate G; on the last micro-batch reduce it to P at once."""
+        if self._next_proj is not None:
+            raise RuntimeError(
+                f"LoQT: {self.name or 'a layer'} received a weight gradient after its new projection was computed; "
+                "a Linear called more than once per forward pass cannot be targeted"
+            )
+        self._grad_sum = grad_w if self._grad_sum is None else self._grad_sum.add_(grad_w)
+        if accelerate_sync_gradients():
+            self._reduce_gradient()
+
+    def _reduce_gradient(self) -> None:
+        grad, self._grad_sum = self._grad_sum, None
+        if grad is None:
+            return
+        opts = self._svd_options
+        generator = torch.Generator().manual_seed(opts["seed"] + 7919 * int(self.merges))
+        previous = (None, None)
+        if self.initialized:
+            current = self.projector()
+            previous = (current, None) if self.side == "left" else (None, current)
+        left, right = refresh_projector(
+            grad,
+            self.rank,
+            (self.side == "left", self.side == "right"),
+            method=opts["method"],
+            previous=previous,
+            iterations=opts["iterations"],
+            generator=generator,
+            name=self.name,
+        )
+        self._next_proj = left if self.side == "left" else right
+
+    @torch.no_grad()
+    def merge(self, error_compensation_steps: int = 0) -> None:
+        """W <- Q(W_q + s P B) with the new P from the collected gradient; B <- 0 or the error compensation.
+
+        Without a collected gradient (the layer was not used in the merge step) P is kept.
+        """
+        if self._grad_sum is not None:
+            self._reduce_gradient()
+        target = self.effective_weight()
+        new_proj = self._next_proj if self._next_proj is not None else self.projector()
+        self._next_proj = None
+        if self.quantize_projection:
+            data, absmax = quantize(new_proj, self.quant, self.quant_block_size)
+            self.proj_q.copy_(data)
+            self.proj_absmax.copy_(absmax)
+        else:
+            self.proj.copy_(new_proj)
+        P = self.projector()
+        if self.quant is None:
+            self.base_weight.copy_(target)
+            self.B.zero_()
+        else:
+            data, absmax, B = quantize_with_error_compensation(
+                target, P, self.scale, self.side, error_compensation_steps, self.quant, self.quant_block_size
+            )
+            self.weight_q.copy_(data)
+            self.weight_absmax.copy_(absmax)
+            self.B.copy_(B)
+        self._pending_weight = None
+        self.merges += 1
+
+    def extra_repr(self) -> str:
+        quant = self.quant or "none"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, side={self.side}, "
+            f"quant={quant}, quantize_projection={self.quantize_projection}, scale={self.scale}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+def quantize_with_error_compensation(
+    target: torch.Tensor,
+    P: torch.Tensor,
+    scale: float,
+    side: str,
+    steps: int,
+    quant: str,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(data, absmax, B)`` with Q(data, absmax) + scale * P B close to ``target`` (paper Sec. 3.3).
+
+    ``steps == 0``: quantize the target, B = 0. Otherwise alternate ``steps`` times: quantize the current weight,
+    solve B by least squares on the quantization residual (B = P^+ R / s), and move the weight to target - s P B; the
+    iterate with the smallest ||target - (Q + s P B)||_F is returned (as the official code does).
+    """
+    target = target.float()
+    shape = tuple(target.shape)
+    if steps == 0:
+        data, absmax = quantize(target, quant, block_size)
+        B_shape = (P.shape[1], shape[1]) if side == "left" else (shape[0], P.shape[0])
+        return data, absmax, torch.zeros(B_shape, dtype=torch.float32, device=target.device)
+    P = P.float()
+    pinv = torch.linalg.pinv(P)  # P has orthonormal columns / rows unless it is quantized
+    best, best_error = None, float("inf")
+    current = target
+    for _ in range(steps):
+        data, absmax = quantize(current, quant, block_size)
+        residual = target - dequantize(data, absmax, quant, shape, block_size)
+        if side == "left":
+            B = pinv @ residual / scale
+            correction = scale * (P @ B)
+        else:
+            B = residual @ pinv / scale
+            correction = scale * (B @ P)
+        error = torch.linalg.matrix_norm(residual - correction).item()
+        if best is None or error < best_error:
+            best, best_error = (data, absmax, B), error
+        current = target - correction
+    return best

@@ -1,0 +1,64 @@
+"""Quantize / dequantize through the bitsandbytes functional API, stored as plain tensors.
+
+A quantized matrix is kept as two tensors that live in the model's ``state_dict`` (so the Trainer's safetensors
+checkpoints carry them): ``data`` (uint8: packed 4-bit codes, or 8-bit codes) and ``absmax`` (float32, one per block).
+Shape, block size and code table are fixed by the config, so nothing else needs saving. All of this runs on CPU with
+bitsandbytes 0.50 (``dequantize_4bit(..., out=...)`` does not, hence the ``QuantState`` built here).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["dequantize", "quantize"]
+
+
+def _functional():
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional
+
+
+def quantize(weight: torch.Tensor, quant: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(data, absmax)`` of ``weight`` (quantized from float32)."""
+    F = _functional()
+    w = weight.detach().float().contiguous()
+    if quant in ("nf4", "fp4"):
+        data, state = F.quantize_4bit(w, blocksize=block_size, quant_type=quant)
+    elif quant == "int8":
+        data, state = F.quantize_blockwise(w, blocksize=block_size)
+    else:
+        raise ValueError(f"quant must be one of nf4, fp4, int8; got {quant!r}")
+    return data, state.absmax.float()
+
+
+def dequantize(
+    data: torch.Tensor, absmax: torch.Tensor, quant: str, shape: tuple[int, ...], block_size: int
+) -> torch.Tensor:
+    """The float32 matrix of ``shape`` stored in ``(data, absmax)``."""
+    F = _functional()
+    if quant in ("nf4", "fp4"):
+        state = F.QuantState(
+            absmax=absmax,
+            shape=torch.Size(shape),
+            dtype=torch.float32,
+            blocksize=block_size,
+            quant_type=quant,
+            code=F.get_4bit_type(quant, device=data.device),
+        )
+        return F.dequantize_4bit(data, state)
+    if quant == "int8":
+        code = _dynamic_map(data.device)
+        state = F.QuantState(absmax=absmax, code=code, blocksize=block_size, dtype=torch.float32)
+        return F.dequantize_blockwise(data, state)
+    raise ValueError(f"quant must be one of nf4, fp4, int8; got {quant!r}")
+
+
+_DYNAMIC_MAPS: dict[torch.device, torch.Tensor] = {}
+
+
+def _dynamic_map(device: torch.device) -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit code table (what ``quantize_blockwise`` uses by default), cached."""
+    if device not in _DYNAMIC_MAPS:
+        _DYNAMIC_MAPS[device] = _functional().create_dynamic_map(signed=True).to(device)
+    return _DYNAMIC_MAPS[device]

@@ -1,0 +1,30 @@
+"""VeLoRA: compress the inputs Linear layers save for backward with rank-1 sub-token projections
+(https://arxiv.org/abs/2405.17991)."""
+
+from hf_memopt.registry import register_method
+from hf_memopt.velora.builder import apply_velora, build_velora, remove_velora
+from hf_memopt.velora.config import VeLoRAConfig
+from hf_memopt.velora.function import VeLoRALinearFunction, compress, reconstruct, velora_linear
+from hf_memopt.velora.targets import AUTO_TARGETS, CompressionReport, compression_report
+
+__all__ = [
+    "AUTO_TARGETS",
+    "CompressionReport",
+    "VeLoRAConfig",
+    "VeLoRALinearFunction",
+    "apply_velora",
+    "build_velora",
+    "compress",
+    "compression_report",
+    "reconstruct",
+    "remove_velora",
+    "velora_linear",
+]
+
+register_method(
+    "velora",
+    VeLoRAConfig,
+    build_velora,
+    "Rank-1 sub-token projections: Linear layers save num_groups scalars per token instead of their input",
+    sets_optimizer=False,
+)

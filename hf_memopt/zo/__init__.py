@@ -1,0 +1,25 @@
+"""Zeroth-order fine-tuning: MeZO (https://arxiv.org/abs/2305.17333) with ZO2 offloading
+(https://arxiv.org/abs/2503.12668)."""
+
+from hf_memopt.registry import register_method
+from hf_memopt.zo.blocks import find_block_list
+from hf_memopt.zo.builder import ZOCallback, build_zo, create_zo_optimizer, zo_engine, zo_training_step
+from hf_memopt.zo.config import ZOConfig
+from hf_memopt.zo.offload import ZO2Engine
+from hf_memopt.zo.optimizer import ZOSGD
+
+__all__ = [
+    "ZO2Engine",
+    "ZOCallback",
+    "ZOConfig",
+    "ZOSGD",
+    "build_zo",
+    "create_zo_optimizer",
+    "find_block_list",
+    "zo_engine",
+    "zo_training_step",
+]
+
+register_method(
+    "zo", ZOConfig, build_zo, "Zeroth-order MeZO-SGD: two forwards per step, no backward (ZO2 block offloading)"
+)

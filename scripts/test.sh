@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up, then run the fast test suite (slow, GPU and benchmark tests are excluded by pyproject's pytest options).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+HF_HUB_OFFLINE=1 python -m pytest -q "$@"

@@ -1,0 +1,312 @@
+"""BlockLLM: selection rule, masked AdamW math, scoring hooks, Trainer end-to-end, exact resume, bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_bert_classifier, tiny_llama, training_args
+from transformers import Trainer
+
+from hf_memopt import attach
+from hf_memopt.blockllm import (
+    BlockLLMAdamW,
+    BlockLLMAdamW8bit,
+    BlockLLMConfig,
+    build_blocks,
+    create_blockllm_optimizer,
+    select_blocks,
+)
+from hf_memopt.blockllm.optimizer import unwrap_blockllm_optimizer
+from hf_memopt.integration import OptimizerHyperparameters
+from hf_memopt.memory import optimizer_state_bytes
+from hf_memopt.registry import METHODS
+
+HP = OptimizerHyperparameters(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-8, max_grad_norm=0.0,
+                              gradient_accumulation_steps=1)
+
+
+def _llama_loss(model, seed=0):
+    ids = TokenDataset(n=4, seq=12, seed=seed).ids
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _select(opt, indices):
+    """Put ``indices`` in the selection directly (bypassing scoring) for math tests."""
+    opt.selected = torch.zeros(len(opt.blocks), dtype=torch.bool)
+    opt.selected[list(indices)] = True
+    opt.visits = opt.selected.long()
+    opt.num_selections = 1
+    opt.apply_selection()
+
+
+# ---- the selection rule ----------------------------------------------------------------------------------------------
+def _reference_select(norms, visits, n_sel, sizes, budget, penalty):
+    scores = [n * math.exp(-penalty * (v / max(n_sel, 1))) for n, v in zip(norms, visits)]
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    chosen, total = set(), 0
+    for i in order:
+        if total + sizes[i] <= budget:
+            chosen.add(i)
+            total += sizes[i]
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_select_blocks_ranks_by_visit_discounted_norm_within_budget(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 12
+    norms = torch.rand(n, generator=g, dtype=torch.float64) * 3
+    visits = torch.randint(0, 4, (n,), generator=g)
+    sizes = torch.randint(1, 50, (n,), generator=g)
+    budget = int(sizes.sum()) // 4
+    chosen = select_blocks(norms, visits, 4, sizes, budget, 1.5)
+    expected = _reference_select(norms.tolist(), visits.tolist(), 4, sizes.tolist(), budget, 1.5)
+    assert set(torch.nonzero(chosen).flatten().tolist()) == expected
+    assert int(sizes[chosen].sum()) <= budget
+
+
+def test_visit_penalty_moves_selection_to_less_visited_blocks():
+    norms = torch.tensor([1.0, 0.9])
+    sizes = torch.tensor([10, 10])
+    assert select_blocks(norms, torch.tensor([0, 0]), 0, sizes, 10, 1.0).tolist() == [True, False]
+    assert select_blocks(norms, torch.tensor([3, 0]), 3, sizes, 10, 1.0).tolist() == [False, True]
+    assert select_blocks(norms, torch.tensor([3, 0]), 3, sizes, 10, 0.0).tolist() == [True, False]
+
+
+def test_stall_rule_compares_last_patience_losses_with_mean_since_selection():
+    model = tiny_llama()
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=0.5, patience=3), HP)
+    losses = [5.0, 4.0, 3.0, 2.5, 2.4, 3.6, 4.0, 4.4]
+    fired = [opt.observe_loss(x) for x in losses]
+    ref = []
+    for t in range(1, len(losses) + 1):
+        h = losses[:t]
+        ref.append(len(h) > 3 and sum(h[-3:]) / 3 >= sum(h) / len(h))
+    assert fired == ref and any(ref) and not all(ref)
+
+
+# ---- the update ----------------------------------------------------------------------------------------------------------
+def test_adamw_matches_torch_adamw_on_selected_blocks_and_leaves_others_untouched():
+    model = tiny_llama(dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=0.7), HP)
+    assert isinstance(opt, BlockLLMAdamW)
+    chosen = [i for i, b in enumerate(opt.blocks) if "layers.1" in b.name or "norm.weight" == b.name[-11:]]
+    _select(opt, chosen[:4])
+    names = {n for i in chosen[:4] for n in opt.blocks[i].names}
+    ref_params = dict(reference.named_parameters())
+    decay = [ref_params[n] for n in names if "norm" not in n]
+    no_decay = [ref_params[n] for n in names if "norm" in n]
+    for p in reference.parameters():
+        p.requires_grad_(p in set(decay) | set(no_decay))
+    ref_opt = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.99), eps=1e-8,
+        weight_decay=0.1,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for seed in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            _llama_loss(m, seed).backward()
+            o.step()
+    ref_after = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        if n in names:
+            torch.testing.assert_close(p, ref_after[n], rtol=1e-10, atol=1e-12)
+            assert not torch.equal(p, before[n])
+        else:
+            assert torch.equal(p, before[n]), n
+    assert set(opt.state) == {p for n, p in model.named_parameters() if n in names}
+
+
+def test_mask_updates_only_the_top_fraction_of_coordinates_by_gradient_magnitude():
+    model = tiny_llama(dtype=torch.float64)
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=0.7, mask_fraction=0.25), HP)
+    i = next(i for i, b in enumerate(opt.blocks) if b.name.endswith("layers.0.self_attn.q_proj.weight"))
+    _select(opt, [i])
+    p = opt.blocks[i].params[0]
+    before = p.detach().clone()
+    _llama_loss(model).backward()
+    grad = p.grad.detach().clone()
+    opt.step()
+    k = math.ceil(0.25 * p.numel())
+    expected = torch.zeros(p.numel(), dtype=torch.bool)
+    expected[grad.abs().flatten().topk(k).indices] = True
+    changed = (p.detach() != before).flatten()
+    assert torch.equal(changed, expected)
+    assert torch.equal(opt.state[p]["mask"].flatten(), expected)
+    # the mask stays fixed for later steps until the next selection
+    opt.zero_grad()
+    _llama_loss(model, 1).backward()
+    opt.step()
+    assert torch.equal((p.detach() != before).flatten(), expected)
+
+
+def test_8bit_matches_bitsandbytes_adamw8bit_on_a_selected_block():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 128))
+    w_ref = torch.nn.Parameter(w.detach().clone())
+    from hf_memopt.blockllm.blocks import Block
+
+    opt = BlockLLMAdamW8bit([w], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, blocks=[Block("w", [w], ["w"])], budget=10**6)
+    _select(opt, [0])
+    ref = bnb.optim.AdamW8bit([w_ref], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, min_8bit_size=4096)
+    for step in range(4):
+        g = torch.randn(64, 128, generator=torch.Generator().manual_seed(step))
+        w.grad, w_ref.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert opt.state[w]["state1"].dtype == torch.uint8
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-5)
+
+
+# ---- scoring -------------------------------------------------------------------------------------------------------------
+def test_scoring_reads_every_block_norm_and_keeps_only_selected_gradients():
+    model = tiny_llama(dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=0.8), HP)
+    _select(opt, [0])
+    opt.begin_scoring()
+    assert all(p.requires_grad for b in opt.blocks for p in b.params)
+    _llama_loss(model).backward()
+    kept = [p for b in opt.blocks for p in b.params if p.grad is not None]
+    assert kept == opt.blocks[0].params  # gradients of unselected blocks were dropped inside backward
+    named = dict(reference.named_parameters())
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    for b in opt.blocks:
+        for n in b.names:
+            named[n].requires_grad_(True)
+    _llama_loss(reference).backward()
+    expected = torch.stack([torch.sqrt(sum(named[n].grad.pow(2).sum() for n in b.names)) for b in opt.blocks])
+    torch.testing.assert_close(opt._norms_sq.sqrt(), expected, rtol=1e-10, atol=0)
+    opt.step()
+    state_p = opt.blocks[0].params[0]
+    m_before = opt.state[state_p]["exp_avg"].clone()
+    chosen = opt.finish_scoring()
+    assert chosen.tolist() == select_blocks(expected, torch.tensor([1] + [0] * (len(expected) - 1)), 1, opt.sizes,
+                                            opt.budget, 1.0).tolist()
+    for i, b in enumerate(opt.blocks):
+        for p in b.params:
+            assert p.requires_grad == bool(chosen[i])
+            assert (p in opt.state) == (bool(chosen[i]) and i == 0)
+    if chosen[0]:  # moments of a block that stays selected are kept
+        assert torch.equal(opt.state[state_p]["exp_avg"], m_before)
+    assert opt.visits[chosen].min() >= 1 and opt.loss_history == []
+
+
+def test_embeddings_and_head_frozen_by_default_and_selectable_when_asked():
+    model = tiny_llama()
+    blocks, _ = build_blocks(model, "parameter", train_embeddings=False)
+    names = {n for b in blocks for n in b.names}
+    assert "model.embed_tokens.weight" not in names and "lm_head.weight" not in names
+    blocks, _ = build_blocks(tiny_llama(), "parameter", train_embeddings=True)
+    assert "lm_head.weight" in {n for b in blocks for n in b.names}
+    layer_blocks, _ = build_blocks(tiny_llama(), "layer", train_embeddings=False)
+    assert [b.name for b in layer_blocks] == ["model.layers.0", "model.layers.1", "model.norm.weight"]
+
+
+# ---- Trainer -------------------------------------------------------------------------------------------------------------
+def _trainer(tmp_path, model=None, dataset=None, config=None, **overrides):
+    model = model or tiny_llama()
+    args = training_args(tmp_path, **overrides)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset or TokenDataset(n=64))
+    attach(trainer, config or BlockLLMConfig(sparsity=0.8, patience=2))
+    return trainer
+
+
+def test_trainer_trains_only_selected_blocks_and_loss_goes_down(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=24, learning_rate=2e-2)
+    embed_before = trainer.model.model.embed_tokens.weight.detach().clone()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-4:]) / 4 < sum(losses[1:5]) / 4
+    opt = unwrap_blockllm_optimizer(trainer.optimizer)
+    assert opt.num_selections >= 2  # the first selection and at least one re-selection after a stall
+    assert torch.equal(trainer.model.model.embed_tokens.weight, embed_before)
+    selected = {id(p) for i, b in enumerate(opt.blocks) if opt.selected[i] for p in b.params}
+    assert {id(p) for p in trainer.model.parameters() if p.requires_grad} == selected
+    assert opt.selected_numel <= opt.budget
+    assert set(map(id, opt.state)) <= selected
+    full_adam = 8 * sum(p.numel() for p in tiny_llama().parameters())
+    assert optimizer_state_bytes(trainer.optimizer) <= 0.2 * full_adam
+
+
+def test_trainer_with_gradient_accumulation_and_reentrant_checkpointing(tmp_path):
+    trainer = _trainer(
+        tmp_path, max_steps=8, gradient_accumulation_steps=2, per_device_train_batch_size=2,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
+        config=BlockLLMConfig(sparsity=0.8, patience=1, optimizer="adamw_8bit"),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    opt = unwrap_blockllm_optimizer(trainer.optimizer)
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("embed" not in n and "lm_head" not in n for n in changed)
+    # blocks inside checkpointed layers get gradients only if the frozen embeddings' output requires grad
+    selected = {n for i, b in enumerate(opt.blocks) if opt.selected[i] for n in b.names}
+    assert any(".layers." in n for n in selected)
+    assert selected <= changed
+
+
+def test_encoder_classifier_trains(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (64, 10), generator=g)
+    labels = (ids[:, 0] >= 32).long()
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(64)]
+    trainer = _trainer(tmp_path, model=tiny_bert_classifier(), dataset=data, max_steps=20, learning_rate=2e-2,
+                       config=BlockLLMConfig(sparsity=0.8, patience=3))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert min(losses[-5:]) < losses[0]
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    # lr 3e-2 / patience 1 re-selects at steps 4, 7, 10; checkpoint-6 is saved with a scoring step pending
+    config = BlockLLMConfig(sparsity=0.8, patience=1, mask_fraction=0.5)
+    straight = _trainer(tmp_path / "a", max_steps=10, learning_rate=3e-2, config=config)
+    straight.train()
+    first = _trainer(tmp_path / "b", max_steps=10, learning_rate=3e-2, save_strategy="steps", save_steps=6,
+                     config=config)
+    first.train()  # the same 10 steps; a fresh trainer resumes from its step-6 checkpoint
+    saved = torch.load(tmp_path / "b" / "checkpoint-6" / "optimizer.pt", weights_only=True)
+    assert saved["blockllm"]["num_selections"] == 2 and saved["blockllm"]["scoring"]
+    assert any("mask" in s for s in saved["state"].values())
+    resumed = _trainer(tmp_path / "c", max_steps=10, learning_rate=3e-2, config=config)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-6"))
+    for (n, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    a, c = unwrap_blockllm_optimizer(straight.optimizer), unwrap_blockllm_optimizer(resumed.optimizer)
+    assert a.num_selections == c.num_selections == 4
+    assert torch.equal(a.visits, c.visits) and torch.equal(a.selected, c.selected)
+    assert a.loss_history == c.loss_history and a.scoring == c.scoring
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert a.state.get(p, {}).keys() == c.state.get(q, {}).keys()
+        for key, value in a.state.get(p, {}).items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(c.state[q][key]))
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"), ({"patience": 0}, "patience"),
+     ({"optimizer": "sgd"}, "optimizer"), ({"mask_fraction": 0.0}, "mask_fraction"),
+     ({"block_granularity": "row"}, "block_granularity"), ({"visit_penalty": -1.0}, "visit_penalty")],
+)
+def test_bad_config_raises_value_error_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        BlockLLMConfig(**kwargs)
+
+
+def test_selection_that_would_be_empty_raises_at_attach(tmp_path):
+    with pytest.raises(ValueError, match="selection would be empty"):
+        _trainer(tmp_path, config=BlockLLMConfig(sparsity=0.9999))
+
+
+def test_registered_under_its_name():
+    assert METHODS["blockllm"].config_cls is BlockLLMConfig

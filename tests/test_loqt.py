@@ -1,0 +1,310 @@
+"""LoQT: layer math against float64 references, merge / error compensation, schedule, Trainer training, plain
+saving and exact resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_bert_classifier, tiny_llama, training_args
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer
+
+from hf_memopt import MemoryReportCallback, attach
+from hf_memopt.loqt import LoQTConfig, LoQTLinear, loqt_layers, quantize_with_error_compensation
+from hf_memopt.loqt.quant import dequantize, quantize
+
+QUANTS = ["nf4", "fp4", "int8", None]
+
+
+def _layer(quant="nf4", side="right", rank=3, m=12, n=20, bias=True, quantize_projection=False, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(n, m, bias=bias)
+    layer = LoQTLinear(base, rank=rank, scale=0.5, side=side, quant=quant, quantize_projection=quantize_projection)
+    return base, layer
+
+
+def _set_factors(layer: LoQTLinear, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = layer.proj.shape if not layer.quantize_projection else None
+    p = torch.linalg.qr(torch.randn(layer.out_features if layer.side == "left" else layer.in_features, layer.rank,
+                                    generator=g))[0]
+    p = p if layer.side == "left" else p.t()
+    with torch.no_grad():
+        if layer.quantize_projection:
+            data, absmax = quantize(p, layer.quant, layer.quant_block_size)
+            layer.proj_q.copy_(data)
+            layer.proj_absmax.copy_(absmax)
+        else:
+            assert shape == p.shape
+            layer.proj.copy_(p)
+        layer.B.copy_(torch.randn(layer.B.shape, generator=g))
+        layer.merges.fill_(1)  # as after the initialisation: forward uses the quantized weight
+
+
+# ---- configuration -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"quant": "nf3"}, "quant"),
+        ({"quant": "int4"}, "quant"),
+        ({"rank": 0}, "rank"),
+        ({"merge_every": 0}, "merge_every"),
+        ({"merge_growth": 0.9}, "merge_growth"),
+        ({"max_merge_interval": 0}, "max_merge_interval"),
+        ({"error_compensation_steps": -1}, "error_compensation_steps"),
+        ({"scale": 0.0}, "scale"),
+        ({"proj_type": "full"}, "proj_type"),
+        ({"quant": None, "quantize_projection": True}, "quantize_projection"),
+        ({"quant_block_size": 100}, "quant_block_size"),
+        ({"optimizer_state_on_merge": "rotate"}, "optimizer_state_on_merge"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LoQTConfig(**kwargs)
+
+
+def test_attach_rejects_rank_above_a_target_shape(tmp_path):
+    trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path), train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match="rank must be in"):
+        attach(trainer, LoQTConfig(rank=33, target_modules=["q_proj"]))
+
+
+def test_merge_schedule_grows_exponentially_with_cap():
+    config = LoQTConfig(merge_every=4, merge_growth=1.5)
+    # intervals: 4, 6, 9, round(13.5) = 14, round(20.25) = 20
+    assert config.merge_steps(60) == [0, 4, 10, 19, 33, 53]
+    capped = LoQTConfig(merge_every=4, merge_growth=1.5, max_merge_interval=8)
+    assert capped.merge_steps(40) == [0, 4, 10, 18, 26, 34]
+    assert LoQTConfig(merge_every=3, merge_growth=1.0).merge_steps(10) == [0, 3, 6, 9]
+    assert [u for u in range(20) if config.is_merge_step(u)] == [0, 4, 10, 19]
+
+
+# ---- quantization and the layer's math ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant, max_rel_error", [("nf4", 0.12), ("fp4", 0.15), ("int8", 0.02)])
+def test_quantize_round_trip_matches_bitsandbytes(quant, max_rel_error):
+    import bitsandbytes.functional as F
+
+    w = torch.randn(24, 40)
+    data, absmax = quantize(w, quant, 64)
+    back = dequantize(data, absmax, quant, tuple(w.shape), 64)
+    if quant == "int8":
+        ref = F.dequantize_blockwise(*F.quantize_blockwise(w, blocksize=64))
+    else:
+        ref = F.dequantize_4bit(*F.quantize_4bit(w, blocksize=64, quant_type=quant))
+    torch.testing.assert_close(back, ref, rtol=0, atol=0)
+    assert ((back - w).norm() / w.norm()).item() < max_rel_error
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_layer_forward_and_backward_match_float64_reference(quant, side):
+    _, layer = _layer(quant=quant, side=side, quantize_projection=quant is not None and side == "left")
+    _set_factors(layer)
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+
+    w = layer.frozen_weight().double()
+    p, b = layer.projector().double(), layer.B.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    eff = w + 0.5 * (p @ b if side == "left" else b @ p)
+    y_ref = x64 @ eff.t() + layer.bias.detach().double()
+    y_ref.backward(gy.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.B.grad.double(), b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collected_gradient_gives_top_singular_vectors_and_no_B_gradient(side):
+    _, layer = _layer(quant="nf4", side=side, rank=3)
+    _set_factors(layer)
+    x = torch.randn(4, 7, layer.in_features)
+    gy = torch.randn(4, 7, layer.out_features)
+    layer.collecting = True
+    layer(x).backward(gy)
+    assert layer.B.grad is None  # B is held out of the merge step's update
+
+    # reference: dL/dW of y = x W^T is gy^T x, summed over tokens; its top-3 singular vectors in float64
+    G = gy.reshape(-1, layer.out_features).double().t() @ x.reshape(-1, layer.in_features).double()
+    U, _, Vh = torch.linalg.svd(G)
+    ref = U[:, :3] if side == "left" else Vh[:3].t()
+    got = layer._next_proj.double() if side == "left" else layer._next_proj.double().t()
+    torch.testing.assert_close(got @ got.t(), ref @ ref.t(), rtol=0, atol=1e-6)  # same subspace
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8", None])
+def test_merge_changes_outputs_by_exactly_the_quantization_error(quant):
+    _, layer = _layer(quant=quant, side="right", m=16, n=64)
+    _set_factors(layer)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+        target = layer.effective_weight()
+        layer.merge(error_compensation_steps=0)
+        after = layer(x)
+    assert torch.count_nonzero(layer.B) == 0
+    if quant is None:
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+        return
+    quantized = dequantize(*quantize(target, quant, 64), quant, tuple(target.shape), 64)
+    weight_error = quantized - target
+    # the output moves by x (Q(W) - W)^T and nothing else ...
+    torch.testing.assert_close(after - before, x @ weight_error.t(), rtol=1e-4, atol=1e-5)
+    # ... which is bounded by the quantization error of the weight
+    bound = x.norm(dim=1, keepdim=True) * torch.linalg.matrix_norm(weight_error, ord=2)
+    assert ((after - before).norm(dim=1, keepdim=True) <= bound + 1e-5).all()
+    assert (weight_error.norm() / target.norm()).item() < (0.12 if quant == "nf4" else 0.02)
+
+
+def test_model_outputs_move_only_by_quantization_error_at_a_merge():
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64)
+    from hf_memopt.loqt import convert_to_loqt
+
+    layers = convert_to_loqt(model, LoQTConfig(rank=4, quant="nf4", target_modules="all-linear"))
+    for i, layer in enumerate(layers.values()):
+        _set_factors(layer, seed=i)
+        with torch.no_grad():
+            layer.B.mul_(0.05)
+    ids = TokenDataset(n=2)[0]["input_ids"][None]
+    with torch.no_grad():
+        before = model(ids).logits
+        reference = tiny_llama(hidden=64)  # same architecture, plain Linear layers holding Q(W_q + s P B)
+        ref_state = {}
+        for name, layer in layers.items():
+            w = layer.effective_weight()
+            ref_state[f"{name}.weight"] = dequantize(*quantize(w, "nf4", 64), "nf4", tuple(w.shape), 64)
+        reference.load_state_dict({**{k: v for k, v in model.state_dict().items() if "." in k}, **ref_state},
+                                  strict=False)
+        for layer in layers.values():
+            layer.merge(0)
+        after = model(ids).logits
+        expected = reference(ids).logits
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4)
+    # NF4 moves each weight by ~9 % (relative); through 14 quantized matrices the logits move by about as much
+    relative_change = ((after - before).norm() / before.norm()).item()
+    assert 0 < relative_change < 0.25
+
+
+def test_error_compensation_solves_B_by_least_squares_and_never_does_worse():
+    torch.manual_seed(0)
+    target = torch.randn(32, 64)
+    P = torch.linalg.qr(torch.randn(64, 8))[0].t()  # right side: r x n
+    plain = quantize_with_error_compensation(target, P, 0.5, "right", 0, "nf4", 64)
+    comp = quantize_with_error_compensation(target, P, 0.5, "right", 5, "nf4", 64)
+
+    def error(data, absmax, B):
+        return (target - dequantize(data, absmax, "nf4", (32, 64), 64) - 0.5 * B @ P).norm().item()
+
+    assert torch.count_nonzero(plain[2]) == 0
+    assert error(*comp) < error(*plain)
+    # normal equations: the residual left after s B P is orthogonal to the row space of P
+    residual = target - dequantize(comp[0], comp[1], "nf4", (32, 64), 64) - 0.5 * comp[2] @ P
+    torch.testing.assert_close(residual @ P.t(), torch.zeros(32, 8), rtol=0, atol=1e-4)
+
+
+# ---- Trainer ------------------------------------------------------------------------------------------------------
+
+
+def _trainer(tmp_path, config, model=None, dataset=None, **overrides):
+    args = training_args(tmp_path, **{"learning_rate": 3e-3, **overrides})
+    trainer = Trainer(model=model or tiny_llama(), args=args, train_dataset=dataset or TokenDataset())
+    attach(trainer, config)
+    return trainer
+
+
+def test_trainer_pretraining_loss_goes_down_and_merges_on_schedule(tmp_path):
+    config = LoQTConfig(
+        rank=4, merge_every=3, merge_growth=1.0, error_compensation_steps=2, target_modules="all-linear"
+    )
+    trainer = _trainer(tmp_path, config, max_steps=10, learning_rate=1e-2)
+    memory = MemoryReportCallback(print_table=False)  # its gradient hooks must cope with merge steps
+    trainer.add_callback(memory)
+    trainer.train()
+    assert memory.breakdown.optimizer_state > 0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
+    assert {int(layer.merges) for layer in loqt_layers(trainer.model).values()} == {4}  # updates 0, 3, 6, 9
+
+
+def test_merges_count_optimizer_updates_under_gradient_accumulation(tmp_path):
+    config = LoQTConfig(rank=2, merge_every=2, merge_growth=1.0, target_modules=["q_proj", "down_proj"])
+    trainer = _trainer(tmp_path, config, max_steps=5, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    trainer.train()
+    assert {int(layer.merges) for layer in loqt_layers(trainer.model).values()} == {3}  # updates 0, 2, 4
+
+
+@pytest.mark.parametrize("policy, expected_step", [("reset", 1), ("keep", 2)])
+def test_B_optimizer_state_at_a_merge(tmp_path, policy, expected_step):
+    config = LoQTConfig(
+        rank=2, merge_every=2, merge_growth=1.0, target_modules=["q_proj"], optimizer_state_on_merge=policy
+    )
+    trainer = _trainer(tmp_path, config, max_steps=4)
+    trainer.train()
+    # updates 0 and 2 merge (B skipped); B is updated at 1 and 3; "reset" dropped its state at update 2
+    state = trainer.optimizer.optimizer.state
+    for layer in loqt_layers(trainer.model).values():
+        assert int(state[layer.B]["step"]) == expected_step
+
+
+def test_save_model_writes_a_plain_model_that_loads_without_hf_memopt(tmp_path):
+    config = LoQTConfig(rank=4, merge_every=2, merge_growth=1.0, target_modules="all-linear")
+    trainer = _trainer(tmp_path, config, max_steps=3)
+    trainer.train()
+    trainer.save_model(tmp_path / "out")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert not any(isinstance(m, LoQTLinear) for m in plain.modules())
+    assert set(plain.state_dict()) == set(tiny_llama().state_dict())
+    ids = TokenDataset(n=2)[1]["input_ids"][None]
+    model = trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert any(isinstance(m, LoQTLinear) for m in model.modules())  # the trained model itself is unchanged
+
+
+def test_fine_tuning_a_classifier_saves_a_plain_classifier(tmp_path):
+    model = tiny_bert_classifier()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (16, 8), generator=g)
+    labels = (ids[:, 0] % 2).long()
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(16)]
+    config = LoQTConfig(rank=4, quant="int8", merge_every=2, target_modules=["query", "value", "intermediate.dense"])
+    trainer = _trainer(tmp_path, config, model=model, dataset=data, max_steps=3)
+    trainer.train()
+    trainer.save_model(tmp_path / "cls")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls")
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant, quantize_projection", [("nf4", True), (None, False)])
+def test_resume_from_checkpoint_is_exact(tmp_path, quant, quantize_projection):
+    config = dict(rank=3, quant=quant, quantize_projection=quantize_projection, merge_every=2, merge_growth=1.5,
+                  error_compensation_steps=2, target_modules="all-linear")
+    # merges at updates 0, 2, 5: one before the checkpoint at 4, one after it
+    straight = _trainer(tmp_path / "a", LoQTConfig(**config), max_steps=8)
+    straight.train()
+    first = _trainer(tmp_path / "b", LoQTConfig(**config), max_steps=8, save_strategy="steps", save_steps=4)
+    first.args.max_steps = 8
+    first.train()
+    resumed = _trainer(tmp_path / "b", LoQTConfig(**config), max_steps=8)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-4"))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    assert any(k.endswith("weight_q") for k in a) == (quant is not None)
+    opt_a, opt_b = straight.optimizer.optimizer, resumed.optimizer.optimizer
+    for pa, pb in zip(straight.model.parameters(), resumed.model.parameters()):
+        for key in opt_a.state.get(pa, {}):
+            torch.testing.assert_close(opt_b.state[pb][key], opt_a.state[pa][key], rtol=0, atol=0)
+    assert math.isclose(straight.state.log_history[-2]["loss"], resumed.state.log_history[-2]["loss"])
