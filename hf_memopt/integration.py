@@ -51,6 +51,9 @@ def attach(trainer: Trainer, config: Any) -> Trainer:
             )
     spec.builder(trainer, config)
     attached.append(config)
+    from hf_memopt.modelcard import install_model_card  # imported here: modelcard imports this module
+
+    install_model_card(trainer)
     logger.info("hf_memopt: attached %s", spec.name)
     return trainer
 

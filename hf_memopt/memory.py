@@ -4,6 +4,8 @@ Four tensor categories are counted by walking the real tensors (each storage onc
 double counted), plus the process peak:
 
 * ``parameters``: parameter storages, including bitsandbytes quantization state (absmax, code tables);
+* ``buffers``: module buffers, where methods keep non-trainable weights (LoQT's quantized weights and projections,
+  VeLoRA's vectors) besides the models' own small buffers (rotary tables, position ids);
 * ``gradients``: the peak of live ``.grad`` bytes, sampled by gradient hooks during backward, so methods that free
   each gradient as soon as it is used (layer-wise GaLore) are credited for it;
 * ``optimizer_state``: every tensor in the optimizer state (moments, 8-bit states and their absmax, projectors,
@@ -34,6 +36,7 @@ __all__ = [
     "MemoryReportCallback",
     "SavedActivationMeter",
     "format_breakdown_table",
+    "buffer_bytes",
     "gradient_bytes",
     "optimizer_state_bytes",
     "parameter_bytes",
@@ -57,8 +60,9 @@ class MemoryBreakdown:
     activations: int = 0
     peak_process: int = 0
     peak_process_source: str = ""
+    buffers: int = 0
 
-    TENSOR_PARTS = ("parameters", "gradients", "optimizer_state", "activations")
+    TENSOR_PARTS = ("parameters", "buffers", "gradients", "optimizer_state", "activations")
 
     @property
     def tensors_total(self) -> int:
@@ -137,6 +141,11 @@ def _parameter_storage_keys(model: nn.Module) -> set[tuple[str, int]]:
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of all parameters (trainable or not), quantization state included; buffers are not counted."""
     return tensor_bytes(_walk_tensors(list(model.parameters())))
+
+
+def buffer_bytes(model: nn.Module) -> int:
+    """Bytes of all module buffers (storages shared with parameters excluded)."""
+    return tensor_bytes(model.buffers(), exclude=_parameter_storage_keys(model))
 
 
 def gradient_bytes(model: nn.Module) -> int:
@@ -316,6 +325,7 @@ class MemoryReportCallback(TrainerCallback):
         self.breakdown.merge_peak(
             MemoryBreakdown(
                 parameters=parameter_bytes(self._model),
+                buffers=buffer_bytes(self._model),
                 gradients=self._gradients.peak if self._gradients else gradient_bytes(self._model),
                 optimizer_state=optimizer_state_bytes(self._optimizer) if self._optimizer is not None else 0,
                 activations=self._activations.peak if self._activations else 0,
@@ -355,8 +365,8 @@ class MemoryReportCallback(TrainerCallback):
 
 def format_breakdown_table(runs: Mapping[str, MemoryBreakdown]) -> str:
     """A Markdown table (MB) of several runs' breakdowns."""
-    header = "| run | parameters | gradients | optimizer state | activations | tensors total | peak process |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    header = "| run | parameters | buffers | gradients | optimizer state | activations | tensors total | peak process |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, b in runs.items():
         cells = [getattr(b, p) / MB for p in MemoryBreakdown.TENSOR_PARTS] + [b.tensors_total / MB, b.peak_process / MB]
         lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
@@ -367,7 +377,7 @@ def format_breakdown_table(runs: Mapping[str, MemoryBreakdown]) -> str:
 
 
 def plot_memory_breakdown(runs: Mapping[str, MemoryBreakdown], path: str, title: str = "Memory breakdown") -> str:
-    """Draw ``runs`` as stacked bars (parameters, gradients, optimizer state, activations) and save a PNG."""
+    """Draw ``runs`` as stacked bars (parameters, buffers, gradients, optimizer state, activations); save a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,7 +386,7 @@ def plot_memory_breakdown(runs: Mapping[str, MemoryBreakdown], path: str, title:
     names = list(runs)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names) + 2), 4.2))
     bottom = [0.0] * len(names)
-    colors = ("#4C72B0", "#DD8452", "#55A868", "#C44E52")
+    colors = ("#4C72B0", "#8172B3", "#DD8452", "#55A868", "#C44E52")
     for part, color in zip(MemoryBreakdown.TENSOR_PARTS, colors):
         values = [getattr(runs[n], part) / MB for n in names]
         ax.bar(names, values, bottom=bottom, label=part.replace("_", " "), color=color)

@@ -57,6 +57,8 @@ def test_saved_activations_count_a_shared_input_once_and_exclude_parameters():
 def test_optimizer_state_bytes_walk_real_states_including_8bit():
     import bitsandbytes as bnb
 
+    # bitsandbytes keeps per-parameter overrides keyed by id(); earlier Trainer runs may have left some behind
+    bnb.optim.GlobalOptimManager.get_instance().initialize()
     model = nn.Linear(256, 256)
     for opt_cls, expected in ((torch.optim.AdamW, 2 * 4 * 256 * 257), (bnb.optim.AdamW8bit, 2 * 256 * 256)):
         opt = opt_cls(model.parameters(), lr=1e-3)

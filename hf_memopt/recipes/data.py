@@ -14,11 +14,13 @@ from pathlib import Path
 
 __all__ = [
     "BUNDLED_DATA",
+    "DATA_SOURCES",
     "GLUE_TASKS",
     "GlueTask",
     "load_alpaca",
     "load_glue",
     "load_text",
+    "stream_c4_text",
 ]
 
 BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -77,21 +79,35 @@ def read_glue_tsv(path: Path, task: GlueTask) -> list[dict[str, object]]:
     return rows
 
 
-def load_glue(task: str, split: str = "train", limit: int | None = None, data_dir: str | None = None):
+DATA_SOURCES = ("auto", "bundled", "hub")
+
+
+def load_glue(
+    task: str,
+    split: str = "train",
+    limit: int | None = None,
+    data_dir: str | None = None,
+    source: str = "auto",
+):
     """A ``datasets.Dataset`` with ``text_a`` [, ``text_b``], ``label`` for a GLUE task.
 
-    Looks in ``data_dir``, ``$HF_MEMOPT_GLUE_DIR``, then the bundled copy (SST-2 train is bundled as its first 20,000
-    rows); otherwise loads ``nyu-mll/glue`` from the Hub. ``split`` is ``train`` or ``dev`` (``validation`` accepted).
+    ``source="auto"`` looks in ``data_dir``, ``$HF_MEMOPT_GLUE_DIR``, then the bundled copy (SST-2 train is bundled as
+    its first 20,000 rows), and otherwise loads ``nyu-mll/glue`` from the Hub; ``"bundled"`` never goes to the Hub,
+    ``"hub"`` always does. ``split`` is ``train`` or ``dev`` (``validation`` accepted).
     """
     import datasets
 
     if task not in GLUE_TASKS:
         raise ValueError(f"task must be one of {tuple(GLUE_TASKS)}; got {task!r}")
+    if source not in DATA_SOURCES:
+        raise ValueError(f"source must be one of {DATA_SOURCES}; got {source!r}")
     split = "dev" if split == "validation" else split
     if split not in ("train", "dev"):
         raise ValueError(f"split must be 'train' or 'dev'; got {split!r}")
     spec = GLUE_TASKS[task]
-    folder = _glue_dir(task, data_dir)
+    folder = None if source == "hub" else _glue_dir(task, data_dir)
+    if folder is None and source == "bundled":
+        raise ValueError(f"no bundled GLUE data for {task!r} (looked in data_dir, $HF_MEMOPT_GLUE_DIR, {BUNDLED_DATA})")
     if folder is not None:
         rows = read_glue_tsv(folder / f"{split}.tsv", spec)
         if limit is not None:
@@ -108,11 +124,42 @@ def load_glue(task: str, split: str = "train", limit: int | None = None, data_di
 
 
 def load_alpaca(path: str | os.PathLike | None = None, limit: int | None = None) -> list[dict[str, str]]:
-    """Alpaca-format records ``{instruction, input, output}``; the bundled demo set by default."""
+    """Alpaca-format records ``{instruction, input, output}``.
+
+    ``path``: ``None`` for the bundled demo set (999 records), a ``.json`` (list of records) or ``.jsonl`` file, or a
+    Hub dataset id with those columns (``tatsu-lab/alpaca``), loaded with ``datasets.load_dataset(path, split="train")``.
+    """
     path = Path(path) if path else BUNDLED_DATA / "instruct" / "alpaca_en_demo.json"
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".jsonl":
+                records = [json.loads(line) for line in f if line.strip()]
+            else:
+                records = json.load(f)
+    else:
+        import datasets
+
+        hub = datasets.load_dataset(str(path), split="train")
+        records = [dict(r) for r in (hub.select(range(min(limit, len(hub)))) if limit is not None else hub)]
+    for i, r in enumerate(records[:limit] if limit is not None else records):
+        if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
+            raise ValueError(f"{path}: record {i} is not Alpaca-format (needs 'instruction' and 'output' keys)")
     return records[:limit] if limit is not None else records
+
+
+def stream_c4_text(max_chars: int, name: str = "allenai/c4", config: str = "en"):
+    """Documents of C4's train split, streamed with ``datasets`` (nothing downloaded up front), until ``max_chars``.
+
+    Yields document texts; GaLore's pretraining runs use this split.
+    """
+    import datasets
+
+    total = 0
+    for row in datasets.load_dataset(name, config, split="train", streaming=True):
+        yield row["text"]
+        total += len(row["text"])
+        if total >= max_chars:
+            return
 
 
 def load_text(name: str = "wikitext2_valid") -> str:

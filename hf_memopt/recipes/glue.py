@@ -45,9 +45,11 @@ class GlueResult:
         }
 
 
-def tokenized_glue(task: str, tokenizer, split: str, limit: int | None, max_length: int):
+def tokenized_glue(
+    task: str, tokenizer, split: str, limit: int | None, max_length: int, source: str = "auto", data_dir: str | None = None
+):
     """The task's split tokenized to ``input_ids``/``attention_mask``/``labels`` (dynamic padding later)."""
-    dataset = load_glue(task, split, limit)
+    dataset = load_glue(task, split, limit, data_dir=data_dir, source=source)
     pair = "text_b" in dataset.column_names
 
     def encode(batch):
@@ -77,10 +79,14 @@ def run_glue(
     extra_methods: tuple[Any, ...] = (),
     training_overrides: dict[str, Any] | None = None,
     print_table: bool = True,
+    source: str = "auto",
+    data_dir: str | None = None,
 ) -> GlueResult:
     """Fine-tune ``model`` on ``task`` with ``method`` (a registered config; None = the Trainer's AdamW).
 
     ``extra_methods`` are attached first (e.g. a VeLoRA config that composes with ``method``).
+    ``training_overrides`` are ``TrainingArguments`` fields that take precedence over the arguments above (recipes
+    pass their whole ``training:`` section here). ``source`` / ``data_dir``: see :func:`load_glue`.
     """
     from transformers import (
         AutoModelForSequenceClassification,
@@ -97,9 +103,9 @@ def run_glue(
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)
     net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels)
-    train = tokenized_glue(task, tokenizer, "train", train_limit, max_length)
-    dev = tokenized_glue(task, tokenizer, "dev", eval_limit, max_length)
-    args = TrainingArguments(
+    train = tokenized_glue(task, tokenizer, "train", train_limit, max_length, source, data_dir)
+    dev = tokenized_glue(task, tokenizer, "dev", eval_limit, max_length, source, data_dir)
+    arguments = dict(
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=2 * batch_size,
@@ -115,8 +121,9 @@ def run_glue(
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
-        **(training_overrides or {}),
     )
+    arguments.update(training_overrides or {})
+    args = TrainingArguments(**arguments)
     memory = MemoryReportCallback(print_table=False)
     timer = StepTimerCallback()
     trainer = Trainer(

@@ -12,8 +12,8 @@ import torch
 
 from hf_memopt.integration import attach
 from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback
-from hf_memopt.recipes.data import load_text
-from hf_memopt.recipes.models import llama_config, minilm_path
+from hf_memopt.recipes.data import load_text, stream_c4_text
+from hf_memopt.recipes.models import llama_config, resolve_model
 from hf_memopt.timing import StepTimerCallback
 
 __all__ = ["PretrainResult", "lm_blocks", "run_pretrain"]
@@ -33,13 +33,43 @@ class LMBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
 
 
-def lm_blocks(tokenizer, seq_len: int, sources: tuple[str, ...] = ("wikitext2_valid", "c4_demo")) -> LMBlocks:
-    """Tokenize the text sources (bundled names or file paths) into ``seq_len`` blocks."""
+def lm_blocks(
+    tokenizer,
+    seq_len: int,
+    sources: tuple[str, ...] = ("wikitext2_valid", "c4_demo"),
+    max_tokens: int | None = None,
+) -> LMBlocks:
+    """Tokenize the text sources into ``seq_len`` blocks.
+
+    A source is a bundled name (``wikitext2_valid``, ``c4_demo``), a text/JSONL file, or ``c4``: C4's train split
+    streamed through ``datasets`` (needs the Hub) until ``max_tokens`` tokens are collected. ``max_tokens`` also
+    stops the bundled sources early.
+    """
     ids: list[int] = []
+
+    def full() -> bool:
+        return max_tokens is not None and len(ids) >= max_tokens
+
     for source in sources:
+        if source == "c4":
+            if max_tokens is None:
+                raise ValueError("the streamed 'c4' source needs max_tokens (it is unbounded)")
+            # ~4 characters per token for English text; the stream stops at twice that to be safe.
+            for text in stream_c4_text(max_chars=8 * max_tokens):
+                ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+                if tokenizer.eos_token_id is not None:
+                    ids.append(tokenizer.eos_token_id)
+                if full():
+                    break
+            continue
         text = load_text(source)
         for start in range(0, len(text), 200_000):  # chunked: tokenizers are slow on one huge string
             ids.extend(tokenizer(text[start : start + 200_000], add_special_tokens=False)["input_ids"])
+            if full():
+                break
+        if full():
+            break
+    ids = ids[:max_tokens] if max_tokens is not None else ids
     return LMBlocks(torch.tensor(ids, dtype=torch.long), seq_len)
 
 
@@ -50,11 +80,13 @@ class PretrainResult:
     median_step_seconds: float
     losses: list[float] = field(default_factory=list)
     trainer: Any = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         tail = self.losses[-max(1, len(self.losses) // 10) :]
         return {
             "method": self.method,
+            "metrics": self.metrics,
             "memory_bytes": self.memory.to_dict(),
             "median_step_seconds": self.median_step_seconds,
             "final_loss": sum(tail) / len(tail) if tail else None,
@@ -78,20 +110,23 @@ def run_pretrain(
     optimizers: tuple[Any, Any] | None = None,
     training_overrides: dict[str, Any] | None = None,
     dataset: LMBlocks | None = None,
+    sources: tuple[str, ...] = ("wikitext2_valid", "c4_demo"),
+    eval_blocks: int = 0,
 ) -> PretrainResult:
     """Train a ``size`` LLaMA from scratch for ``steps`` updates with ``method`` (None = the Trainer's AdamW).
 
     ``optimizers`` passes a ready optimizer (peer libraries in benchmarks); logs every step.
+    ``training_overrides`` are ``TrainingArguments`` fields that take precedence over the arguments above.
+    ``sources``: see :func:`lm_blocks`. ``eval_blocks`` > 0 holds out that many blocks (the last ones) and reports
+    their ``eval_loss`` and ``perplexity`` after training.
     """
+    import math
+
     from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
 
     from hf_memopt.registry import method_name_of
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or minilm_path())
-    dataset = dataset if dataset is not None else lm_blocks(tokenizer, seq_len)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(size, vocab_size=len(tokenizer), max_position_embeddings=seq_len))
-    args = TrainingArguments(
+    arguments = dict(
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
         learning_rate=learning_rate,
@@ -105,12 +140,28 @@ def run_pretrain(
         data_seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        **(training_overrides or {}),
     )
+    arguments.update(training_overrides or {})
+    args = TrainingArguments(**arguments)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_path or "minilm"))
+    if dataset is None:
+        # blocks the run will read (streamed sources stop there): updates x batch x accumulation, plus eval
+        if "c4" in sources and args.max_steps <= 0:
+            raise ValueError("the streamed 'c4' source needs max_steps > 0 (it decides how much text to stream)")
+        needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps + eval_blocks
+        dataset = lm_blocks(tokenizer, seq_len, tuple(sources), max_tokens=needed * seq_len if "c4" in sources else None)
+    eval_dataset = None
+    if eval_blocks:
+        if eval_blocks >= len(dataset):
+            raise ValueError(f"eval_blocks={eval_blocks} leaves no training data ({len(dataset)} blocks of {seq_len})")
+        eval_dataset = torch.utils.data.Subset(dataset, range(len(dataset) - eval_blocks, len(dataset)))
+        dataset = torch.utils.data.Subset(dataset, range(len(dataset) - eval_blocks))
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(size, vocab_size=len(tokenizer), max_position_embeddings=seq_len))
     memory = MemoryReportCallback(print_table=False)
     timer = StepTimerCallback()
     trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, callbacks=[memory, timer],
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, callbacks=[memory, timer],
         optimizers=optimizers(model) if callable(optimizers) else (optimizers or (None, None)),
     )
     for extra in extra_methods:
@@ -118,6 +169,10 @@ def run_pretrain(
     if method is not None:
         attach(trainer, method)
     trainer.train()
+    metrics: dict[str, float] = {}
+    if eval_dataset is not None:
+        loss = trainer.evaluate()["eval_loss"]
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     names = [method_name_of(m) for m in (*extra_methods, method) if m is not None] or ["adamw"]
     return PretrainResult(
         method="+".join(names),
@@ -125,4 +180,5 @@ def run_pretrain(
         median_step_seconds=timer.median_step_seconds,
         losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
         trainer=trainer,
+        metrics=metrics,
     )

@@ -1,0 +1,162 @@
+"""Instruction-tune a causal LM on Alpaca-format data with TRL's ``SFTTrainer`` and any hf_memopt method.
+
+Each Alpaca record becomes a conversational prompt-completion pair (user: instruction [+ input], assistant: output);
+``SFTTrainer`` renders both with the tokenizer's chat template and computes the loss on the completion only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hf_memopt.integration import attach
+from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback
+from hf_memopt.recipes.data import load_alpaca
+from hf_memopt.recipes.models import resolve_model
+from hf_memopt.timing import StepTimerCallback
+
+__all__ = ["CHATML_TEMPLATE", "InstructResult", "alpaca_to_prompt_completion", "run_instruct"]
+
+# Used only when the tokenizer has no chat template of its own (base checkpoints); SmolLM2-Instruct ships this
+# ChatML format, so the offline default and the fallback agree.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def alpaca_to_prompt_completion(record: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """An Alpaca record as TRL's conversational prompt-completion example."""
+    user = record["instruction"].strip()
+    if record.get("input", "").strip():
+        user = f"{user}\n\n{record['input'].strip()}"
+    return {
+        "prompt": [{"role": "user", "content": user}],
+        "completion": [{"role": "assistant", "content": record["output"].strip()}],
+    }
+
+
+@dataclass
+class InstructResult:
+    """What an instruction-tuning run measured: held-out loss / perplexity, memory, seconds per update, losses."""
+
+    method: str
+    metrics: dict[str, float]
+    memory: MemoryBreakdown
+    median_step_seconds: float
+    losses: list[float] = field(default_factory=list)
+    trainer: Any = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "metrics": self.metrics,
+            "memory_bytes": self.memory.to_dict(),
+            "median_step_seconds": self.median_step_seconds,
+            "first_loss": self.losses[0] if self.losses else None,
+            "last_loss": self.losses[-1] if self.losses else None,
+            "losses": self.losses,
+        }
+
+
+def run_instruct(
+    method: Any = None,
+    *,
+    model: str = "smollm2",
+    data_path: str | None = None,
+    train_limit: int | None = None,
+    eval_limit: int = 32,
+    max_length: int = 512,
+    epochs: float = 1.0,
+    max_steps: int = -1,
+    learning_rate: float = 2e-5,
+    batch_size: int = 4,
+    seed: int = 0,
+    output_dir: str = "out/instruct",
+    extra_methods: tuple[Any, ...] = (),
+    training_overrides: dict[str, Any] | None = None,
+) -> InstructResult:
+    """Fine-tune ``model`` (``smollm2`` offline, a Hub id, or a folder) on Alpaca-format ``data_path``.
+
+    ``data_path``: ``None`` for the bundled demo set, a JSON/JSONL file or a Hub dataset id (see ``load_alpaca``).
+    The last ``eval_limit`` records are held out for the final ``eval_loss`` / ``perplexity``; ``train_limit`` caps
+    the rest. ``training_overrides`` are ``SFTConfig`` fields that take precedence over the arguments above.
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_memopt.registry import method_name_of
+
+    records = load_alpaca(data_path)
+    if eval_limit < 0 or eval_limit >= len(records):
+        raise ValueError(f"eval_limit must be in [0, {len(records) - 1}] for {len(records)} records; got {eval_limit}")
+    held_out = records[len(records) - eval_limit :] if eval_limit else []
+    train_records = records[: len(records) - eval_limit]
+    if train_limit is not None:
+        train_records = train_records[:train_limit]
+    train = Dataset.from_list([alpaca_to_prompt_completion(r) for r in train_records])
+    dev = Dataset.from_list([alpaca_to_prompt_completion(r) for r in held_out]) if held_out else None
+
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    torch.manual_seed(seed)
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    arguments = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        learning_rate=learning_rate,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        max_length=max_length,
+        logging_steps=max(1, (max_steps if max_steps > 0 else 50) // 10),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
+    )
+    arguments.update(training_overrides or {})
+    args = SFTConfig(**arguments)
+    memory = MemoryReportCallback(print_table=False)
+    timer = StepTimerCallback()
+    trainer = SFTTrainer(
+        model=net,
+        args=args,
+        train_dataset=train,
+        eval_dataset=dev,
+        processing_class=tokenizer,
+        callbacks=[memory, timer],
+    )
+    for extra in extra_methods:
+        attach(trainer, extra)
+    if method is not None:
+        attach(trainer, method)
+    trainer.train()
+    metrics: dict[str, float] = {}
+    if dev is not None:
+        loss = trainer.evaluate()["eval_loss"]
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    names = [method_name_of(m) for m in (*extra_methods, method) if m is not None] or ["adamw"]
+    return InstructResult(
+        method="+".join(names),
+        metrics=metrics,
+        memory=memory.breakdown,
+        median_step_seconds=timer.median_step_seconds,
+        losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
+        trainer=trainer,
+    )

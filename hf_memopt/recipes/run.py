@@ -1,0 +1,116 @@
+"""Run a validated :class:`~hf_memopt.recipes.recipe.Recipe` through the task's runner and write ``results.json``.
+
+The runners (``run_glue``, ``run_instruct``, ``run_pretrain``) are the same functions the benchmarks and the demo
+use; a recipe's ``training:`` section is passed to them whole as ``TrainingArguments`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hf_memopt.recipes.recipe import Recipe, method_configs
+
+__all__ = ["environment", "run_recipe"]
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, written with every result (figures are only comparable on the same machine)."""
+    import torch
+    import transformers
+
+    import hf_memopt
+
+    env: dict[str, Any] = {
+        "hf_memopt": hf_memopt.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        env["load_average_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    for name in ("trl", "datasets", "bitsandbytes"):
+        module = sys.modules.get(name)
+        if module is not None:
+            env[name] = getattr(module, "__version__", "?")
+    return env
+
+
+def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Train (and evaluate) ``recipe``; returns the results dictionary, also written to ``<run_dir>/results.json``.
+
+    ``progress=False`` turns off the Trainer's progress bar unless the recipe sets ``disable_tqdm`` itself;
+    ``command`` is recorded with the results (the CLI passes its own command line).
+    """
+    configs = method_configs(recipe)
+    run_dir = recipe.run_dir
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    training = dict(recipe.training)
+    training.setdefault("disable_tqdm", not progress)
+    data = recipe.data
+    started = time.perf_counter()
+    if recipe.task == "glue":
+        from hf_memopt.recipes.glue import run_glue
+
+        result = run_glue(
+            data.name, None, model=recipe.model, output_dir=run_dir, train_limit=data.train_limit,
+            eval_limit=data.eval_limit, max_length=data.max_length, extra_methods=tuple(configs),
+            training_overrides=training, print_table=False, source=data.source, data_dir=data.data_dir,
+        )
+    elif recipe.task == "instruct":
+        from hf_memopt.recipes.instruct import run_instruct
+
+        result = run_instruct(
+            None, model=recipe.model, data_path=data.path, train_limit=data.train_limit, eval_limit=data.eval_limit,
+            max_length=data.max_length, output_dir=run_dir, extra_methods=tuple(configs), training_overrides=training,
+        )
+    else:
+        from hf_memopt.recipes.pretrain import run_pretrain
+
+        result = run_pretrain(
+            None, size=recipe.model.removeprefix("llama-"), seq_len=data.seq_len, output_dir=run_dir,
+            tokenizer_path=data.tokenizer, extra_methods=tuple(configs), training_overrides=training,
+            sources=tuple(data.sources), eval_blocks=data.eval_blocks,
+        )
+    wall = time.perf_counter() - started
+    summary = result.summary()
+    losses = result.losses
+    tail = losses[-max(1, len(losses) // 10) :]
+    if not tail:  # fewer updates than logging_steps: the Trainer's mean training loss is all there is
+        tail = [h["train_loss"] for h in result.trainer.state.log_history if "train_loss" in h][-1:]
+    if recipe.save_model:
+        result.trainer.save_model(run_dir)
+    results = {
+        "recipe": recipe.path,
+        "task": recipe.task,
+        "model": recipe.model,
+        "method": recipe.method,
+        "method_configs": {type(c).__name__: dataclasses.asdict(c) for c in configs},
+        "metrics": summary.get("metrics", {}),
+        "memory_bytes": summary["memory_bytes"],
+        "median_step_seconds": result.median_step_seconds,
+        "steps": result.trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "losses": losses,
+        "wall_seconds": wall,
+        "resolved_recipe": recipe.raw,
+        "environment": environment(),
+        "command": command,
+    }
+    with open(Path(run_dir) / "results.json", "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    return results
