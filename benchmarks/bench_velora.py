@@ -154,7 +154,7 @@ def step_measure(model, batch_fn, optimizer, checkpointing: bool, steps: int = 4
     }
 
 
-def memory_part(quick: bool) -> list[dict]:
+def memory_part(quick: bool, models: list[str] | None = None) -> list[dict]:
     tok = tokenizer()
     rows = []
     glue = load_glue("sst2", "train", limit=64)
@@ -164,6 +164,8 @@ def memory_part(quick: bool) -> list[dict]:
         ("minilm", 32, 16, 128),
     ]
     for model_name, groups, batch, seq in setups:
+        if models and model_name not in models:
+            continue
         if model_name.startswith("llama"):
             blocks = text_batches(tok, batch, seq, 6)
 
@@ -226,17 +228,19 @@ def memory_part(quick: bool) -> list[dict]:
     return rows
 
 
-def cosine_part(quick: bool) -> list[dict]:
+def cosine_part(quick: bool, sizes: list[str] | None = None, dtypes: list[str] | None = None) -> list[dict]:
     tok = tokenizer()
     rows = []
     blocks = text_batches(tok, 4, 256, 2)
     for size, group_list in (("20m", (16,)), ("60m", (32,) if quick else (16, 32, 64))):
+        if sizes and size not in sizes:
+            continue
         exact_model = make_llama(size, tok.vocab_size)
         ids = blocks[1]
         exact_model(input_ids=ids, labels=ids).loss.backward()
         exact = {n: p.grad.clone() for n, p in exact_model.named_parameters()}
         for groups in group_list:
-            for dtype in ("bfloat16",) if quick else ("bfloat16", "float16", "float32"):
+            for dtype in dtypes or (("bfloat16",) if quick else ("bfloat16", "float16", "float32")):
                 inits = (("batch_average_once", 0), ("batch_average_once, v from this batch", 1), ("svd", 0))
                 for init, first in inits[::2] if quick else inits:
                     model = make_llama(size, tok.vocab_size)
@@ -302,6 +306,7 @@ def loss_part(quick: bool, steps: int) -> list[dict]:
     base = rows[0]["eval_loss"]
     for r in rows:
         r["eval_loss_vs_plain"] = round(r["eval_loss"] / base, 4)
+        r["within_2_percent"] = abs(r["eval_loss"] / base - 1.0) <= 0.02
     return rows
 
 
@@ -333,12 +338,13 @@ def render(result: dict) -> str:
             cells = " | ".join(f"{r['mean_by_layer_kind'].get(k, float('nan')):.3f}" for k in kinds)
             out.append(f"| {r['model']} | {r['num_groups']} | {r['coefficient_dtype']} | {r['init']} | {cells} |")
     if result.get("loss"):
-        out.append("\n| variant | steps | first loss | train loss (last 10) | eval loss | eval vs plain |")
-        out.append("|---|---:|---:|---:|---:|---:|")
+        out.append("\n| variant | steps | first loss | train loss (last 10) | eval loss | eval vs plain | within 2% |")
+        out.append("|---|---:|---:|---:|---:|---:|---|")
         for r in result["loss"]:
             out.append(
                 f"| {r['variant']} | {r['steps']} | {r['first_loss']:.3f} | {r['train_loss_last10']:.3f} | "
-                f"{r['eval_loss']:.3f} | {r['eval_loss_vs_plain']:.4f} |"
+                f"{r['eval_loss']:.3f} | {r['eval_loss_vs_plain']:.4f} | "
+                f"{'yes' if abs(r['eval_loss_vs_plain'] - 1) <= 0.02 else 'no'} |"
             )
     return "\n".join(out)
 
@@ -350,6 +356,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer timed steps and variants (smoke run)")
     parser.add_argument("--output", default=str(RESULTS / "velora.json"))
     parser.add_argument("--render", action="store_true", help="print the Markdown tables of --output and exit")
+    parser.add_argument("--models", nargs="+", choices=("llama-20m", "llama-60m", "minilm"), default=None,
+                        help="memory part: only these models (rows of other models already in --output are kept)")
+    parser.add_argument("--cosine-sizes", nargs="+", choices=("20m", "60m"), default=None,
+                        help="cosine part: only these LLaMA sizes")
+    parser.add_argument("--cosine-dtypes", nargs="+", choices=("bfloat16", "float16", "float32"), default=None,
+                        help="cosine part: only these coefficient dtypes")
     args = parser.parse_args()
     if args.render:
         print(render(json.loads(Path(args.output).read_text())))
@@ -361,11 +373,17 @@ def main() -> None:
     result["seed"] = SEED
     result["dtype"] = "float32 weights and activations; VeLoRA coefficients bfloat16 unless stated"
     if args.part in ("all", "memory"):
-        result["memory"] = memory_part(args.quick)
+        rows = memory_part(args.quick, args.models)
+        kept = [r for r in result.get("memory", []) if args.models and r["model"] not in args.models]
+        result["memory"] = kept + rows
     if args.part in ("all", "cosine"):
-        result["cosine"] = cosine_part(args.quick)
+        result["cosine"] = cosine_part(args.quick, args.cosine_sizes, args.cosine_dtypes)
     if args.part in ("all", "loss"):
         result["loss"] = loss_part(args.quick, args.loss_steps)
+    import sys
+
+    result.setdefault("commands", {})[args.part] = " ".join(["python"] + sys.argv)
+    result.setdefault("load_1min_at_end", {})[args.part] = load_average()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -165,13 +165,22 @@ def quality(args: argparse.Namespace) -> None:
                               training_overrides={"use_cpu": True, "disable_tqdm": True,
                                                   "lr_scheduler_type": "constant"})
             rows.append({"task": task, "method": name, "steps": steps, "lr": lr,
-                         "accuracy": result.metrics.get("eval_accuracy"), "seconds": time.perf_counter() - t0,
+                         "accuracy": result.metrics.get("accuracy"), "seconds": time.perf_counter() - t0,
                          "median_step_seconds": result.median_step_seconds, "first_loss": result.losses[0],
                          "last_loss": result.losses[-1], "load": load_average()})
             print(json.dumps(rows[-1]), flush=True)
-    out = {"machine": machine(), "command": " ".join(sys.argv), "seed": 0, "dtype": "float32",
-           "batch": args.batch, "max_length": args.max_length, "rows": rows}
-    (RESULTS / "zo_quality.json").write_text(json.dumps(out, indent=2))
+        _save_quality(args, [r for r in rows if r["task"] == task])
+
+
+def _save_quality(args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
+    """Write one task's rows into zo_quality.json (tasks run in separate invocations keep their own settings)."""
+    path = RESULTS / "zo_quality.json"
+    out = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "seed": 0, "dtype": "float32"}
+    out.setdefault("tasks", {})[rows[0]["task"]] = {
+        "command": "python " + " ".join(sys.argv), "batch": args.batch, "max_length": args.max_length,
+        "train_limit": args.train_limit, "eval_limit": args.eval_limit, "rows": rows,
+    }
+    path.write_text(json.dumps(out, indent=2))
 
 
 def main() -> None:

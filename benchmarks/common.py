@@ -35,7 +35,7 @@ def load_average() -> float:
         return float(f.read().split()[0])
 
 
-def wait_for_idle(max_load: float = 1.5, max_wait_s: float = 120.0) -> float:
+def wait_for_idle(max_load: float = 1.5, max_wait_s: float = 30.0) -> float:
     """Wait (bounded) until the 1-minute load average drops below ``max_load``; return the load seen."""
     deadline = time.time() + max_wait_s
     while load_average() > max_load and time.time() < deadline:

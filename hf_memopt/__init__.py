@@ -4,15 +4,21 @@
 also makes the stock ``TrainingArguments(optim="galore_*")`` names use hf_memopt's GaLore.
 """
 
-from hf_memopt.blockllm import BlockLLMConfig
-from hf_memopt.galore import GaLoreConfig
-from hf_memopt.galore.stock import reroute_stock_galore_names
-from hf_memopt.integration import attach
-from hf_memopt.loqt import LoQTConfig
-from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback, plot_memory_breakdown
-from hf_memopt.registry import METHODS
-from hf_memopt.velora import VeLoRAConfig
-from hf_memopt.zo import ZOConfig
+import logging
+
+# bitsandbytes warns on import on CPU-only machines about optional 4-bit CPU kernels it cannot load; the 8-bit and
+# 4-bit functions hf_memopt uses work without them.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from hf_memopt.blockllm import BlockLLMConfig  # noqa: E402
+from hf_memopt.galore import GaLoreConfig  # noqa: E402
+from hf_memopt.galore.stock import reroute_stock_galore_names  # noqa: E402
+from hf_memopt.integration import attach  # noqa: E402
+from hf_memopt.loqt import LoQTConfig  # noqa: E402
+from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback, plot_memory_breakdown  # noqa: E402
+from hf_memopt.registry import METHODS  # noqa: E402
+from hf_memopt.velora import VeLoRAConfig  # noqa: E402
+from hf_memopt.zo import ZOConfig  # noqa: E402
 
 __all__ = [
     "METHODS",

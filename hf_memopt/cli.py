@@ -206,7 +206,7 @@ def comparison_table(results: dict[str, dict[str, Any]], failures: dict[str, str
         metric_names += [k for k in r["metrics"] if k not in metric_names]
     base = results.get("adamw")
     base_total = MemoryBreakdown(**base["memory_bytes"]).tensors_total if base else None
-    header = ["method", "parameters", "gradients", "optimizer state", "activations", "tensors total"]
+    header = ["method", *(p.replace("_", " ") for p in MemoryBreakdown.TENSOR_PARTS), "tensors total"]
     header += ["vs adamw"] if base_total else []
     header += ["peak RSS / GPU", "s / step", "steps", "final train loss", *[f"eval {m}" for m in metric_names]]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]

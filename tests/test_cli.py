@@ -1,0 +1,187 @@
+"""The `hf-memopt` command: methods listing, one-line errors with exit status 2, train and compare end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import hf_memopt  # noqa: F401
+from hf_memopt.cli import main
+from hf_memopt.registry import METHODS
+
+ROOT = Path(__file__).resolve().parent.parent
+RTE = str(ROOT / "recipes" / "glue" / "rte.yaml")
+PRETRAIN = str(ROOT / "recipes" / "pretrain" / "llama_20m.yaml")
+INSTRUCT = str(ROOT / "recipes" / "instruct" / "alpaca.yaml")
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory) -> str:
+    """~12k characters of the bundled WikiText: enough blocks for a few steps, quick to tokenize."""
+    from hf_memopt.recipes.data import load_text
+
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    path.write_text(load_text("wikitext2_valid")[:12_000])
+    return str(path)
+
+
+def tiny_pretrain_sets(text: str, out: Path) -> list[str]:
+    return [
+        "training.max_steps=4", "training.per_device_train_batch_size=2", "training.warmup_steps=0",
+        "training.logging_steps=1", f"data.sources={text}", "data.seq_len=32", "data.eval_blocks=4",
+        "methods.galore.rank=8", "methods.galore.update_proj_gap=2", f"output_dir={out}",
+    ]
+
+
+def as_args(sets: list[str]) -> list[str]:
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def test_methods_lists_every_registered_method(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == ["adamw", *sorted(METHODS)]
+    for name, line in zip(names[1:], lines[1:]):
+        assert METHODS[name].config_cls.__name__ in line and METHODS[name].summary in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "no/such/recipe.yaml"], "recipe file not found"),
+        (["train", RTE, "--method", "lora"], "unknown method 'lora'"),
+        (["train", RTE, "--method", "galore", "--set", "method.rank=big"], "method.rank: expected int; got 'big'"),
+        (["train", RTE, "--method", "galore", "--set", "method.rank=0"], "method: rank must be an integer >= 1"),
+        (["train", RTE, "--set", "training.max_steps"], "--set expects key=value"),
+        (["train", RTE, "--set", "data.name=qqp"], "data: name must be one of"),
+        (["compare", RTE, "--methods", "adamw,nope"], "unknown method 'nope'"),
+        (["compare", RTE, "--methods", ","], "--methods needs at least one method name"),
+        (["train"], "the following arguments are required: recipe"),
+        (["fly"], "invalid choice: 'fly'"),
+    ],
+)
+def test_errors_are_one_line_with_exit_status_2(capsys, argv, message):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("hf-memopt: error: ") and message in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_bad_yaml_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("task: glue\ntraining: {learning_rate: [\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not valid YAML" in err[0]
+
+
+def test_estimate_calls_the_estimator_or_says_it_is_missing(monkeypatch, capsys):
+    import types
+
+    calls = []
+    module = types.ModuleType("hf_memopt.estimate")
+
+    def estimate_memory(config_or_id, method, rank, batch, seq, **kwargs):
+        calls.append((config_or_id, method, rank, batch, seq, kwargs))
+        if method == "bad":
+            raise ValueError("unknown method 'bad'")
+        return {"total": 1}
+
+    module.estimate_memory = estimate_memory
+    module.format_estimate = lambda result: f"estimate {result}"
+    monkeypatch.setitem(sys.modules, "hf_memopt.estimate", module)
+    argv = ["estimate", "--model", "cfg.json", "--method", "blockllm", "--batch", "2", "--seq", "64", "--set",
+            "sparsity=0.9"]
+    assert main(argv) == 0
+    assert calls == [("cfg.json", "blockllm", None, 2, 64, {"sparsity": 0.9})]
+    assert capsys.readouterr().out.strip() == "estimate {'total': 1}"
+    assert main(["estimate", "--model", "x", "--method", "bad"]) == 2
+    assert capsys.readouterr().err.strip() == "hf-memopt: error: unknown method 'bad'"
+
+    monkeypatch.setitem(sys.modules, "hf_memopt.estimate", None)  # import fails
+    assert main(["estimate", "--model", "x", "--method", "galore"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hf_memopt.estimate" in err[0]
+
+
+def test_train_glue_recipe_end_to_end(tmp_path, capsys):
+    sets = [
+        "training.max_steps=3", "training.per_device_train_batch_size=4", "training.logging_steps=1",
+        "data.train_limit=12", "data.eval_limit=8", "data.max_length=16", "methods.galore.rank=4",
+        "methods.galore.update_proj_gap=2", f"output_dir={tmp_path}",
+    ]
+    assert main(["train", RTE, "--method", "galore", "--no-progress", *as_args(sets)]) == 0
+    out = capsys.readouterr().out
+    assert "Memory breakdown (galore)" in out and "Eval metrics: accuracy" in out
+    results = json.loads((tmp_path / "galore" / "results.json").read_text())
+    assert results["method"] == "galore" and results["steps"] == 3
+    assert 0.0 <= results["metrics"]["accuracy"] <= 1.0
+    assert results["method_configs"]["GaLoreConfig"]["rank"] == 4
+    memory = results["memory_bytes"]
+    assert memory["parameters"] > 20e6 * 4 and memory["optimizer_state"] > 0 and memory["activations"] > 0
+    assert len(results["losses"]) == 3 and results["environment"]["torch"]
+    assert results["command"].startswith("hf-memopt train")
+
+
+def test_train_pretrain_recipe_end_to_end_loss_drops(tmp_path, small_text, capsys):
+    sets = tiny_pretrain_sets(small_text, tmp_path) + ["training.max_steps=8", "training.learning_rate=3e-3"]
+    assert main(["train", PRETRAIN, "--no-progress", *as_args(sets)]) == 0
+    results = json.loads((tmp_path / "adamw" / "results.json").read_text())
+    losses = results["losses"]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert set(results["metrics"]) == {"loss", "perplexity"}
+    assert "final train loss" in capsys.readouterr().out
+
+
+def test_train_instruct_recipe_with_a_tiny_llama(tmp_path, capsys):
+    from conftest import tiny_llama
+    from transformers import AutoTokenizer
+
+    from hf_memopt.recipes.models import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())  # no chat template: run_instruct adds ChatML
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    sets = [
+        f"model={model_dir}", "data.train_limit=8", "data.eval_limit=4", "data.max_length=48",
+        "training.max_steps=2", "training.gradient_accumulation_steps=1", "training.logging_steps=1",
+        "training.learning_rate=1e-3", "methods.blockllm.sparsity=0.5", f"output_dir={tmp_path / 'out'}",
+    ]
+    assert main(["train", INSTRUCT, "--method", "blockllm", "--no-progress", *as_args(sets)]) == 0
+    results = json.loads((tmp_path / "out" / "blockllm" / "results.json").read_text())
+    assert results["task"] == "instruct" and results["steps"] == 2
+    assert results["metrics"]["loss"] > 0 and results["memory_bytes"]["optimizer_state"] > 0
+
+
+def test_compare_two_methods_writes_table_and_chart(tmp_path, small_text, capsys):
+    sets = tiny_pretrain_sets(small_text, tmp_path)
+    assert main(["compare", PRETRAIN, "--methods", "adamw,galore", *as_args(sets)]) == 0
+    table = (tmp_path / "comparison.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| adamw") or line.startswith("| galore")]
+    assert len(rows) == 2 and "vs adamw" in table and "eval perplexity" in table
+    column = [c.strip() for c in table.splitlines()[0].split("|")].index("vs adamw")
+    assert rows[0].split("|")[column].strip() == "1.00x"
+    png = (tmp_path / "memory.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(data["results"]) == {"adamw", "galore"} and not data["failures"]
+    galore, adamw = data["results"]["galore"], data["results"]["adamw"]
+    assert galore["steps"] == adamw["steps"] == 4  # same steps, same data
+    assert galore["memory_bytes"]["optimizer_state"] < adamw["memory_bytes"]["optimizer_state"]
+    assert (tmp_path / "galore" / "recipe.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_train_instruct_recipe_with_smollm2(tmp_path):
+    sets = ["data.train_limit=8", "data.eval_limit=4", "data.max_length=64", "training.max_steps=2",
+            "training.gradient_accumulation_steps=1", f"output_dir={tmp_path}"]
+    assert main(["train", INSTRUCT, "--method", "galore", "--no-progress", *as_args(sets)]) == 0
+    results = json.loads((tmp_path / "galore" / "results.json").read_text())
+    assert results["steps"] == 2 and results["metrics"]["loss"] < 10

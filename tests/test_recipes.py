@@ -1,0 +1,188 @@
+"""Recipe files: every shipped YAML validates for every method; merging, overrides and typed parsing; data sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import hf_memopt  # noqa: F401  (registers every method)
+from hf_memopt.recipes.recipe import BASELINE, RecipeError, coerce, load_recipe, method_configs
+from hf_memopt.registry import METHODS
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml") if p.name != "defaults.yaml")
+ALL_METHODS = [BASELINE, *sorted(METHODS)]
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_recipe_folders_ship_the_issue_recipes():
+    names = {f"{p.parent.name}/{p.stem}" for p in RECIPES}
+    expected = {f"glue/{t}" for t in ("rte", "mrpc", "cola", "stsb", "sst2")}
+    expected |= {"instruct/alpaca", "pretrain/llama_20m", "pretrain/llama_60m", "pretrain/llama_130m"}
+    assert expected <= names
+    for folder in ("glue", "instruct", "pretrain"):
+        assert (ROOT / "recipes" / folder / "README.md").is_file()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_recipe_validates_with_every_method(path):
+    for name in ALL_METHODS:
+        recipe = load_recipe(path, method=name)
+        configs = method_configs(recipe)
+        assert [type(c) for c in configs] == ([] if name == BASELINE else [METHODS[name].config_cls])
+        assert recipe.run_dir.endswith(name)
+
+
+def test_yaml_number_strings_are_typed_by_their_field(tmp_path):
+    # PyYAML reads 1e-4 (no dot) as a string; the field type makes it a float.
+    path = write(tmp_path, "r.yaml", "task: glue\ntraining: {learning_rate: 1e-4}\nmethod: {name: zo, eps: 1e-3}\n")
+    recipe = load_recipe(path, ["method.n_samples=2"])
+    assert recipe.training["learning_rate"] == 1e-4
+    assert (method_configs(recipe)[0].eps, method_configs(recipe)[0].n_samples) == (1e-3, 2)
+    assert coerce("1e-4", float) == 1e-4
+    assert coerce("64", int) == 64
+    assert coerce("null", int | None) is None
+    assert coerce("true", bool) is True
+    assert coerce("a,b", list[str]) == ["a", "b"]
+    assert coerce(["a"], list[str] | str) == ["a"]
+    assert coerce("abc", int) == "abc"  # left for validation to reject
+
+
+def test_defaults_merge_and_per_method_settings(tmp_path):
+    write(tmp_path, "base.yaml", """
+task: pretrain
+model: llama-20m
+training: {learning_rate: 1e-3, max_steps: 100}
+method: {name: galore, rank: 16}
+methods:
+  galore: {rank: 8, update_proj_gap: 10}
+  blockllm: {sparsity: 0.9}
+method_training:
+  blockllm: {learning_rate: 5e-4}
+""")
+    child = write(tmp_path, "child.yaml", "defaults: base.yaml\ntraining: {max_steps: 7}\n")
+    recipe = load_recipe(child)
+    assert recipe.training["learning_rate"] == 1e-3 and recipe.training["max_steps"] == 7
+    (galore,) = method_configs(recipe)
+    assert (galore.rank, galore.update_proj_gap) == (16, 10)  # method: section over the methods: table
+    assert recipe.output_dir.endswith("child")
+
+    blockllm = load_recipe(child, method="blockllm")  # another method: the galore fields are dropped
+    assert method_configs(blockllm)[0].sparsity == 0.9
+    assert blockllm.training["learning_rate"] == 5e-4  # method_training applies to the method that runs
+
+    overridden = load_recipe(child, ["method.sparsity=0.5", "training.max_steps=3"], method="blockllm")
+    assert method_configs(overridden)[0].sparsity == 0.5 and overridden.training["max_steps"] == 3
+
+
+def test_composite_method_takes_settings_from_the_table(tmp_path):
+    path = write(tmp_path, "r.yaml", "task: pretrain\nmethods: {velora: {num_groups: 8}, galore: {rank: 4}}\n")
+    configs = method_configs(load_recipe(path, method="velora+galore"))
+    assert [c.num_groups if hasattr(c, "num_groups") else c.rank for c in configs] == [8, 4]
+    with pytest.raises(RecipeError, match="both supply the optimizer"):
+        load_recipe(path, method="galore+blockllm")
+
+
+@pytest.mark.parametrize(
+    ("text", "sets", "method", "match"),
+    [
+        ("task: glue\n", ["method.rank=abc"], "galore", r"^method\.rank: expected int; got 'abc'"),
+        ("task: glue\n", ["method.rank=0"], "galore", r"^method: rank must be an integer >= 1; got 0"),
+        ("task: glue\n", ["method.rnk=4"], "galore", r"^method\.rnk: GaLoreConfig has no field 'rnk'"),
+        ("task: glue\n", [], "nope", r"^unknown method 'nope'; known methods: adamw, blockllm"),
+        ("task: glue\n", ["training.learning_rte=1"], None, r"^training\.learning_rte: not a TrainingArguments field"),
+        ("task: glue\n", ["training.lr_scheduler_type=sideways"], None, r"^training: .*sideways"),
+        ("task: glue\n", ["data.name=qqp"], None, r"^data: name must be one of"),
+        ("task: glue\n", ["rank=4"], None, r"^--set rank: unknown recipe key 'rank'"),
+        ("task: glue\n", ["method.rank"], None, r"^--set expects key=value"),
+        ("task: translate\n", [], None, r"^task must be one of glue, instruct, pretrain"),
+        ("task: glue\nfoo: 1\n", [], None, r"unknown key 'foo'"),
+        ("task: glue\ntraining: [1, 2]\n", [], None, r"^training: expected a mapping"),
+        ("task: pretrain\nmodel: llama-7b\n", [], None, r"^model: pretraining builds a LLaMA"),
+        ("task: glue\nmethod: {name: adamw, rank: 4}\n", [], None, r"^method\.rank: the adamw baseline has no settings"),
+        ("task: glue\nmethods: {galore: {rank: -1}}\n", [], None, r"^methods\.galore: rank must be"),
+        ("task: glue\nmethod_training: {zo: {learning_rate: x}}\n", [], None,
+         r"^method_training\.zo\.learning_rate: expected float"),
+        ("task: glue\n  bad: [\n", [], None, r"not valid YAML"),
+    ],
+)
+def test_bad_recipes_raise_one_line_naming_the_key(tmp_path, text, sets, method, match):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(RecipeError, match=match) as info:
+        load_recipe(path, sets, method=method)
+    assert "\n" not in str(info.value)
+
+
+def test_defaults_loop_and_missing_file_are_reported(tmp_path):
+    write(tmp_path, "a.yaml", "defaults: b.yaml\ntask: glue\n")
+    write(tmp_path, "b.yaml", "defaults: a.yaml\n")
+    with pytest.raises(RecipeError, match="loops back"):
+        load_recipe(tmp_path / "a.yaml")
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_glue_source_selects_bundled_or_hub(monkeypatch):
+    import datasets
+
+    from hf_memopt.recipes.data import load_glue
+
+    bundled = load_glue("rte", "dev", limit=3, source="bundled")
+    assert bundled.column_names == ["text_a", "label", "text_b"] and len(bundled) == 3
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list([{"sentence1": "a", "sentence2": "b", "label": 1, "idx": 0}] * 5)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    hub = load_glue("rte", "dev", limit=2, source="hub")
+    assert calls == [("nyu-mll/glue", "rte", "validation")]
+    assert sorted(hub.column_names) == ["label", "text_a", "text_b"] and len(hub) == 2
+
+
+def test_c4_source_streams_until_the_token_budget(monkeypatch):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from hf_memopt.recipes.models import minilm_path
+    from hf_memopt.recipes.pretrain import lm_blocks
+
+    served = []
+
+    def fake_stream(name, config, split, streaming):
+        assert (name, config, split, streaming) == ("allenai/c4", "en", "train", True)
+
+        def rows():
+            for i in range(10_000):
+                served.append(i)
+                yield {"text": f"document number {i} says hello to the world again and again."}
+
+        return rows()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_stream)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    blocks = lm_blocks(tokenizer, 16, ("c4",), max_tokens=160)
+    assert len(blocks) == 10 and blocks.blocks.shape == (10, 16)
+    assert len(served) < 50  # stopped at the budget, not the end of the stream
+
+
+def test_alpaca_records_become_prompt_completion_pairs(tmp_path):
+    from hf_memopt.recipes.data import load_alpaca
+    from hf_memopt.recipes.instruct import alpaca_to_prompt_completion
+
+    record = {"instruction": "Add.", "input": "2 + 2", "output": "4"}
+    assert alpaca_to_prompt_completion(record) == {
+        "prompt": [{"role": "user", "content": "Add.\n\n2 + 2"}],
+        "completion": [{"role": "assistant", "content": "4"}],
+    }
+    assert len(load_alpaca(limit=5)) == 5
+    bad = write(tmp_path, "bad.jsonl", '{"question": "x"}\n')
+    with pytest.raises(ValueError, match="not Alpaca-format"):
+        load_alpaca(bad)
