@@ -157,7 +157,7 @@ def test_galore_adamw_matches_a_float64_reference_including_refresh_and_weight_d
         [{"params": [w], "rank": 3, "update_proj_gap": 2, "scale": 0.5, "svd_method": "exact"}],
         lr=0.1, weight_decay=0.05, eps=1e-8,
     )
-    for step in range(5):
+    for _ in range(5):
         grad = torch.randn(*shape, dtype=torch.float64)
         w.grad = grad.clone()
         opt.step()

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from hf_memopt.blockllm.blocks import Block, select_blocks
 from hf_memopt.optim_state import keep_state_dtypes_on_load

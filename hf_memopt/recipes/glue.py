@@ -6,43 +6,16 @@ same code path a user runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hf_memopt.integration import attach
-from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback
 from hf_memopt.recipes.data import GLUE_TASKS, load_glue
 from hf_memopt.recipes.metrics import glue_compute_metrics
 from hf_memopt.recipes.models import resolve_model
-from hf_memopt.timing import StepTimerCallback
+from hf_memopt.recipes.result import RunResult, train_and_measure
 
-__all__ = ["GlueResult", "run_glue"]
-
-
-@dataclass
-class GlueResult:
-    """What a GLUE run measured: dev metrics, memory breakdown, median seconds per update, training losses."""
-
-    task: str
-    method: str
-    metrics: dict[str, float]
-    memory: MemoryBreakdown
-    median_step_seconds: float
-    losses: list[float] = field(default_factory=list)
-    trainer: Any = None
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "method": self.method,
-            "metrics": self.metrics,
-            "memory_bytes": self.memory.to_dict(),
-            "median_step_seconds": self.median_step_seconds,
-            "first_loss": self.losses[0] if self.losses else None,
-            "last_loss": self.losses[-1] if self.losses else None,
-        }
+__all__ = ["run_glue"]
 
 
 def tokenized_glue(
@@ -81,7 +54,7 @@ def run_glue(
     print_table: bool = True,
     source: str = "auto",
     data_dir: str | None = None,
-) -> GlueResult:
+) -> RunResult:
     """Fine-tune ``model`` on ``task`` with ``method`` (a registered config; None = the Trainer's AdamW).
 
     ``extra_methods`` are attached first (e.g. a VeLoRA config that composes with ``method``).
@@ -95,8 +68,6 @@ def run_glue(
         Trainer,
         TrainingArguments,
     )
-
-    from hf_memopt.registry import method_name_of
 
     spec = GLUE_TASKS[task]
     path = resolve_model(model)
@@ -124,8 +95,6 @@ def run_glue(
     )
     arguments.update(training_overrides or {})
     args = TrainingArguments(**arguments)
-    memory = MemoryReportCallback(print_table=False)
-    timer = StepTimerCallback()
     trainer = Trainer(
         model=net,
         args=args,
@@ -133,24 +102,13 @@ def run_glue(
         eval_dataset=dev,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=glue_compute_metrics(task),
-        callbacks=[memory, timer],
     )
-    for extra in extra_methods:
-        attach(trainer, extra)
-    if method is not None:
-        attach(trainer, method)
-    trainer.train()
-    metrics = trainer.evaluate()
-    names = [method_name_of(m) for m in (*extra_methods, method) if m is not None] or ["adamw"]
-    result = GlueResult(
-        task=task,
-        method="+".join(names),
-        metrics={k.removeprefix("eval_"): v for k, v in metrics.items() if k.removeprefix("eval_") in spec.metrics},
-        memory=memory.breakdown,
-        median_step_seconds=timer.median_step_seconds,
-        losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
-        trainer=trainer,
-    )
+
+    def evaluate(trained) -> dict[str, float]:
+        metrics = {k.removeprefix("eval_"): v for k, v in trained.evaluate().items()}
+        return {k: v for k, v in metrics.items() if k in spec.metrics}
+
+    result = train_and_measure(trainer, method, extra_methods, evaluate, task=task)
     if print_table:
         from hf_memopt.memory import format_breakdown_table
 

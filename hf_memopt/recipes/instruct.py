@@ -6,19 +6,15 @@ Each Alpaca record becomes a conversational prompt-completion pair (user: instru
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hf_memopt.integration import attach
-from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback
 from hf_memopt.recipes.data import load_alpaca
 from hf_memopt.recipes.models import resolve_model
-from hf_memopt.timing import StepTimerCallback
+from hf_memopt.recipes.result import RunResult, held_out_loss, train_and_measure
 
-__all__ = ["CHATML_TEMPLATE", "InstructResult", "alpaca_to_prompt_completion", "run_instruct"]
+__all__ = ["CHATML_TEMPLATE", "alpaca_to_prompt_completion", "run_instruct"]
 
 # Used only when the tokenizer has no chat template of its own (base checkpoints); SmolLM2-Instruct ships this
 # ChatML format, so the offline default and the fallback agree.
@@ -41,29 +37,6 @@ def alpaca_to_prompt_completion(record: dict[str, str]) -> dict[str, list[dict[s
     }
 
 
-@dataclass
-class InstructResult:
-    """What an instruction-tuning run measured: held-out loss / perplexity, memory, seconds per update, losses."""
-
-    method: str
-    metrics: dict[str, float]
-    memory: MemoryBreakdown
-    median_step_seconds: float
-    losses: list[float] = field(default_factory=list)
-    trainer: Any = None
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "metrics": self.metrics,
-            "memory_bytes": self.memory.to_dict(),
-            "median_step_seconds": self.median_step_seconds,
-            "first_loss": self.losses[0] if self.losses else None,
-            "last_loss": self.losses[-1] if self.losses else None,
-            "losses": self.losses,
-        }
-
-
 def run_instruct(
     method: Any = None,
     *,
@@ -80,7 +53,7 @@ def run_instruct(
     output_dir: str = "out/instruct",
     extra_methods: tuple[Any, ...] = (),
     training_overrides: dict[str, Any] | None = None,
-) -> InstructResult:
+) -> RunResult:
     """Fine-tune ``model`` (``smollm2`` offline, a Hub id, or a folder) on Alpaca-format ``data_path``.
 
     ``data_path``: ``None`` for the bundled demo set, a JSON/JSONL file or a Hub dataset id (see ``load_alpaca``).
@@ -90,8 +63,6 @@ def run_instruct(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
-
-    from hf_memopt.registry import method_name_of
 
     records = load_alpaca(data_path)
     if eval_limit < 0 or eval_limit >= len(records):
@@ -132,31 +103,11 @@ def run_instruct(
     )
     arguments.update(training_overrides or {})
     args = SFTConfig(**arguments)
-    memory = MemoryReportCallback(print_table=False)
-    timer = StepTimerCallback()
     trainer = SFTTrainer(
         model=net,
         args=args,
         train_dataset=train,
         eval_dataset=dev,
         processing_class=tokenizer,
-        callbacks=[memory, timer],
     )
-    for extra in extra_methods:
-        attach(trainer, extra)
-    if method is not None:
-        attach(trainer, method)
-    trainer.train()
-    metrics: dict[str, float] = {}
-    if dev is not None:
-        loss = trainer.evaluate()["eval_loss"]
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    names = [method_name_of(m) for m in (*extra_methods, method) if m is not None] or ["adamw"]
-    return InstructResult(
-        method="+".join(names),
-        metrics=metrics,
-        memory=memory.breakdown,
-        median_step_seconds=timer.median_step_seconds,
-        losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
-        trainer=trainer,
-    )
+    return train_and_measure(trainer, method, extra_methods, held_out_loss if dev is not None else None)

@@ -5,18 +5,15 @@ Text is tokenized once and cut into fixed ``seq_len`` blocks (labels = inputs), 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hf_memopt.integration import attach
-from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback
 from hf_memopt.recipes.data import load_text, stream_c4_text
 from hf_memopt.recipes.models import llama_config, resolve_model
-from hf_memopt.timing import StepTimerCallback
+from hf_memopt.recipes.result import RunResult, held_out_loss, train_and_measure
 
-__all__ = ["PretrainResult", "lm_blocks", "run_pretrain"]
+__all__ = ["lm_blocks", "run_pretrain"]
 
 
 class LMBlocks(torch.utils.data.Dataset):
@@ -73,27 +70,6 @@ def lm_blocks(
     return LMBlocks(torch.tensor(ids, dtype=torch.long), seq_len)
 
 
-@dataclass
-class PretrainResult:
-    method: str
-    memory: MemoryBreakdown
-    median_step_seconds: float
-    losses: list[float] = field(default_factory=list)
-    trainer: Any = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        tail = self.losses[-max(1, len(self.losses) // 10) :]
-        return {
-            "method": self.method,
-            "metrics": self.metrics,
-            "memory_bytes": self.memory.to_dict(),
-            "median_step_seconds": self.median_step_seconds,
-            "final_loss": sum(tail) / len(tail) if tail else None,
-            "losses": self.losses,
-        }
-
-
 def run_pretrain(
     method: Any = None,
     *,
@@ -112,7 +88,7 @@ def run_pretrain(
     dataset: LMBlocks | None = None,
     sources: tuple[str, ...] = ("wikitext2_valid", "c4_demo"),
     eval_blocks: int = 0,
-) -> PretrainResult:
+) -> RunResult:
     """Train a ``size`` LLaMA from scratch for ``steps`` updates with ``method`` (None = the Trainer's AdamW).
 
     ``optimizers`` passes a ready optimizer (peer libraries in benchmarks); logs every step.
@@ -120,11 +96,8 @@ def run_pretrain(
     ``sources``: see :func:`lm_blocks`. ``eval_blocks`` > 0 holds out that many blocks (the last ones) and reports
     their ``eval_loss`` and ``perplexity`` after training.
     """
-    import math
 
     from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
-
-    from hf_memopt.registry import method_name_of
 
     arguments = dict(
         output_dir=output_dir,
@@ -158,27 +131,8 @@ def run_pretrain(
         dataset = torch.utils.data.Subset(dataset, range(len(dataset) - eval_blocks))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(size, vocab_size=len(tokenizer), max_position_embeddings=seq_len))
-    memory = MemoryReportCallback(print_table=False)
-    timer = StepTimerCallback()
     trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, callbacks=[memory, timer],
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
         optimizers=optimizers(model) if callable(optimizers) else (optimizers or (None, None)),
     )
-    for extra in extra_methods:
-        attach(trainer, extra)
-    if method is not None:
-        attach(trainer, method)
-    trainer.train()
-    metrics: dict[str, float] = {}
-    if eval_dataset is not None:
-        loss = trainer.evaluate()["eval_loss"]
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    names = [method_name_of(m) for m in (*extra_methods, method) if m is not None] or ["adamw"]
-    return PretrainResult(
-        method="+".join(names),
-        memory=memory.breakdown,
-        median_step_seconds=timer.median_step_seconds,
-        losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
-        trainer=trainer,
-        metrics=metrics,
-    )
+    return train_and_measure(trainer, method, extra_methods, held_out_loss if eval_dataset is not None else None)

@@ -1,0 +1,83 @@
+"""One measured run: attach the methods, train, evaluate, and collect memory, time per update and losses.
+
+The GLUE, instruction and pretraining runners differ only in how they build the trainer and what they evaluate;
+everything that makes their figures comparable lives here, once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_memopt.integration import attach
+from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback
+from hf_memopt.registry import method_name_of
+from hf_memopt.timing import StepTimerCallback
+
+__all__ = ["RunResult", "held_out_loss", "train_and_measure"]
+
+
+@dataclass
+class RunResult:
+    """What a run measured: evaluation metrics, memory breakdown, median seconds per update, training losses."""
+
+    method: str
+    memory: MemoryBreakdown
+    median_step_seconds: float
+    losses: list[float] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    task: str | None = None
+    trainer: Any = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures (``final_loss`` = mean of the last tenth of the logged losses)."""
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return {
+            "task": self.task,
+            "method": self.method,
+            "metrics": self.metrics,
+            "memory_bytes": self.memory.to_dict(),
+            "median_step_seconds": self.median_step_seconds,
+            "first_loss": self.losses[0] if self.losses else None,
+            "last_loss": self.losses[-1] if self.losses else None,
+            "final_loss": sum(tail) / len(tail) if tail else None,
+            "losses": self.losses,
+        }
+
+
+def held_out_loss(trainer: Any) -> dict[str, float]:
+    """Loss and perplexity on the trainer's evaluation set (language-modelling runs)."""
+    loss = trainer.evaluate()["eval_loss"]
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def train_and_measure(
+    trainer: Any,
+    method: Any = None,
+    extra_methods: tuple[Any, ...] = (),
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    task: str | None = None,
+) -> RunResult:
+    """Attach ``extra_methods`` then ``method`` (None = the Trainer's own optimizer), train with a memory report and
+    a step timer, then ``evaluate(trainer)``."""
+    memory = MemoryReportCallback(print_table=False)
+    timer = StepTimerCallback()
+    trainer.add_callback(memory)
+    trainer.add_callback(timer)
+    for extra in extra_methods:
+        attach(trainer, extra)
+    if method is not None:
+        attach(trainer, method)
+    trainer.train()
+    names = [method_name_of(m) for m in (*extra_methods, method) if m is not None] or ["adamw"]
+    return RunResult(
+        method="+".join(names),
+        memory=memory.breakdown,
+        median_step_seconds=timer.median_step_seconds,
+        losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
+        metrics=evaluate(trainer) if evaluate is not None else {},
+        task=task,
+        trainer=trainer,
+    )
