@@ -12,9 +12,9 @@ __all__ = ["keep_state_dtypes_on_load"]
 def keep_state_dtypes_on_load(optimizer: torch.optim.Optimizer) -> None:
     """Make ``optimizer.load_state_dict`` keep the saved dtype of every state tensor.
 
-    ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the parameter's dtype. States deliberately
-    kept in another precision (float32 projectors and moments of a bfloat16 weight, float32 absmax tables) would be
-    rounded on resume, so a resumed run would drift from the uninterrupted one. A pre-hook sets those tensors aside
+    ``torch.optim.Optimizer.load_state_dict`` casts every state tensor but ``step`` to a floating-point parameter's
+    dtype. States deliberately kept in another dtype (uint8 8-bit moments, bool masks, float32 projectors and moments
+    of a bfloat16 weight) would be converted on resume: 8-bit codes read as float values make the resumed run diverge. A pre-hook sets those tensors aside
     and a post-hook puts them back, moved to the parameter's device only.
     """
     aside: list[tuple[torch.nn.Parameter, str, torch.Tensor]] = []
@@ -26,9 +26,8 @@ def keep_state_dtypes_on_load(optimizer: torch.optim.Optimizer) -> None:
         for param_id, param_state in state_dict["state"].items():
             param = by_id.get(param_id)
             for key, value in param_state.items():
-                if param is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
-                    if value.dtype != param.dtype:
-                        aside.append((param, key, value))
+                if param is not None and isinstance(value, torch.Tensor) and value.dtype != param.dtype:
+                    aside.append((param, key, value))
 
     def post_hook(opt: torch.optim.Optimizer) -> None:
         for param, key, value in aside:

@@ -74,7 +74,9 @@ def _trainer(case: str, output_dir: Path, **overrides):
         per_device_train_batch_size=PER_RANK_BATCH,
     )
     args.update(overrides)
-    trainer = Trainer(model=tiny_llama(seed=3), args=training_args(output_dir, **args), train_dataset=TokenDataset(n=48))
+    trainer = Trainer(
+        model=tiny_llama(seed=3), args=training_args(output_dir, **args), train_dataset=TokenDataset(n=48)
+    )
     for config in _configs(case):
         attach(trainer, config)
     return trainer

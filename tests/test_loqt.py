@@ -308,3 +308,12 @@ def test_resume_from_checkpoint_is_exact(tmp_path, quant, quantize_projection):
         for key in opt_a.state.get(pa, {}):
             torch.testing.assert_close(opt_b.state[pb][key], opt_a.state[pa][key], rtol=0, atol=0)
     assert math.isclose(straight.state.log_history[-2]["loss"], resumed.state.log_history[-2]["loss"])
+
+
+def test_layers_compressed_by_velora_are_refused_instead_of_silently_replaced(tmp_path):
+    from hf_memopt import VeLoRAConfig
+
+    trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path), train_dataset=TokenDataset())
+    attach(trainer, VeLoRAConfig(num_groups=8))
+    with pytest.raises(ValueError, match="target_modules: .* already compressed by VeLoRA"):
+        attach(trainer, LoQTConfig(rank=4, target_modules="all-linear"))

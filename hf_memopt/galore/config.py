@@ -64,5 +64,5 @@ class GaLoreConfig:
         check_bool("layerwise", self.layerwise)
         check_choice("svd_method", self.svd_method, SVD_METHODS)
         check_int("svd_iterations", self.svd_iterations, 1)
-        check_int("seed", self.seed)
+        check_int("seed", self.seed, 0, 2**32 - 1)
         self.target_modules = validate_target_modules(self.target_modules)

@@ -82,6 +82,7 @@ class LoQTConfig:
         check_bool("quantize_projection", self.quantize_projection)
         if self.quantize_projection and self.quant is None:
             raise ValueError("quantize_projection=True needs a quant type; got quant=None")
+        check_int("quant_block_size", self.quant_block_size)
         check_choice("quant_block_size", self.quant_block_size, _BLOCK_SIZES)
         check_int("merge_every", self.merge_every, 1)
         self.merge_growth = check_float("merge_growth", self.merge_growth, 1.0)
@@ -93,7 +94,7 @@ class LoQTConfig:
         check_choice("svd_method", self.svd_method, SVD_METHODS)
         check_int("svd_iterations", self.svd_iterations, 1)
         check_choice("optimizer_state_on_merge", self.optimizer_state_on_merge, MOMENT_POLICIES)
-        check_int("seed", self.seed)
+        check_int("seed", self.seed, 0, 2**32 - 1)
         self.target_modules = validate_target_modules(self.target_modules)
 
     def merge_steps(self, until: int) -> list[int]:

@@ -61,4 +61,4 @@ class VeLoRAConfig:
         check_choice("init", self.init, INIT_TYPES)
         self.scale = check_float("scale", self.scale, 0.0, low_inclusive=False)
         check_choice("coefficient_dtype", self.coefficient_dtype, COEFFICIENT_DTYPES)
-        check_int("seed", self.seed)
+        check_int("seed", self.seed, 0, 2**32 - 1)

@@ -23,7 +23,7 @@ class ZOConfig:
     regenerated once more. The learning rate and its schedule come from ``TrainingArguments``.
 
     Args:
-        eps: perturbation scale (the paper's epsilon, 1e-3 in its experiments), > 0.
+        eps: perturbation scale (the paper's epsilon, 1e-3 in its experiments), in (0, 1].
         n_samples: SPSA samples per step (the paper's n); the update averages the n estimates, >= 1.
         weight_decay: weight decay of the ZO-SGD update; ``None`` takes ``TrainingArguments.weight_decay``. Biases and
             normalisation weights never decay.
@@ -41,7 +41,7 @@ class ZOConfig:
         overlap: with CUDA, upload the next block on a side stream while the current one computes.
     """
 
-    eps: float = field(default=1e-3, metadata={"help": "Perturbation scale epsilon (> 0)."})
+    eps: float = field(default=1e-3, metadata={"help": "Perturbation scale epsilon, in (0, 1]."})
     n_samples: int = field(default=1, metadata={"help": "SPSA samples per step (>= 1), averaged."})
     weight_decay: float | None = field(
         default=None, metadata={"help": "Weight decay of the ZO update (>= 0); None: TrainingArguments.weight_decay."}
@@ -57,7 +57,7 @@ class ZOConfig:
     overlap: bool = field(default=True, metadata={"help": "With CUDA, prefetch the next block on a side stream."})
 
     def __post_init__(self) -> None:
-        self.eps = check_float("eps", self.eps, 0.0, low_inclusive=False)
+        self.eps = check_float("eps", self.eps, 0.0, 1.0, low_inclusive=False)
         check_int("n_samples", self.n_samples, 1)
         if self.weight_decay is not None:
             self.weight_decay = check_float("weight_decay", self.weight_decay, 0.0)
