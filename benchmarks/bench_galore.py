@@ -96,25 +96,37 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--refresh-only", action="store_true", help="only time one projector refresh per method and shape")
+    p.add_argument("--update", action="store_true", help="replace only the rows of --configs in the existing JSON")
+    p.add_argument("--markdown", action="store_true", help="print the table of the existing JSON and redraw the chart")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--one-output", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
         Path(a.one_output).write_text(json.dumps(run_one(a.one, a)))
         return
+    if a.markdown:
+        report = json.loads((RESULTS / f"galore_{a.size}.json").read_text())
+        print(markdown(report))
+        chart(report)
+        return
     if a.refresh_only:
         print(refresh_timings())
         return
     passthrough = sys.argv[1:]
     rows = [run_isolated(__file__, name, passthrough) for name in a.configs.split(",")]
+    path = RESULTS / f"galore_{a.size}.json"
+    if a.update and path.exists():
+        fresh = {r["name"]: r for r in rows}
+        previous = json.loads(path.read_text())
+        rows = [fresh.pop(r["name"], r) for r in previous["rows"]] + list(fresh.values())
     report = {"machine": machine(), "settings": vars(a), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"galore_{a.size}.json").write_text(json.dumps(report, indent=1))
+    path.write_text(json.dumps(report, indent=1))
     print(markdown(report))
     chart(report)
 
 
-def refresh_timings(shapes=((512, 1376), (1024, 2752), (2048, 5504), (4096, 4096)), repeats: int = 3) -> str:
+def refresh_timings(shapes=((512, 1376), (1024, 2752), (2048, 2048)), repeats: int = 3) -> str:
     """Seconds for one projector refresh: exact SVD (galore-torch's choice) vs hf_memopt's subspace iteration, on a
     gradient with a decaying spectrum, cold (first refresh) and warm-started from the previous projector; plus the
     captured energy ||P^T G||_F / ||U_r^T G||_F of the subspace result relative to the exact top-r subspace."""
@@ -134,11 +146,11 @@ def refresh_timings(shapes=((512, 1376), (1024, 2752), (2048, 5504), (4096, 4096
         g = (torch.linalg.qr(torch.randn(m, min(m, n)))[0] * spectrum) @ torch.linalg.qr(torch.randn(n, min(m, n)))[0].T
         sides = (m < n, m >= n)
 
-        def timed(matrix, **kw):
+        def timed(matrix, rank=r, sides=sides, **kw):
             seconds = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                out = refresh_projector(matrix, r, sides, generator=torch.Generator().manual_seed(0), **kw)
+                out = refresh_projector(matrix, rank, sides, generator=torch.Generator().manual_seed(0), **kw)
                 seconds.append(time.perf_counter() - t)
             return statistics.median(seconds), out
 
@@ -147,7 +159,7 @@ def refresh_timings(shapes=((512, 1376), (1024, 2752), (2048, 5504), (4096, 4096
         drifted = g + 0.05 * g.norm() / g.numel() ** 0.5 * torch.randn(m, n)  # the gradient T steps later
         warm_s, _ = timed(drifted, method="subspace", previous=cold, iterations=1)
 
-        def energy(proj):
+        def energy(proj, g=g):
             left, right = proj
             return float((left.T @ g).norm() if left is not None else (g @ right.T).norm())
 
@@ -162,18 +174,19 @@ def markdown(report: dict) -> str:
     base = rows.get("adamw")
     peer = rows.get("galore_torch")
     lines = [
-        "| configuration | optimizer state MB | x AdamW | gradients MB | peak RSS MB | s / step | x galore-torch | "
-        "final loss | x galore-torch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | optimizer state MB | x AdamW | gradients MB | peak RSS MB | wall s / step | CPU s / step | "
+        "CPU x galore-torch | final loss | x galore-torch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
         m = r["memory_bytes"]
         state_ratio = m["optimizer_state"] / base["memory_bytes"]["optimizer_state"] if base else float("nan")
-        t_ratio = r["median_step_seconds"] / peer["median_step_seconds"] if peer else float("nan")
+        cpu = r.get("median_step_cpu_seconds", float("nan"))
+        t_ratio = cpu / peer.get("median_step_cpu_seconds", float("nan")) if peer else float("nan")
         l_ratio = r["final_loss"] / peer["final_loss"] if peer else float("nan")
         lines.append(
             f"| {CONFIGS[name]} | {mb(m['optimizer_state'])} | {state_ratio:.2f} | {mb(m['gradients'])} | "
-            f"{mb(m['peak_process'])} | {r['median_step_seconds']:.2f} | {t_ratio:.2f} | {r['final_loss']:.3f} | "
+            f"{mb(m['peak_process'])} | {r['median_step_seconds']:.2f} | {cpu:.2f} | {t_ratio:.2f} | {r['final_loss']:.3f} | "
             f"{l_ratio:.3f} |"
         )
     return "\n".join(lines)

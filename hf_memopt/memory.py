@@ -108,16 +108,22 @@ def _quant_state_tensors(obj: Any) -> list[torch.Tensor]:
     return out
 
 
-def _walk_tensors(obj: Any) -> Iterable[torch.Tensor]:
+def _walk_tensors(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+    """Tensors inside ``obj``: containers, and the attributes of plain objects kept in optimizer state (galore-torch
+    keeps its projector in a ``GaLoreProjector`` object; its tensors are state too)."""
     if isinstance(obj, torch.Tensor):
         yield obj
         yield from _quant_state_tensors(obj)
+    elif depth > 4:
+        return
     elif isinstance(obj, Mapping):
         for value in obj.values():
-            yield from _walk_tensors(value)
+            yield from _walk_tensors(value, depth + 1)
     elif isinstance(obj, (list, tuple)):
         for value in obj:
-            yield from _walk_tensors(value)
+            yield from _walk_tensors(value, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, nn.Module)):
+        yield from _walk_tensors(vars(obj), depth + 1)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor], exclude: set[tuple[str, int]] | None = None) -> int:

@@ -27,6 +27,7 @@ class RunResult:
     memory: MemoryBreakdown
     median_step_seconds: float
     losses: list[float] = field(default_factory=list)
+    median_step_cpu_seconds: float = float("nan")
     metrics: dict[str, float] = field(default_factory=dict)
     task: str | None = None
     trainer: Any = None
@@ -40,6 +41,7 @@ class RunResult:
             "metrics": self.metrics,
             "memory_bytes": self.memory.to_dict(),
             "median_step_seconds": self.median_step_seconds,
+            "median_step_cpu_seconds": self.median_step_cpu_seconds,
             "first_loss": self.losses[0] if self.losses else None,
             "last_loss": self.losses[-1] if self.losses else None,
             "final_loss": sum(tail) / len(tail) if tail else None,
@@ -76,6 +78,7 @@ def train_and_measure(
         method="+".join(names),
         memory=memory.breakdown,
         median_step_seconds=timer.median_step_seconds,
+        median_step_cpu_seconds=timer.median_step_cpu_seconds,
         losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
         metrics=evaluate(trainer) if evaluate is not None else {},
         task=task,
