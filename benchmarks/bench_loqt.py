@@ -35,7 +35,7 @@ from common import RESULTS, load_average, machine  # noqa: E402
 
 from hf_memopt import attach  # noqa: E402
 from hf_memopt.galore import GaLoreConfig  # noqa: E402
-from hf_memopt.loqt import LoQTConfig, LoQTLinear, loqt_layers  # noqa: E402
+from hf_memopt.loqt import LoQTConfig, loqt_layers  # noqa: E402
 from hf_memopt.memory import GradientMeter, optimizer_state_bytes, tensor_bytes  # noqa: E402
 from hf_memopt.recipes.data import GLUE_TASKS, load_glue, load_text  # noqa: E402
 from hf_memopt.recipes.models import llama_config, minilm_path  # noqa: E402
@@ -206,10 +206,26 @@ def run_pretrain(a) -> dict:
             "wall_s": time.perf_counter() - t0, "load_before": load0, "load_after": load_average(),
         }
         rows[method]["eval_ppl"] = math.exp(rows[method]["eval_loss"])
+        rows[method]["command"] = " ".join(["python"] + sys.argv)
         print(method, rows[method]["eval_loss"], rows[method]["wall_s"], flush=True)
+        _save_partial(f"loqt_pretrain_{a.size}", method, rows[method], a)
     return {"rows": rows, "size": a.size, "rank": a.rank, "batch": a.batch, "seq": a.seq, "steps": a.steps,
             "merge_every": a.merge_every, "merge_growth": 1.2, "data": "wikitext2_valid (90% train / 64 held-out blocks)",
             "tokenizer": "all-MiniLM-L6-v2 WordPiece"}
+
+
+def _save_partial(name: str, method: str, row: dict, a) -> None:
+    """Merge one method's row into results/<name>.json as soon as it is measured (methods may run in separate
+    invocations to keep each run short; every row records its own command and load)."""
+    path = RESULTS / f"{name}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.setdefault("rows", {})[method] = row
+    result.update(size=a.size, rank=a.rank, batch=a.batch, seq=a.seq, steps=a.steps, merge_every=a.merge_every,
+                  merge_growth=1.2, data="wikitext2_valid (90% train / 64 held-out blocks)",
+                  tokenizer="all-MiniLM-L6-v2 WordPiece", machine=machine(), dtype="float32", seed=0,
+                  note="2-core CPU shared with other jobs: timings are noisy")
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
 
 
 def run_glue(a) -> dict:
@@ -227,8 +243,9 @@ def run_glue(a) -> dict:
     def encode(split, limit):
         ds = load_glue(a.task, split, limit)
         cols = ("text_a", "text_b") if "text_b" in ds.column_names else ("text_a",)
-        enc = tok(*[ds[c] for c in cols], truncation=True, max_length=a.seq, padding="max_length")
-        labels = ds["label"]
+        # list(...): datasets 4 returns a lazy Column, which the tokenizer rejects
+        enc = tok(*[list(ds[c]) for c in cols], truncation=True, max_length=a.seq, padding="max_length")
+        labels = list(ds["label"])
         return [{"input_ids": torch.tensor(enc["input_ids"][i]), "attention_mask": torch.tensor(enc["attention_mask"][i]),
                  "token_type_ids": torch.tensor(enc["token_type_ids"][i]),
                  "labels": torch.tensor(labels[i], dtype=torch.float32 if task.num_labels == 1 else torch.long)}
@@ -315,7 +332,12 @@ def main() -> None:
                   wall_s=time.time() - t0, note="2-core CPU shared with other jobs: timings are noisy")
     name = {"memory": f"loqt_memory_{a.size}", "pretrain": f"loqt_pretrain_{a.size}", "glue": f"loqt_glue_{a.task}"}[a.mode]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    path = RESULTS / f"{name}.json"
+    if a.mode == "pretrain" and path.exists():  # keep rows of methods measured by earlier invocations
+        rows = json.loads(path.read_text()).get("rows", {})
+        rows.update(result["rows"])
+        result["rows"] = rows
+    path.write_text(json.dumps(result, indent=1))
     if a.mode == "pretrain":
         plot_pretrain(result, RESULTS / f"{name}.png")
     print("wrote", RESULTS / f"{name}.json")

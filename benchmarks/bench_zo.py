@@ -125,7 +125,11 @@ def _plot(rows: list[dict[str, object]]) -> None:
 
 def _zero_shot(task: str, eval_limit: int | None, max_length: int, seed: int) -> float:
     from transformers import (
-        AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
     )
 
     from hf_memopt.recipes.glue import tokenized_glue
