@@ -30,8 +30,9 @@ for key, (out, recipe_path, marker, methods, cmd) in jobs.items():
     plot_memory_breakdown({n: MemoryBreakdown(**r["memory_bytes"]) for n, r in results.items()}, str(dest / "memory.png"), title=f"{Path(recipe_path).stem}: measured memory by method")
     readme = Path(recipe_path).parent / "README.md"; s = readme.read_text()
     start = s.index("## Figures produced here")
-    note = (f"Run on this project's build machine: a shared 2-core x86_64 CPU VM, no GPU, fp32, with 4 other engineers' jobs and "
-            f"other comparisons running at the same time (1-minute load average 8-11), so seconds per update are noisy; "
+    note = (f"Run on this project's build machine: a shared 2-core x86_64 CPU VM, no GPU, fp32; some rows ran while other jobs "
+            f"loaded the machine (1-minute load average 1-11, recorded per method in results/comparison.json), so seconds "
+            f"per update are noisy; "
             f"memory tensor figures are exact counts and do not depend on load. "
             f"Tiny schedule, one seed: the losses and metrics show that each method runs and learns, not final quality.\n\n"
             f"```bash\n{cmd}\n```\n\n")
