@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hf_memopt.adam8bit import adam_8bit_direction, init_8bit_moments
 from hf_memopt.blockllm.blocks import Block, select_blocks
 from hf_memopt.optim_state import keep_state_dtypes_on_load
 
@@ -305,51 +306,23 @@ class BlockLLMAdamW8bit(_BlockLLMOptimizer):
     least ``min_8bit_size`` elements keep uint8 moments with one absmax per 256 values, updated by bitsandbytes'
     fused kernel (CPU and CUDA); smaller ones keep float32 moments and the AdamW math above."""
 
-    QUANT_BLOCK = 256
-
     def __init__(
         self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay=0.0,
         *, min_8bit_size: int = 4096, **kwargs,
     ):
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
         self.min_8bit_size = min_8bit_size
-        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._qmaps:
-            import bitsandbytes.functional as bnbf
-
-            self._qmaps[device] = (
-                bnbf.create_dynamic_map(signed=True).to(device),
-                bnbf.create_dynamic_map(signed=False).to(device),
-            )
-        return self._qmaps[device]
 
     def _init_moments(self, state, p):
         if p.numel() < self.min_8bit_size:
             BlockLLMAdamW._init_moments(self, state, p)
-            return
-        blocks = math.ceil(p.numel() / self.QUANT_BLOCK)
-        state["state1"] = torch.zeros_like(p, dtype=torch.uint8)
-        state["state2"] = torch.zeros_like(p, dtype=torch.uint8)
-        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
-        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+        else:
+            init_8bit_moments(state, p)
 
     def _direction(self, state, grad, group):
         if "state1" not in state:
             return BlockLLMAdamW._direction(self, state, grad, group)
-        import bitsandbytes.functional as bnbf
-
-        beta1, beta2 = group["betas"]
-        grad32 = grad.float().contiguous()
-        qmap1, qmap2 = self._qmap(grad32.device)
-        # The fused kernel updates a parameter in place: run it on a zero buffer with lr=1 to read the direction.
-        buffer = torch.zeros_like(grad32)
-        bnbf.optimizer_update_8bit_blockwise(
-            "adam", grad32, buffer, state["state1"], state["state2"], beta1, beta2, 0.0, 0.0, group["eps"],
-            state["step"], 1.0, qmap1, qmap2, state["absmax1"], state["absmax2"], 0.0, 1.0, False,
-        )
-        return buffer.neg_()
+        return adam_8bit_direction(state, grad, group["betas"], group["eps"], state["step"])
 
 
 def unwrap_blockllm_optimizer(optimizer: Any) -> _BlockLLMOptimizer | None:

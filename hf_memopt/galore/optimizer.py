@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hf_memopt.adam8bit import adam_8bit_direction, init_8bit_moments
 from hf_memopt.galore.layerwise import LayerwiseUpdates
 from hf_memopt.galore.projector import project, project_back, projection_sides, refresh_projector
 from hf_memopt.optim_state import keep_state_dtypes_on_load
@@ -209,52 +210,24 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
     bitsandbytes does.
     """
 
-    BLOCK_SIZE = 256
-
     def __init__(
         self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay=0.0,
         *, min_8bit_size: int = 4096, **kwargs,
     ):
         super().__init__(params, lr, _adam_defaults(betas, eps), weight_decay=weight_decay, **kwargs)
         self.min_8bit_size = min_8bit_size
-        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._qmaps:
-            import bitsandbytes.functional as bnbf
-
-            self._qmaps[device] = (
-                bnbf.create_dynamic_map(signed=True).to(device),
-                bnbf.create_dynamic_map(signed=False).to(device),
-            )
-        return self._qmaps[device]
 
     def _init_rule_state(self, state, grad, group):
         if grad.numel() < self.min_8bit_size:
             state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
-            return
-        blocks = math.ceil(grad.numel() / self.BLOCK_SIZE)
-        state["state1"] = torch.zeros_like(grad, dtype=torch.uint8)
-        state["state2"] = torch.zeros_like(grad, dtype=torch.uint8)
-        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
-        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+        else:
+            init_8bit_moments(state, grad)
 
     def _direction(self, state, grad, group):
-        beta1, beta2 = group["betas"]
-        grad32 = grad.float().contiguous()
         if "state1" not in state:
-            return _adam_direction(state, grad32, group)
-        import bitsandbytes.functional as bnbf
-
-        qmap1, qmap2 = self._qmap(grad32.device)
-        # The fused kernel updates a parameter in place: run it on a zero buffer with lr=1 to read the direction.
-        buffer = torch.zeros_like(grad32)
-        bnbf.optimizer_update_8bit_blockwise(
-            "adam", grad32, buffer, state["state1"], state["state2"], beta1, beta2, 0.0, 0.0, group["eps"],
-            state["step"], 1.0, qmap1, qmap2, state["absmax1"], state["absmax2"], 0.0, 1.0, False,
-        )
-        return buffer.neg_(), 1.0
+            return _adam_direction(state, grad.float(), group)
+        return adam_8bit_direction(state, grad, group["betas"], group["eps"], state["step"]), 1.0
 
 
 class GaLoreAdafactor(_GaLoreOptimizer):

@@ -241,8 +241,7 @@ class ZO2Engine:
             if any(p in self.optimizer.pending for _, p in unit.trainable):
                 self._working(unit)
                 self._release(unit)
-        for unit, (working, _) in list(self.uploads.items()):
-            del self.uploads[unit]
+        self.uploads.clear()
         if self.use_cuda:
             torch.cuda.synchronize(self.device)
 
