@@ -23,7 +23,13 @@ from transformers import Trainer
 
 from hf_memopt.registry import METHODS, method_name_of
 
-__all__ = ["OptimizerHyperparameters", "attach", "attached_configs", "install_optimizer_factory"]
+__all__ = [
+    "OptimizerHyperparameters",
+    "attach",
+    "attached_configs",
+    "install_method_optimizer",
+    "install_optimizer_factory",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +122,19 @@ def install_optimizer_factory(trainer: Trainer, build: Callable[[nn.Module], tor
     if optim not in _STOCK_OPTIMS:
         logger.warning("hf_memopt supplies the optimizer: TrainingArguments.optim=%r is not used", optim)
     trainer.optimizer_cls_and_kwargs = (_ModelOptimizerFactory(build), {})
+
+
+def install_method_optimizer(trainer: Trainer, create: Callable[..., torch.optim.Optimizer], config: Any) -> None:
+    """:func:`install_optimizer_factory` for a method's ``create(model, config, hparams, no_decay_names=...)``.
+
+    The hyperparameters are read from ``trainer.args`` when training starts, so later edits of the arguments count.
+    """
+
+    def build(model: nn.Module) -> torch.optim.Optimizer:
+        hparams = OptimizerHyperparameters.from_args(trainer.args)
+        return create(model, config, hparams, no_decay_names=no_decay_parameter_names(model, trainer))
+
+    install_optimizer_factory(trainer, build)
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

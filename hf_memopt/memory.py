@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from hf_memopt.optim_state import unwrap_optimizer
+
 __all__ = [
     "GradientMeter",
     "MemoryBreakdown",
@@ -159,19 +161,13 @@ def gradient_bytes(model: nn.Module) -> int:
     return tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
 
 
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "optimizer_dict"):
-        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer and similar wrappers
-    return optimizer
-
-
 def optimizer_state_bytes(optimizer: Any) -> int:
     """Bytes of every tensor in the optimizer state, including 8-bit states, absmax tables and projectors.
 
     Handles accelerate's wrapper and transformers' ``LayerWiseDummyOptimizer`` (whose real optimizers sit in
     ``optimizer_dict``).
     """
-    optimizer = _unwrap_optimizer(optimizer)
+    optimizer = unwrap_optimizer(optimizer)
     optimizers = list(getattr(optimizer, "optimizer_dict", {}).values()) or [optimizer]
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     exclude = {_storage_key(p) for p in params}

@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from hf_memopt.integration import attached_configs
 from hf_memopt.memory import MemoryReportCallback, format_breakdown_table
+from hf_memopt.optim_state import unwrap_optimizer
 from hf_memopt.registry import METHODS, method_name_of
 
 __all__ = ["ModelCardCallback", "build_model_card", "install_model_card", "optimizer_description", "write_model_card"]
@@ -37,12 +38,6 @@ _EVAL_SKIP = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"
 _HUB_TASKS = {"text-generation": "text-generation", "text-classification": "text-classification"}
 
 
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    while optimizer is not None and hasattr(optimizer, "optimizer") and not hasattr(optimizer, "optimizer_dict"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 def optimizer_description(trainer: Trainer) -> str:
     """The card's optimizer line: the optimizer that really ran.
 
@@ -51,7 +46,7 @@ def optimizer_description(trainer: Trainer) -> str:
     """
     args = trainer.args
     optim = str(getattr(args.optim, "value", args.optim))
-    optimizer = _unwrap_optimizer(trainer.optimizer)
+    optimizer = unwrap_optimizer(trainer.optimizer)
     hyper = (
         f"lr={args.learning_rate}, betas=({args.adam_beta1},{args.adam_beta2}), epsilon={args.adam_epsilon}, "
         f"weight_decay={args.weight_decay}"

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["keep_state_dtypes_on_load"]
+__all__ = ["keep_state_dtypes_on_load", "unwrap_optimizer"]
 
 
 def keep_state_dtypes_on_load(optimizer: torch.optim.Optimizer) -> None:
@@ -36,3 +36,13 @@ def keep_state_dtypes_on_load(optimizer: torch.optim.Optimizer) -> None:
 
     optimizer.register_load_state_dict_pre_hook(pre_hook)
     optimizer.register_load_state_dict_post_hook(post_hook)
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer behind accelerate's ``AcceleratedOptimizer`` and similar wrappers that hold it as ``.optimizer``.
+
+    transformers' ``LayerWiseDummyOptimizer`` (whose real optimizers sit in ``optimizer_dict``) is returned as is.
+    """
+    while optimizer is not None and hasattr(optimizer, "optimizer") and not hasattr(optimizer, "optimizer_dict"):
+        optimizer = optimizer.optimizer
+    return optimizer

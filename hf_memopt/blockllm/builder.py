@@ -18,7 +18,7 @@ from hf_memopt.blockllm.optimizer import (
     _BlockLLMOptimizer,
     unwrap_blockllm_optimizer,
 )
-from hf_memopt.integration import OptimizerHyperparameters, install_optimizer_factory, no_decay_parameter_names
+from hf_memopt.integration import OptimizerHyperparameters, install_method_optimizer, no_decay_parameter_names
 
 __all__ = ["BlockLLMCallback", "build_blockllm", "create_blockllm_optimizer", "prepare_blockllm_model"]
 
@@ -174,12 +174,4 @@ def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
 
     trainer.training_step = training_step
 
-    def build(model: nn.Module) -> torch.optim.Optimizer:
-        return create_blockllm_optimizer(
-            model,
-            config,
-            OptimizerHyperparameters.from_args(trainer.args),
-            no_decay_names=no_decay_parameter_names(model, trainer),
-        )
-
-    install_optimizer_factory(trainer, build)
+    install_method_optimizer(trainer, create_blockllm_optimizer, config)

@@ -23,7 +23,7 @@ import torch
 
 from hf_memopt.adam8bit import adam_8bit_direction, init_8bit_moments
 from hf_memopt.blockllm.blocks import Block, select_blocks
-from hf_memopt.optim_state import keep_state_dtypes_on_load
+from hf_memopt.optim_state import keep_state_dtypes_on_load, unwrap_optimizer
 
 __all__ = ["BlockLLMAdamW", "BlockLLMAdamW8bit"]
 
@@ -327,9 +327,8 @@ class BlockLLMAdamW8bit(_BlockLLMOptimizer):
 
 def unwrap_blockllm_optimizer(optimizer: Any) -> _BlockLLMOptimizer | None:
     """The BlockLLM optimizer inside accelerate's (or another) wrapper, or None."""
-    while optimizer is not None and not isinstance(optimizer, _BlockLLMOptimizer):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
+    optimizer = unwrap_optimizer(optimizer)
+    return optimizer if isinstance(optimizer, _BlockLLMOptimizer) else None
 
 
 __all__ += ["unwrap_blockllm_optimizer"]

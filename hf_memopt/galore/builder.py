@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.pytorch_utils import Conv1D
@@ -16,10 +15,11 @@ from hf_memopt.galore.config import GaLoreConfig
 from hf_memopt.galore.optimizer import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, _GaLoreOptimizer
 from hf_memopt.integration import (
     OptimizerHyperparameters,
-    install_optimizer_factory,
+    install_method_optimizer,
     no_decay_parameter_names,
     trainable_parameters,
 )
+from hf_memopt.optim_state import unwrap_optimizer
 from hf_memopt.targeting import ALL_LINEAR, match_target_modules
 
 __all__ = ["build_galore", "create_galore_optimizer", "galore_target_parameters"]
@@ -136,8 +136,7 @@ class LayerwiseGradNormCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if logs is None or "grad_norm" not in logs or optimizer is None:
             return
-        while not isinstance(optimizer, _GaLoreOptimizer) and hasattr(optimizer, "optimizer"):
-            optimizer = optimizer.optimizer
+        optimizer = unwrap_optimizer(optimizer)
         if not isinstance(optimizer, _GaLoreOptimizer) or optimizer.layerwise is None:
             return
         last = state.log_history[-1] if state.log_history else {}
@@ -155,13 +154,4 @@ def build_galore(trainer: Trainer, config: GaLoreConfig) -> None:
         check_layerwise_supported(trainer.args)
         # first in line, so the printer and loggers see the corrected value
         trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback())
-
-    def build(model: nn.Module) -> torch.optim.Optimizer:
-        return create_galore_optimizer(
-            model,
-            config,
-            OptimizerHyperparameters.from_args(trainer.args),
-            no_decay_names=no_decay_parameter_names(model, trainer),
-        )
-
-    install_optimizer_factory(trainer, build)
+    install_method_optimizer(trainer, create_galore_optimizer, config)

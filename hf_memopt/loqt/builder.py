@@ -24,6 +24,7 @@ from transformers.training_args import ParallelMode
 from hf_memopt.galore.projector import projection_sides
 from hf_memopt.loqt.config import LoQTConfig
 from hf_memopt.loqt.layer import LoQTLinear
+from hf_memopt.optim_state import unwrap_optimizer
 from hf_memopt.targeting import ALL_LINEAR, match_target_modules
 from hf_memopt.velora.layer import is_velora_linear
 
@@ -161,13 +162,6 @@ def _install_save_hooks(trainer: Trainer, model: nn.Module) -> None:
     trainer._save_checkpoint = _save_checkpoint
 
 
-def _unwrap_optimizer(optimizer):
-    """The torch optimizer behind accelerate's ``AcceleratedOptimizer`` (which holds it as ``.optimizer``)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 class LoQTCallback(TrainerCallback):
     """Runs LoQT's merge schedule inside the stock training loop.
 
@@ -200,7 +194,7 @@ class LoQTCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if not self.collecting:
             return
-        optimizer = _unwrap_optimizer(optimizer)
+        optimizer = unwrap_optimizer(optimizer)
         for layer in self.layers.values():
             layer.merge(self.config.error_compensation_steps)
             layer.collecting = False

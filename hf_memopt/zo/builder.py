@@ -17,6 +17,7 @@ from hf_memopt.integration import (
     no_decay_parameter_names,
     trainable_parameters,
 )
+from hf_memopt.optim_state import unwrap_optimizer
 from hf_memopt.zo.blocks import find_block_list
 from hf_memopt.zo.config import ZOConfig
 from hf_memopt.zo.offload import ZO2Engine
@@ -47,8 +48,7 @@ def create_zo_optimizer(
 
 
 def _unwrap_optimizer(optimizer: Any) -> ZOSGD:
-    while not isinstance(optimizer, ZOSGD) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
+    optimizer = unwrap_optimizer(optimizer)
     if not isinstance(optimizer, ZOSGD):
         raise RuntimeError(f"the ZO training step needs the ZOSGD optimizer attach() installs; got {type(optimizer)}")
     return optimizer
