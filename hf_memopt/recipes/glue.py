@@ -13,7 +13,7 @@ import torch
 from hf_memopt.recipes.data import GLUE_TASKS, load_glue
 from hf_memopt.recipes.metrics import glue_compute_metrics
 from hf_memopt.recipes.models import resolve_model
-from hf_memopt.recipes.result import RunResult, train_and_measure
+from hf_memopt.recipes.result import RunResult, measured_run_arguments, train_and_measure
 
 __all__ = ["run_glue"]
 
@@ -76,7 +76,9 @@ def run_glue(
     net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels)
     train = tokenized_glue(task, tokenizer, "train", train_limit, max_length, source, data_dir)
     dev = tokenized_glue(task, tokenizer, "dev", eval_limit, max_length, source, data_dir)
-    arguments = dict(
+    arguments = measured_run_arguments(
+        seed,
+        training_overrides,
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=2 * batch_size,
@@ -86,14 +88,8 @@ def run_glue(
         max_steps=max_steps,
         warmup_steps=0,
         logging_steps=max(1, (max_steps if max_steps > 0 else 50) // 10),
-        save_strategy="no",
         eval_strategy="no",
-        report_to=[],
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
     )
-    arguments.update(training_overrides or {})
     args = TrainingArguments(**arguments)
     trainer = Trainer(
         model=net,

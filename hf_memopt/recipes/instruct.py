@@ -12,7 +12,7 @@ import torch
 
 from hf_memopt.recipes.data import load_alpaca
 from hf_memopt.recipes.models import resolve_model
-from hf_memopt.recipes.result import RunResult, held_out_loss, train_and_measure
+from hf_memopt.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
 
 __all__ = ["CHATML_TEMPLATE", "alpaca_to_prompt_completion", "run_instruct"]
 
@@ -83,7 +83,9 @@ def run_instruct(
     torch.manual_seed(seed)
     net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    arguments = dict(
+    arguments = measured_run_arguments(
+        seed,
+        training_overrides,
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size,
@@ -92,16 +94,10 @@ def run_instruct(
         max_steps=max_steps,
         max_length=max_length,
         logging_steps=max(1, (max_steps if max_steps > 0 else 50) // 10),
-        save_strategy="no",
         eval_strategy="no",
-        report_to=[],
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
         bf16=False,
         fp16=False,
     )
-    arguments.update(training_overrides or {})
     args = SFTConfig(**arguments)
     trainer = SFTTrainer(
         model=net,

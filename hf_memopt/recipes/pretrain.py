@@ -11,7 +11,7 @@ import torch
 
 from hf_memopt.recipes.data import load_text, stream_c4_text
 from hf_memopt.recipes.models import llama_config, resolve_model
-from hf_memopt.recipes.result import RunResult, held_out_loss, train_and_measure
+from hf_memopt.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
 
 __all__ = ["lm_blocks", "run_pretrain"]
 
@@ -99,7 +99,9 @@ def run_pretrain(
 
     from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
 
-    arguments = dict(
+    arguments = measured_run_arguments(
+        seed,
+        training_overrides,
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
         learning_rate=learning_rate,
@@ -107,14 +109,8 @@ def run_pretrain(
         warmup_steps=warmup_steps,
         lr_scheduler_type="constant_with_warmup" if warmup_steps else "constant",
         logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    arguments.update(training_overrides or {})
     args = TrainingArguments(**arguments)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_path or "minilm"))
     if dataset is None:

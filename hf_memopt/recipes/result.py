@@ -16,7 +16,7 @@ from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback
 from hf_memopt.registry import method_name_of
 from hf_memopt.timing import StepTimerCallback
 
-__all__ = ["RunResult", "held_out_loss", "train_and_measure"]
+__all__ = ["RunResult", "held_out_loss", "measured_run_arguments", "train_and_measure"]
 
 
 @dataclass
@@ -47,6 +47,21 @@ class RunResult:
             "final_loss": sum(tail) / len(tail) if tail else None,
             "losses": self.losses,
         }
+
+
+def measured_run_arguments(seed: int, overrides: dict[str, Any] | None, **arguments: Any) -> dict[str, Any]:
+    """Training-argument values every measured run shares (no checkpoints, no reporters, seeded data order,
+    in-process data loading, so timings and memory are the training's own), then the runner's ``arguments``, then
+    the caller's ``overrides`` (a recipe's ``training:`` section), which win."""
+    return {
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": seed,
+        "data_seed": seed,
+        "dataloader_num_workers": 0,
+        **arguments,
+        **(overrides or {}),
+    }
 
 
 def held_out_loss(trainer: Any) -> dict[str, float]:
