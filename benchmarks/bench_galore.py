@@ -58,7 +58,7 @@ def run_one(name: str, a: argparse.Namespace) -> dict:
     elif name == "galore_torch":
         from galore_torch import GaLoreAdamW
 
-        def peer(model):
+        def peer(model, args):
             targets = [p for n, p in model.named_parameters() if any(f".{t}." in n for t in ATTN_MLP)]
             ids = {id(p) for p in targets}
             rest = [p for p in model.parameters() if id(p) not in ids]

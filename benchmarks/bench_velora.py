@@ -278,6 +278,7 @@ def loss_part(quick: bool, steps: int) -> list[dict]:
     variants = [("plain", None, 0), ("velora auto, 16 groups", "auto", 16)]
     if not quick:
         variants.append(("velora paper targets, 16 groups", ["v_proj", "down_proj"], 16))
+        variants.append(("velora mlp (gate/up/down), 16 groups", ["gate_proj", "up_proj", "down_proj"], 16))
     for label, targets, groups in variants:
         model = make_llama("20m", tok.vocab_size)
         if targets is not None:
@@ -377,9 +378,12 @@ def main() -> None:
         kept = [r for r in result.get("memory", []) if args.models and r["model"] not in args.models]
         result["memory"] = kept + rows
     if args.part in ("all", "cosine"):
-        result["cosine"] = cosine_part(args.quick, args.cosine_sizes, args.cosine_dtypes)
+        kept = [r for r in result.get("cosine", [])
+                if args.cosine_sizes and r["model"].removeprefix("llama-") not in args.cosine_sizes]
+        result["cosine"] = kept + cosine_part(args.quick, args.cosine_sizes, args.cosine_dtypes)
     if args.part in ("all", "loss"):
-        result["loss"] = loss_part(args.quick, args.loss_steps)
+        kept = [r for r in result.get("loss", []) if r["steps"] != args.loss_steps]  # one row set per length
+        result["loss"] = kept + loss_part(args.quick, args.loss_steps)
     import sys
 
     result.setdefault("commands", {})[args.part] = " ".join(["python"] + sys.argv)

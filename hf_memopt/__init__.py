@@ -11,6 +11,7 @@ import logging
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from hf_memopt.blockllm import BlockLLMConfig  # noqa: E402
+from hf_memopt.checkpoints import last_complete_checkpoint  # noqa: E402
 from hf_memopt.galore import GaLoreConfig  # noqa: E402
 from hf_memopt.galore.stock import reroute_stock_galore_names  # noqa: E402
 from hf_memopt.integration import attach  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "VeLoRAConfig",
     "ZOConfig",
     "attach",
+    "last_complete_checkpoint",
     "plot_memory_breakdown",
 ]
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from hf_memopt.distributed import check_engine_supported
 from hf_memopt.registry import METHODS, method_name_of
 
 __all__ = [
@@ -55,6 +56,7 @@ def attach(trainer: Trainer, config: Any) -> Trainer:
             raise ValueError(
                 f"{spec.name} supplies the optimizer, and {other[0]} already does; attach at most one optimizer method"
             )
+    check_engine_supported(trainer, spec, config)
     spec.builder(trainer, config)
     attached.append(config)
     from hf_memopt.modelcard import install_model_card  # imported here: modelcard imports this module

@@ -164,11 +164,14 @@ def gradient_bytes(model: nn.Module) -> int:
 def optimizer_state_bytes(optimizer: Any) -> int:
     """Bytes of every tensor in the optimizer state, including 8-bit states, absmax tables and projectors.
 
-    Handles accelerate's wrapper and transformers' ``LayerWiseDummyOptimizer`` (whose real optimizers sit in
-    ``optimizer_dict``).
+    Handles accelerate's wrapper, transformers' ``LayerWiseDummyOptimizer`` (whose real optimizers sit in
+    ``optimizer_dict``) and wrappers that keep their state in a ``base_optimizer`` (BAdam's ``BlockOptimizer``).
     """
     optimizer = unwrap_optimizer(optimizer)
     optimizers = list(getattr(optimizer, "optimizer_dict", {}).values()) or [optimizer]
+    base = getattr(optimizer, "base_optimizer", None)
+    if isinstance(base, torch.optim.Optimizer):
+        optimizers.append(base)
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     exclude = {_storage_key(p) for p in params}
     return tensor_bytes((t for opt in optimizers for t in _walk_tensors(list(opt.state.values()))), exclude)

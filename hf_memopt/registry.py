@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hf_memopt.distributed import ENGINES
+
 __all__ = ["METHODS", "MethodSpec", "method_name_of", "register_method"]
 
 
@@ -28,6 +30,11 @@ class MethodSpec:
             callbacks, model transforms, training-step replacement).
         summary: one line for ``hf-memopt methods`` and the docs.
         sets_optimizer: whether the builder supplies the optimizer. Two such methods cannot be attached to one trainer.
+        engines: the sharding engines the method runs under, keys of ``hf_memopt.distributed.ENGINES`` (``"fsdp"``,
+            ``"zero0"`` ... ``"zero3"``), or a function of the config when the method's modes differ. One process and
+            DDP are not listed: the builder checks those. Empty by default, so a new method refuses FSDP and DeepSpeed
+            until it is shown to work there.
+        engine_requirement: what the method needs that sharding takes away, for the refusal message.
     """
 
     name: str
@@ -35,6 +42,8 @@ class MethodSpec:
     builder: Callable[[Any, Any], None]
     summary: str
     sets_optimizer: bool = True
+    engines: frozenset[str] | Callable[[Any], frozenset[str]] = frozenset()
+    engine_requirement: str = ""
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -47,6 +56,8 @@ def register_method(
     summary: str,
     *,
     sets_optimizer: bool = True,
+    engines: frozenset[str] | Callable[[Any], frozenset[str]] = frozenset(),
+    engine_requirement: str = "",
 ) -> MethodSpec:
     """Add a method to :data:`METHODS`; a name or config class may be registered only once."""
     if name in METHODS:
@@ -54,7 +65,10 @@ def register_method(
     for spec in METHODS.values():
         if spec.config_cls is config_cls:
             raise ValueError(f"{config_cls.__name__} is already registered as {spec.name!r}")
-    spec = MethodSpec(name, config_cls, builder, summary, sets_optimizer)
+    unknown = set() if callable(engines) else set(engines) - set(ENGINES)
+    if unknown:
+        raise ValueError(f"engines: unknown engine(s) {sorted(unknown)} for {name!r}; known: {sorted(ENGINES)}")
+    spec = MethodSpec(name, config_cls, builder, summary, sets_optimizer, engines, engine_requirement)
     METHODS[name] = spec
     return spec
 

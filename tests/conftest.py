@@ -90,3 +90,35 @@ def training_args(output_dir, **overrides):
 @pytest.fixture
 def token_dataset():
     return TokenDataset()
+
+
+def launch_ranks(script: str, out, world: int, **env_overrides: str) -> None:
+    """Run ``script out`` under ``torchrun --nproc_per_node world`` on localhost (gloo, one thread per rank).
+
+    The multi-process tests (test_distributed, test_fsdp) launch themselves once per module this way: the script's
+    ``__main__`` is the worker and writes per-rank reports into ``out``.
+    """
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env.update(env_overrides)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", script, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def assert_same_trained_model(straight, resumed, initial: dict) -> None:
+    """Every parameter and buffer of ``resumed`` equals ``straight`` exactly, and training moved them from ``initial``
+    (so the comparison is not vacuous). Used by the resume tests (checkpoint + resume, SIGKILL + resume)."""
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(a[k], initial[k]) for k in initial if k in a), "nothing trained: a vacuous comparison"

@@ -75,6 +75,7 @@ RANGES: dict[str, dict[str, Any]] = {
         "svd_method": Choice(("subspace", "exact")),
         "svd_iterations": Int(1),
         "seed": SEED,
+        "max_consecutive_skips": Int(0),
     },
     "blockllm": {
         "sparsity": Float(0.0, 1.0, high_inclusive=False),
@@ -85,6 +86,7 @@ RANGES: dict[str, dict[str, Any]] = {
         "mask_fraction": Float(0.0, 1.0, low_inclusive=False),
         "visit_penalty": Float(0.0),
         "min_8bit_size": Int(1),
+        "max_consecutive_skips": Int(0),
     },
     "loqt": {
         "rank": Int(1),
@@ -102,6 +104,7 @@ RANGES: dict[str, dict[str, Any]] = {
         "svd_iterations": Int(1),
         "optimizer_state_on_merge": Choice(("reset", "keep")),
         "seed": SEED,
+        "max_consecutive_skips": Int(0),
     },
     "velora": {
         "target_modules": Targets(auto=True),
@@ -120,6 +123,7 @@ RANGES: dict[str, dict[str, Any]] = {
         "offload_dtype": Choice((None, "float32", "bfloat16", "float16")),
         "blocks_attr": Name(),  # or None
         "overlap": Bool(),
+        "max_consecutive_skips": Int(0),
     },
 }
 

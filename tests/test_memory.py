@@ -68,6 +68,23 @@ def test_optimizer_state_bytes_walk_real_states_including_8bit():
         assert expected <= measured <= expected * 1.1 + 4096, (opt_cls, measured)
 
 
+def test_optimizer_state_bytes_find_the_state_of_a_wrapped_base_optimizer():
+    class BlockWrapper(torch.optim.Optimizer):  # the shape of BAdam's BlockOptimizer: state lives in base_optimizer
+        def __init__(self, base):
+            self.base_optimizer = base
+            super().__init__(base.param_groups, base.defaults)
+
+        def step(self, closure=None):
+            return self.base_optimizer.step(closure)
+
+    model = nn.Linear(64, 64)
+    wrapped = BlockWrapper(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    model(torch.randn(2, 64)).sum().backward()
+    wrapped.step()
+    assert wrapped.state == {} or all(not v for v in wrapped.state.values())
+    assert optimizer_state_bytes(wrapped) >= 2 * 4 * 64 * 65  # exp_avg + exp_avg_sq of weight and bias, once
+
+
 def test_parameter_bytes_include_quantization_state():
     import bitsandbytes as bnb
 

@@ -23,4 +23,6 @@ register_method(
     BlockLLMConfig,
     build_blockllm,
     "Block coordinate descent: only the blocks with the largest (visit-discounted) gradient norms train",
+    engine_requirement="BlockLLM scores whole parameter blocks by gradient norm and flips their `requires_grad` "
+    "at each re-selection",
 )

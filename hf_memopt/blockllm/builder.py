@@ -18,6 +18,7 @@ from hf_memopt.blockllm.optimizer import (
     _BlockLLMOptimizer,
     unwrap_blockllm_optimizer,
 )
+from hf_memopt.faults import install_fault_reporting, out_of_memory_advice
 from hf_memopt.integration import OptimizerHyperparameters, install_method_optimizer, no_decay_parameter_names
 
 __all__ = ["BlockLLMCallback", "build_blockllm", "create_blockllm_optimizer", "prepare_blockllm_model"]
@@ -84,6 +85,7 @@ def create_blockllm_optimizer(
         patience=config.patience,
         mask_fraction=config.mask_fraction,
         visit_penalty=config.visit_penalty,
+        max_consecutive_skips=config.max_consecutive_skips,
     )
     if config.optimizer == "adamw_8bit":
         return BlockLLMAdamW8bit(groups, min_8bit_size=config.min_8bit_size, **kwargs)
@@ -162,13 +164,25 @@ def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
     prepare_blockllm_model(trainer.model, config)
     callback = BlockLLMCallback()
     trainer.add_callback(callback)
+    install_fault_reporting(trainer)
 
     # NOTE: the loss of every step is needed for the stall test, but callbacks only see it on logging steps; wrapping
     # the bound method keeps subclasses' own training_step (TRL's included) in place.
     original_training_step = trainer.training_step
 
     def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-        loss = original_training_step(*args, **kwargs)
+        try:
+            loss = original_training_step(*args, **kwargs)
+        except torch.OutOfMemoryError as err:
+            opt = unwrap_blockllm_optimizer(trainer.optimizer)
+            if opt is None or not opt.scoring:
+                raise
+            # the scoring pass is BlockLLM's memory peak: every block gets a gradient (Sec. 3)
+            raise torch.OutOfMemoryError(
+                f"BlockLLM: out of memory in the scoring pass of re-selection {opt.num_selections + 1} (update "
+                f"{trainer.state.global_step + 1}), which computes the gradient of every block; the last checkpoint "
+                f"holds a consistent state. {out_of_memory_advice()}"
+            ) from err
         callback.add_micro_batch_loss(loss)
         return loss
 

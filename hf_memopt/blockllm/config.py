@@ -39,6 +39,9 @@ class BlockLLMConfig:
         visit_penalty: lambda in the discount: score = ||G_b|| * exp(-lambda * f_b), f_b = fraction of the past
             selections that chose block b. 0 ranks by gradient norm alone.
         min_8bit_size: ``adamw_8bit`` only: blocks with fewer elements keep float32 moments (as bitsandbytes does).
+        max_consecutive_skips: an optimizer update with a non-finite (NaN/Inf) gradient is skipped whole (nothing
+            changes) and logged; after this many skipped in a row the next one stops training with a clear error,
+            >= 0 (0: stop at the first). See ``hf_memopt.faults``.
     """
 
     sparsity: float = field(default=0.95, metadata={"help": "Fraction of trainable parameters not updated, [0, 1)."})
@@ -57,6 +60,9 @@ class BlockLLMConfig:
         default=1.0, metadata={"help": "Discount of the score by visit frequency: exp(-penalty * f), >= 0."}
     )
     min_8bit_size: int = field(default=4096, metadata={"help": "adamw_8bit: smaller blocks keep float32 moments."})
+    max_consecutive_skips: int = field(
+        default=5, metadata={"help": "Non-finite updates skipped in a row before training stops (>= 0)."}
+    )
 
     def __post_init__(self) -> None:
         self.sparsity = check_float("sparsity", self.sparsity, 0.0, 1.0, high_inclusive=False)
@@ -67,3 +73,4 @@ class BlockLLMConfig:
         self.mask_fraction = check_float("mask_fraction", self.mask_fraction, 0.0, 1.0, low_inclusive=False)
         self.visit_penalty = check_float("visit_penalty", self.visit_penalty, 0.0)
         check_int("min_8bit_size", self.min_8bit_size, 1)
+        check_int("max_consecutive_skips", self.max_consecutive_skips, 0)

@@ -15,7 +15,9 @@ the masks in each parameter's state, so ``optimizer.pt`` reloads with ``torch.lo
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,9 +25,12 @@ import torch
 
 from hf_memopt.adam8bit import adam_8bit_direction, init_8bit_moments
 from hf_memopt.blockllm.blocks import Block, select_blocks
+from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, all_finite, install_skip_counter, out_of_memory_advice
 from hf_memopt.optim_state import keep_state_dtypes_on_load, unwrap_optimizer
 
 __all__ = ["BlockLLMAdamW", "BlockLLMAdamW8bit"]
+
+logger = logging.getLogger(__name__)
 
 _STATE_KEY = "blockllm"
 
@@ -41,6 +46,8 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         patience: m, the loss window of the stall test.
         mask_fraction: fraction of a selected block's coordinates updated (top-|g|); 1.0 disables masking.
         visit_penalty: lambda of the visit-frequency discount.
+        max_consecutive_skips: an update with a non-finite gradient in a selected block is skipped whole; after this
+            many in a row the next one raises (``hf_memopt.faults``).
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         patience: int = 100,
         mask_fraction: float = 1.0,
         visit_penalty: float = 1.0,
+        max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0; got {lr}")
@@ -90,11 +98,16 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.selected = torch.zeros(len(blocks), dtype=torch.bool)
         self.visits = torch.zeros(len(blocks), dtype=torch.int64)
         self.num_selections = 0
-        self.loss_history: list[float] = []
+        # the stall test needs mean(H) and mean(H[-m:]) of the losses H since the last selection: a running sum and
+        # count plus the last m losses, so the state stays O(m) however long the loss keeps falling
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.recent_losses: deque[float] = deque(maxlen=patience)
         self.scoring = False
         self._norms_sq = torch.zeros(len(blocks), dtype=torch.float64)
         self._hooks: list[Any] = []
         keep_state_dtypes_on_load(self)
+        self.nonfinite_skips = install_skip_counter(self, max_consecutive_skips)
 
     # ---- the base rule: implemented by the public classes -------------------------------------------------------
     def _init_moments(self, state: dict[str, Any], p: torch.Tensor) -> None:
@@ -163,9 +176,20 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         """Choose the new selection from the norms gathered in the scoring pass and apply it; returns the mask."""
         if not self.scoring:
             raise RuntimeError("finish_scoring() without begin_scoring()")
-        chosen = select_blocks(
-            self._norms_sq.sqrt(), self.visits, self.num_selections, self.sizes, self.budget, self.visit_penalty
-        )
+        if not all_finite([self._norms_sq]):
+            # a NaN/Inf norm would rank its block first or last at random: score again on the next step instead
+            logger.warning("BlockLLM: non-finite gradient norm in the scoring pass; the next step scores again")
+            self._norms_sq.zero_()
+            return self.selected
+        try:
+            chosen = select_blocks(
+                self._norms_sq.sqrt(), self.visits, self.num_selections, self.sizes, self.budget, self.visit_penalty
+            )
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"BlockLLM: out of memory while choosing the blocks of selection {self.num_selections + 1}; nothing "
+                f"was changed (selection, visit counts and optimizer state are those before it). {out_of_memory_advice()}"
+            ) from err
         for i, block in enumerate(self.blocks):
             for p in block.params:
                 if not chosen[i]:
@@ -175,7 +199,7 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.visits += chosen.long()
         self.num_selections += 1
         self.selected = chosen
-        self.loss_history = []
+        self._reset_loss_window()
         self.scoring = False
         self.apply_selection()
         return chosen
@@ -188,13 +212,17 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         """
         if not math.isfinite(loss):
             return False
-        self.loss_history.append(float(loss))
+        self.loss_sum += float(loss)
+        self.loss_count += 1
+        self.recent_losses.append(float(loss))
         m = self.patience
-        if len(self.loss_history) <= m:
+        if self.loss_count <= m:
             return False
-        recent = sum(self.loss_history[-m:]) / m
-        running = sum(self.loss_history) / len(self.loss_history)
-        return recent >= running
+        return sum(self.recent_losses) / m >= self.loss_sum / self.loss_count
+
+    def _reset_loss_window(self) -> None:
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.recent_losses.clear()
 
     # ---- the step ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -203,34 +231,64 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        updated = [(p, group) for group in self.param_groups for p in group["params"] if self._updates(p)]
+        # checked before any update, so a skipped step leaves moments, masks, step counters and parameters untouched
+        if self.nonfinite_skips.skip_if_nonfinite([p.grad for p, _ in updated], "BlockLLM"):
+            return loss
+        self._allocate_states([p for p, _ in updated])
+        for p, group in updated:
             lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None or not self.is_selected(p):
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self.state[p]
-                if not state:
+            state = self.state[p]
+            grad = p.grad
+            mask = state.get("mask")
+            if self.mask_fraction < 1.0 and mask is None:
+                mask = state["mask"] = _top_fraction_mask(grad, self.mask_fraction)
+            if mask is not None:
+                grad = grad * mask
+            state["step"] += 1
+            direction = self._direction(state, grad, group)
+            if mask is not None:
+                direction = direction * mask
+            if wd > 0.0:
+                if mask is None:
+                    p.mul_(1.0 - lr * wd)
+                else:
+                    p.mul_(torch.where(mask, 1.0 - lr * wd, 1.0).to(p.dtype))
+            p.add_(direction.to(p.dtype), alpha=-lr)
+        return loss
+
+    def _updates(self, p: torch.Tensor) -> bool:
+        """Whether this step updates ``p`` (a selected block with a gradient)."""
+        if p.grad is None or not self.is_selected(p):
+            return False
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return True
+
+    def _allocate_states(self, params: list[torch.Tensor]) -> None:
+        """Create the moments of newly selected parameters before any update, all or none.
+
+        After a re-selection this is where memory grows (the new blocks' moments); running out of memory half-way
+        would leave some parameters updated and others not, so the new states are dropped again and the error names
+        the step's blocks.
+        """
+        created = []
+        try:
+            for p in params:
+                if not self.state.get(p):
+                    created.append(p)
+                    state = self.state[p]
                     state["step"] = 0
                     self._init_moments(state, p)
-                grad = p.grad
-                mask = state.get("mask")
-                if self.mask_fraction < 1.0 and mask is None:
-                    mask = state["mask"] = _top_fraction_mask(grad, self.mask_fraction)
-                if mask is not None:
-                    grad = grad * mask
-                state["step"] += 1
-                direction = self._direction(state, grad, group)
-                if mask is not None:
-                    direction = direction * mask
-                if wd > 0.0:
-                    if mask is None:
-                        p.mul_(1.0 - lr * wd)
-                    else:
-                        p.mul_(torch.where(mask, 1.0 - lr * wd, 1.0).to(p.dtype))
-                p.add_(direction.to(p.dtype), alpha=-lr)
-        return loss
+        except torch.OutOfMemoryError as err:
+            for p in created:
+                self.state.pop(p, None)
+            blocks = sorted({self.blocks[self.block_index(p)].name for p in created})
+            raise torch.OutOfMemoryError(
+                f"BlockLLM: out of memory allocating optimizer state for {len(created)} parameters of the newly "
+                f"selected blocks {blocks} (selection {self.num_selections}); no parameter or optimizer state was "
+                f"changed by this step. {out_of_memory_advice()}"
+            ) from err
 
     # ---- checkpointing -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -240,7 +298,9 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
             "visits": self.visits.clone(),
             "block_sizes": self.sizes.clone(),
             "num_selections": self.num_selections,
-            "loss_history": torch.tensor(self.loss_history, dtype=torch.float64),
+            "loss_sum": torch.tensor(self.loss_sum, dtype=torch.float64),
+            "loss_count": self.loss_count,
+            "recent_losses": torch.tensor(list(self.recent_losses), dtype=torch.float64),
             "scoring": self.scoring,
         }
         return sd
@@ -256,7 +316,8 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.selected = extra["selected"].cpu().bool().clone()
         self.visits = extra["visits"].cpu().long().clone()
         self.num_selections = int(extra["num_selections"])
-        self.loss_history = [float(x) for x in extra["loss_history"].tolist()]
+        self.loss_sum, self.loss_count = float(extra["loss_sum"]), int(extra["loss_count"])
+        self.recent_losses = deque((float(x) for x in extra["recent_losses"].tolist()), maxlen=self.patience)
         self.scoring = bool(extra["scoring"])
         self._norms_sq.zero_()
         self.apply_selection()

@@ -14,4 +14,13 @@ __all__ = [
     "create_galore_optimizer",
 ]
 
-register_method("galore", GaLoreConfig, build_galore, "Gradient low-rank projection: optimizer states in a rank-r subspace")
+register_method(
+    "galore",
+    GaLoreConfig,
+    build_galore,
+    "Gradient low-rank projection: optimizer states in a rank-r subspace",
+    # ZeRO-0 in fp32 steps the optimizer on whole, all-reduced gradients, as DDP; layer-wise hooks would fire before it
+    engines=lambda config: frozenset() if config.layerwise else frozenset({"zero0"}),
+    engine_requirement="GaLore needs each whole m x n gradient, averaged across ranks, for its SVD (Sec. 3 of the "
+    "paper; layer-wise mode also steps inside per-parameter gradient hooks)",
+)

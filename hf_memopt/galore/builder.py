@@ -9,8 +9,9 @@ from typing import Any
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.pytorch_utils import Conv1D
-from transformers.training_args import ParallelMode
 
+from hf_memopt.ddp import broadcast_from_rank0_, keep_model_out_of_ddp
+from hf_memopt.faults import install_fault_reporting
 from hf_memopt.galore.config import GaLoreConfig
 from hf_memopt.galore.optimizer import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, _GaLoreOptimizer
 from hf_memopt.integration import (
@@ -110,19 +111,29 @@ def create_galore_optimizer(
         max_grad_norm=hparams.max_grad_norm if config.layerwise else 0.0,
         is_accumulation_boundary=is_accumulation_boundary,
         parameter_names=names,
+        max_consecutive_skips=config.max_consecutive_skips,
         **kwargs,
     )
 
 
 def check_layerwise_supported(args: Any) -> None:
-    """Refuse layer-wise mode where it would be silently wrong."""
-    if args.parallel_mode == ParallelMode.DISTRIBUTED or args.world_size > 1:
-        raise NotImplementedError(
-            "layer-wise GaLore under distributed training is not implemented yet: hooks see un-reduced gradients. "
-            "Use layerwise=False with DDP"
+    """Refuse layer-wise mode where it would be silently wrong or fail later."""
+    if args.world_size > 1 and args.max_grad_norm:
+        raise ValueError(
+            "layer-wise GaLore under distributed training cannot clip gradients (the norm of the averaged full "
+            f"gradient of a projected weight is never formed): set max_grad_norm=0; got {args.max_grad_norm}"
         )
     if args.fp16:
         raise ValueError("layer-wise GaLore cannot run with fp16=True (the gradients are loss-scaled); use bf16=True")
+
+
+def _create_layerwise_distributed_optimizer(
+    model: nn.Module, config: GaLoreConfig, hparams: OptimizerHyperparameters, **kwargs: Any
+) -> _GaLoreOptimizer:
+    """Layer-wise GaLore under DDP: its hooks average the (projected) gradients themselves, so the model is not
+    wrapped in DDP (``hf_memopt/ddp.py``); every rank starts from rank 0's weights, as DDP's wrap would ensure."""
+    broadcast_from_rank0_(model)
+    return create_galore_optimizer(model, config, hparams, **kwargs)
 
 
 class LayerwiseGradNormCallback(TrainerCallback):
@@ -150,8 +161,13 @@ class LayerwiseGradNormCallback(TrainerCallback):
 def build_galore(trainer: Trainer, config: GaLoreConfig) -> None:
     """Registry builder: validate against the model now, build the optimizer when training starts."""
     galore_target_parameters(trainer.model, config)  # fail at attach(), not minutes later in train()
+    install_fault_reporting(trainer)
     if config.layerwise:
         check_layerwise_supported(trainer.args)
         # first in line, so the printer and loggers see the corrected value
         trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback())
-    install_method_optimizer(trainer, create_galore_optimizer, config)
+    if config.layerwise and trainer.args.world_size > 1:
+        keep_model_out_of_ddp(trainer)
+        install_method_optimizer(trainer, _create_layerwise_distributed_optimizer, config)
+    else:
+        install_method_optimizer(trainer, create_galore_optimizer, config)

@@ -40,6 +40,9 @@ class GaLoreConfig:
             reference implementation.
         svd_iterations: subspace iterations per refresh for ``svd_method="subspace"``, >= 1.
         seed: seed of the random start of the first refresh (``subspace`` only), so runs are reproducible.
+        max_consecutive_skips: an optimizer update with a non-finite (NaN/Inf) gradient is skipped whole (nothing
+            changes) and logged; after this many skipped in a row the next one stops training with a clear error,
+            >= 0 (0: stop at the first). See ``hf_memopt.faults``.
     """
 
     rank: int = field(default=128, metadata={"help": "Rank of the gradient projection (>= 1, <= min(m, n))."})
@@ -54,6 +57,9 @@ class GaLoreConfig:
     svd_method: str = field(default="subspace", metadata={"help": f"Projector refresh: one of {SVD_METHODS}."})
     svd_iterations: int = field(default=2, metadata={"help": "Subspace iterations per refresh (>= 1)."})
     seed: int = field(default=0, metadata={"help": "Seed of the randomized first refresh."})
+    max_consecutive_skips: int = field(
+        default=5, metadata={"help": "Non-finite updates skipped in a row before training stops (>= 0)."}
+    )
 
     def __post_init__(self) -> None:
         check_int("rank", self.rank, 1)
@@ -65,4 +71,5 @@ class GaLoreConfig:
         check_choice("svd_method", self.svd_method, SVD_METHODS)
         check_int("svd_iterations", self.svd_iterations, 1)
         check_int("seed", self.seed, 0, 2**32 - 1)
+        check_int("max_consecutive_skips", self.max_consecutive_skips, 0)
         self.target_modules = validate_target_modules(self.target_modules)

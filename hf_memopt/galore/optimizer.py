@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from hf_memopt.adam8bit import adam_8bit_direction, init_8bit_moments
+from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
 from hf_memopt.galore.layerwise import LayerwiseUpdates
 from hf_memopt.galore.projector import project, project_back, projection_sides, refresh_projector
 from hf_memopt.optim_state import keep_state_dtypes_on_load
@@ -47,6 +48,8 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         is_accumulation_boundary: layer-wise mode only: returns True on the micro-batch that ends an accumulation
             window. Defaults to accelerate's ``GradientState().sync_gradients``, which ``Trainer`` sets per micro-batch.
         parameter_names: ``{parameter: name}``, used in messages.
+        max_consecutive_skips: updates with a non-finite gradient are skipped whole (no moment, projector, step
+            counter or parameter changes); after this many in a row the next one raises (``hf_memopt.faults``).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         max_grad_norm: float = 0.0,
         is_accumulation_boundary: Callable[[], bool] | None = None,
         parameter_names: dict[torch.nn.Parameter, str] | None = None,
+        max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0; got {lr}")
@@ -79,6 +83,7 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
                             f"got {group['rank']}"
                         )
         keep_state_dtypes_on_load(self)
+        self.nonfinite_skips = install_skip_counter(self, max_consecutive_skips)
         self.layerwise: LayerwiseUpdates | None = None
         if layerwise:
             self.layerwise = LayerwiseUpdates(self, max_grad_norm, is_accumulation_boundary)
@@ -155,11 +160,15 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         if self.layerwise is not None:
             self.layerwise.finish_step()
             return loss
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        # checked before any update, so a skipped step leaves moments, projectors and step counters untouched
+        if self.nonfinite_skips.skip_if_nonfinite(grads, "GaLore"):
+            return loss
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                     self.apply_update(p, group, p.grad)
         return loss
 

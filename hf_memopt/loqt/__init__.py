@@ -30,4 +30,6 @@ register_method(
     build_loqt,
     "Quantized frozen weights + gradient-initialised low-rank factors, merged back periodically",
     sets_optimizer=False,
+    engine_requirement="LoQT holds its frozen weights as quantized uint8 buffers and initialises its factors from an "
+    "SVD of each whole gradient",
 )

@@ -19,8 +19,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.training_args import ParallelMode
 
+from hf_memopt.ddp import is_distributed
+from hf_memopt.faults import (
+    all_finite,
+    install_fault_reporting,
+    install_skip_counter,
+    out_of_memory_advice,
+    skip_counter_of,
+)
 from hf_memopt.galore.projector import projection_sides
 from hf_memopt.loqt.config import LoQTConfig
 from hf_memopt.loqt.layer import LoQTLinear
@@ -40,6 +47,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 _RAW_SAVE = "_loqt_raw_save"
+_OWN_COUNTER = "_loqt_skip_counter"  # set when LoQT, not the optimizer, checks the gradients
 
 
 def loqt_target_modules(model: nn.Module, config: LoQTConfig) -> dict[str, nn.Linear]:
@@ -173,6 +181,11 @@ class LoQTCallback(TrainerCallback):
       merges W <- Q(W_q + s P B), takes its new P, sets B (zero or error compensation); B's optimizer state is dropped
       (``optimizer_state_on_merge="reset"``) or kept.
     * ``on_train_begin``: drops the full-precision copies kept for the initialisation when a checkpoint was loaded.
+    * ``on_pre_optimizer_step`` (faults, ``hf_memopt.faults``): when a gradient is non-finite (B's, another trained
+      parameter's, or a layer's collected weight gradient) the update is skipped whole: every gradient is dropped, so
+      the stock optimizer leaves parameters and moments alone, and a merge due at this update is not done (W_q and P
+      never see the non-finite values) but retried at the next update. A retry pending across a checkpoint is not
+      saved: the resumed run merges at the next scheduled update instead.
     """
 
     def __init__(self, config: LoQTConfig, layers: dict[str, LoQTLinear]):
@@ -180,45 +193,133 @@ class LoQTCallback(TrainerCallback):
         self.layers = layers
         self.collecting = False
         self.merges_done = 0
+        self.merge_pending = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         for layer in self.layers.values():
             layer._pending()
+        if is_distributed():
+            _broadcast_frozen_state(self.layers)
 
     def on_step_begin(self, args, state, control, **kwargs):
         uninitialized = any(not layer.initialized for layer in self.layers.values())
-        self.collecting = uninitialized or self.config.is_merge_step(state.global_step)
+        self.collecting = uninitialized or self.merge_pending or self.config.is_merge_step(state.global_step)
         for layer in self.layers.values():
             layer.collecting = self.collecting
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        optimizer = unwrap_optimizer(optimizer)
+        counter = getattr(optimizer, _OWN_COUNTER, None)
+        if counter is None:  # an hf_memopt optimizer checks its own gradients
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = all_finite(p.grad for p in params) and not self._collected_nonfinite()
+        if counter.record(finite, "LoQT"):
+            for p in params:
+                p.grad = None  # torch optimizers leave a parameter without a gradient (and its state) untouched
+
+    def _collected_nonfinite(self) -> bool:
+        return any(layer.gradient_nonfinite for layer in self.layers.values())
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if not self.collecting:
             return
         optimizer = unwrap_optimizer(optimizer)
-        for layer in self.layers.values():
-            layer.merge(self.config.error_compensation_steps)
+        self.collecting = False
+        counter = skip_counter_of(optimizer)
+        if self._collected_nonfinite() or (counter is not None and counter.last_skipped):
+            for layer in self.layers.values():
+                layer.discard_collected()
+                layer.collecting = False
+            self.merge_pending = True
+            logger.warning("LoQT: merge of update %d postponed: non-finite gradient", state.global_step + 1)
+            return
+        self._merge_all(optimizer, state.global_step + 1)
+        self.merge_pending = False
+        self.merges_done += 1
+        logger.info("LoQT: merged %d layers at update %d", len(self.layers), state.global_step + 1)
+
+    def _merge_all(self, optimizer, update: int) -> None:
+        """Merge layer by layer; each merge is all or nothing, so an error leaves a model that computes the same
+        function (merged layers hold W_q + s P B in W_q, the others keep W_q, P, B) and names what to do."""
+        merged: list[str] = []
+        for name, layer in self.layers.items():
+            try:
+                layer.merge(self.config.error_compensation_steps)
+            except torch.OutOfMemoryError as err:
+                raise torch.OutOfMemoryError(
+                    f"LoQT: out of memory merging layer {name} at update {update}; {len(merged)} of "
+                    f"{len(self.layers)} layers were merged before it, {name} and the later ones are unchanged (every "
+                    f"layer still computes W_q + s P B). {out_of_memory_advice()}"
+                ) from err
+            merged.append(name)
             layer.collecting = False
             if self.config.optimizer_state_on_merge == "reset" and optimizer is not None:
                 optimizer.state.pop(layer.B, None)
-        self.collecting = False
-        self.merges_done += 1
-        logger.info("LoQT: merged %d layers at update %d", len(self.layers), state.global_step)
+
+
+def _check_ddp_finds_unused_parameters(trainer: Trainer) -> None:
+    """DDP must expect missing gradients: on a merge update B gets none (its update would be in the old basis)."""
+    handler = trainer.accelerator.ddp_handler  # None: DDP's own default, find_unused_parameters=False
+    if handler is None or not handler.find_unused_parameters:
+        raise ValueError(
+            "LoQT under distributed training needs ddp_find_unused_parameters=True (the Trainer's default without "
+            "activation checkpointing): B gets no gradient on merge updates, and DDP would wait for it"
+        )
+
+
+def _keep_frozen_buffers_out_of_ddp(model: nn.Module, layers: dict[str, LoQTLinear]) -> None:
+    """Tell DDP not to broadcast W_q, P and their tables at every forward (``broadcast_buffers``): every rank computes
+    the same merges from the same averaged gradients, so after :func:`_broadcast_frozen_state` they stay equal."""
+    names = [f"{name}.{buffer}" for name, layer in layers.items() for buffer, _ in layer.named_buffers(recurse=False)]
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored + names)
+
+
+@torch.no_grad()
+def _broadcast_frozen_state(layers: dict[str, LoQTLinear]) -> None:
+    """Start every rank from rank 0's frozen weights, projections and the full-precision W kept for initialisation."""
+    for layer in layers.values():
+        for tensor in [*layer.buffers(recurse=False), layer._pending()]:
+            if tensor is not None:
+                torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _install_skip_counter_on_creation(trainer: Trainer, config: LoQTConfig) -> None:
+    """Give the optimizer the Trainer creates a skip counter, before a checkpoint is loaded into it.
+
+    LoQT trains B with the Trainer's own optimizer; the counter travels in its ``state_dict``, so it must exist
+    before ``_load_optimizer_and_scheduler``, which runs before any callback event. An optimizer that already has one
+    (an hf_memopt optimizer) keeps it and checks its own gradients.
+    """
+    create_optimizer = trainer.create_optimizer
+
+    @functools.wraps(create_optimizer)
+    def create(*args, **kwargs):
+        optimizer = create_optimizer(*args, **kwargs)
+        inner = unwrap_optimizer(optimizer)
+        if skip_counter_of(inner) is None:
+            setattr(inner, _OWN_COUNTER, install_skip_counter(inner, config.max_consecutive_skips))
+        return optimizer
+
+    trainer.create_optimizer = create
 
 
 def build_loqt(trainer: Trainer, config: LoQTConfig) -> None:
     """Registry builder: convert the model now (B must exist before the Trainer builds its optimizer)."""
     if trainer.optimizer is not None:
         raise ValueError("attach LoQT before the optimizer is created: B must be among the optimized parameters")
-    args = trainer.args
-    if args.parallel_mode == ParallelMode.DISTRIBUTED or args.world_size > 1:
-        raise NotImplementedError(
-            "LoQT under distributed training is not implemented: each rank would find P from its local gradient"
-        )
     model = trainer.model
     if loqt_layers(model):
         raise ValueError("this model already has LoQT layers")
+    if trainer.args.world_size > 1:
+        _check_ddp_finds_unused_parameters(trainer)
     layers = convert_to_loqt(model, config)
+    if trainer.args.world_size > 1:
+        _keep_frozen_buffers_out_of_ddp(model, layers)
     trainer.add_callback(LoQTCallback(config, layers))
+    install_fault_reporting(trainer)
+    _install_skip_counter_on_creation(trainer, config)
     _install_save_hooks(trainer, model)
     frozen = sum(layer.in_features * layer.out_features for layer in layers.values())
     trainable = sum(layer.B.numel() for layer in layers.values())

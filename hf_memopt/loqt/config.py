@@ -50,6 +50,10 @@ class LoQTConfig:
             state is dropped and rebuilt at B's next update: old moments are coordinates in the old basis) or
             ``keep`` (the official code's behaviour: the moments carry over unchanged).
         seed: seed of the random start of the ``subspace`` SVD (per layer and merge, so resumes are exact).
+        max_consecutive_skips: an optimizer update with a non-finite (NaN/Inf) gradient is skipped whole (B, the
+            other trained parameters and their optimizer state keep their values; a merge due at it waits for the
+            next finite update, so W_q and P never see a non-finite value) and logged; after this many skipped in a
+            row the next one stops training with a clear error, >= 0 (0: stop at the first). See ``hf_memopt.faults``.
     """
 
     rank: int = field(default=128, metadata={"help": "Rank of P and B (>= 1, <= min(m, n))."})
@@ -75,6 +79,9 @@ class LoQTConfig:
         default="reset", metadata={"help": f"B's optimizer state at a merge: one of {MOMENT_POLICIES}."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD start."})
+    max_consecutive_skips: int = field(
+        default=5, metadata={"help": "Non-finite updates skipped in a row before training stops (>= 0)."}
+    )
 
     def __post_init__(self) -> None:
         check_int("rank", self.rank, 1)
@@ -95,6 +102,7 @@ class LoQTConfig:
         check_int("svd_iterations", self.svd_iterations, 1)
         check_choice("optimizer_state_on_merge", self.optimizer_state_on_merge, MOMENT_POLICIES)
         check_int("seed", self.seed, 0, 2**32 - 1)
+        check_int("max_consecutive_skips", self.max_consecutive_skips, 0)
         self.target_modules = validate_target_modules(self.target_modules)
 
     def merge_steps(self, until: int) -> list[int]:

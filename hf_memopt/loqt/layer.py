@@ -18,15 +18,21 @@ accumulation each layer keeps one running sum during the merge step's window).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_memopt.ddp import all_reduce_mean_, is_distributed
+from hf_memopt.faults import all_finite, out_of_memory_advice
 from hf_memopt.galore.layerwise import accelerate_sync_gradients
 from hf_memopt.galore.projector import refresh_projector
 from hf_memopt.loqt.quant import dequantize, quantize
 
 __all__ = ["LoQTLinear", "quantize_with_error_compensation"]
+
+logger = logging.getLogger(__name__)
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -115,6 +121,7 @@ class LoQTLinear(nn.Module):
         self.collecting = False
         self._grad_sum: torch.Tensor | None = None
         self._next_proj: torch.Tensor | None = None
+        self.gradient_nonfinite = False  # the collected weight gradient held NaN/Inf: no P from it, no merge
         self._svd_options: dict = {"method": "exact", "iterations": 2, "seed": 0}
 
     # ---- the three parts of the weight --------------------------------------------------------------------------
@@ -143,9 +150,13 @@ class LoQTLinear(nn.Module):
     def projector(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """P (dequantized when stored quantized)."""
         if self.quantize_projection:
-            shape = (self.out_features, self.rank) if self.side == "left" else (self.rank, self.in_features)
-            return dequantize(self.proj_q, self.proj_absmax, self.quant, shape, self.quant_block_size).to(dtype)
+            return dequantize(self.proj_q, self.proj_absmax, self.quant, self.proj_shape, self.quant_block_size).to(dtype)
         return self.proj.to(dtype)
+
+    @property
+    def proj_shape(self) -> tuple[int, int]:
+        """Shape of P: m x r (``side="left"``) or r x n."""
+        return (self.out_features, self.rank) if self.side == "left" else (self.rank, self.in_features)
 
     def adapter_product(self, P: torch.Tensor | None = None, B: torch.Tensor | None = None) -> torch.Tensor:
         """scale * P B (m x n, float32)."""
@@ -193,11 +204,30 @@ class LoQTLinear(nn.Module):
         grad, self._grad_sum = self._grad_sum, None
         if grad is None:
             return
+        if is_distributed():  # DDP never sees this gradient: average it, so every rank finds the same P
+            all_reduce_mean_(grad)
+        if not all_finite([grad]):  # P is never taken from a non-finite gradient; the callback skips the merge
+            self.gradient_nonfinite = True
+            return
+        try:
+            self._next_proj = self._projection_from(grad)
+        except torch.OutOfMemoryError as err:
+            if grad.device.type == "cpu":
+                raise torch.OutOfMemoryError(
+                    f"LoQT: out of memory finding the new projection of {self.name or 'a layer'} (merge "
+                    f"{int(self.merges) + 1}); the layer is unchanged. {out_of_memory_advice()}"
+                ) from err
+            # the SVD of one m x n gradient fits in host memory when the accelerator is full
+            logger.warning("LoQT: out of memory finding P for %s on %s; computing it on the CPU", self.name, grad.device)
+            self._next_proj = self._projection_from(grad.cpu()).to(grad.device)
+
+    def _projection_from(self, grad: torch.Tensor) -> torch.Tensor:
+        """The new P: top-``rank`` singular vectors of the collected gradient, on the gradient's device."""
         opts = self._svd_options
         generator = torch.Generator().manual_seed(opts["seed"] + 7919 * int(self.merges))
         previous = (None, None)
         if self.initialized:
-            current = self.projector()
+            current = self.projector().to(grad.device)
             previous = (current, None) if self.side == "left" else (None, current)
         left, right = refresh_projector(
             grad,
@@ -209,33 +239,53 @@ class LoQTLinear(nn.Module):
             generator=generator,
             name=self.name,
         )
-        self._next_proj = left if self.side == "left" else right
+        return left if self.side == "left" else right
+
+    def discard_collected(self) -> None:
+        """Forget the gradient collected for a merge that is not done (its update was skipped)."""
+        self._grad_sum = self._next_proj = None
+        self.gradient_nonfinite = False
 
     @torch.no_grad()
     def merge(self, error_compensation_steps: int = 0) -> None:
         """W <- Q(W_q + s P B) with the new P from the collected gradient; B <- 0 or the error compensation.
 
-        Without a collected gradient (the layer was not used in the merge step) P is kept.
+        Without a collected gradient (the layer was not used in the merge step) P is kept. All or nothing: the new
+        W_q, P and B are computed first and written only when all exist, so an error (out of memory in the SVD or
+        the quantization, or a non-finite W_q + s P B, which is refused) leaves the layer as it was.
         """
         if self._grad_sum is not None:
             self._reduce_gradient()
+        if self.gradient_nonfinite:
+            raise FloatingPointError(f"LoQT: {self.name or 'a layer'} collected a non-finite gradient; not merged")
         target = self.effective_weight()
         new_proj = self._next_proj if self._next_proj is not None else self.projector()
+        if not all_finite([target, new_proj]):
+            raise FloatingPointError(
+                f"LoQT: W_q + s P B of {self.name or 'a layer'} is non-finite at merge {int(self.merges) + 1} (B "
+                "diverged); not merged, the quantized weight keeps its last finite value. Lower the learning rate "
+                "and resume from the last checkpoint"
+            )
+        if self.quantize_projection:
+            proj_data, proj_absmax = quantize(new_proj, self.quant, self.quant_block_size)
+            P = dequantize(proj_data, proj_absmax, self.quant, self.proj_shape, self.quant_block_size)
+        else:
+            P = new_proj.to(self.proj.dtype).float()
+        if self.quant is not None:
+            data, absmax, B = quantize_with_error_compensation(
+                target, P, self.scale, self.side, error_compensation_steps, self.quant, self.quant_block_size
+            )
+        # commit: in-place copies into existing buffers, which allocate nothing
         self._next_proj = None
         if self.quantize_projection:
-            data, absmax = quantize(new_proj, self.quant, self.quant_block_size)
-            self.proj_q.copy_(data)
-            self.proj_absmax.copy_(absmax)
+            self.proj_q.copy_(proj_data)
+            self.proj_absmax.copy_(proj_absmax)
         else:
             self.proj.copy_(new_proj)
-        P = self.projector()
         if self.quant is None:
             self.base_weight.copy_(target)
             self.B.zero_()
         else:
-            data, absmax, B = quantize_with_error_compensation(
-                target, P, self.scale, self.side, error_compensation_steps, self.quant, self.quant_block_size
-            )
             self.weight_q.copy_(data)
             self.weight_absmax.copy_(absmax)
             self.B.copy_(B)

@@ -6,6 +6,7 @@ same code path a user runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,12 +55,16 @@ def run_glue(
     print_table: bool = True,
     source: str = "auto",
     data_dir: str | None = None,
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    optimizers: Callable[[torch.nn.Module, Any], tuple[Any, Any]] | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` on ``task`` with ``method`` (a registered config; None = the Trainer's AdamW).
 
     ``extra_methods`` are attached first (e.g. a VeLoRA config that composes with ``method``).
     ``training_overrides`` are ``TrainingArguments`` fields that take precedence over the arguments above (recipes
     pass their whole ``training:`` section here). ``source`` / ``data_dir``: see :func:`load_glue`.
+    ``prepare_model(model)`` wraps the loaded model (e.g. peft's ``get_peft_model`` for a LoRA baseline);
+    ``optimizers(model, args)`` returns the Trainer's ``(optimizer, scheduler)`` pair (peer optimizers in benchmarks).
     """
     from transformers import (
         AutoModelForSequenceClassification,
@@ -74,6 +79,8 @@ def run_glue(
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)
     net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels)
+    if prepare_model is not None:
+        net = prepare_model(net)
     train = tokenized_glue(task, tokenizer, "train", train_limit, max_length, source, data_dir)
     dev = tokenized_glue(task, tokenizer, "dev", eval_limit, max_length, source, data_dir)
     arguments = measured_run_arguments(
@@ -98,6 +105,7 @@ def run_glue(
         eval_dataset=dev,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=glue_compute_metrics(task),
+        optimizers=optimizers(net, args) if optimizers is not None else (None, None),
     )
 
     def evaluate(trained) -> dict[str, float]:

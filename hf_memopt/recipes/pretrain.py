@@ -5,6 +5,7 @@ Text is tokenized once and cut into fixed ``seq_len`` blocks (labels = inputs), 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,7 +84,8 @@ def run_pretrain(
     output_dir: str = "out/pretrain",
     tokenizer_path: str | None = None,
     extra_methods: tuple[Any, ...] = (),
-    optimizers: tuple[Any, Any] | None = None,
+    optimizers: tuple[Any, Any] | Callable[[torch.nn.Module, Any], tuple[Any, Any]] | None = None,
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     training_overrides: dict[str, Any] | None = None,
     dataset: LMBlocks | None = None,
     sources: tuple[str, ...] = ("wikitext2_valid", "c4_demo"),
@@ -91,7 +93,9 @@ def run_pretrain(
 ) -> RunResult:
     """Train a ``size`` LLaMA from scratch for ``steps`` updates with ``method`` (None = the Trainer's AdamW).
 
-    ``optimizers`` passes a ready optimizer (peer libraries in benchmarks); logs every step.
+    ``optimizers`` passes the Trainer's ``(optimizer, scheduler)`` pair, or ``optimizers(model, args)`` builds it
+    (peer libraries in benchmarks); ``prepare_model(model)`` wraps the fresh model (a LoRA baseline); logs every
+    step.
     ``training_overrides`` are ``TrainingArguments`` fields that take precedence over the arguments above.
     ``sources``: see :func:`lm_blocks`. ``eval_blocks`` > 0 holds out that many blocks (the last ones) and reports
     their ``eval_loss`` and ``perplexity`` after training.
@@ -127,8 +131,10 @@ def run_pretrain(
         dataset = torch.utils.data.Subset(dataset, range(len(dataset) - eval_blocks))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(size, vocab_size=len(tokenizer), max_position_embeddings=seq_len))
+    if prepare_model is not None:
+        model = prepare_model(model)
     trainer = Trainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-        optimizers=optimizers(model) if callable(optimizers) else (optimizers or (None, None)),
+        optimizers=optimizers(model, args) if callable(optimizers) else (optimizers or (None, None)),
     )
     return train_and_measure(trainer, method, extra_methods, held_out_loss if eval_dataset is not None else None)

@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,15 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = None,
+               prepare_model: Callable[[Any], Any] | None = None,
+               optimizers: Callable[[Any, Any], tuple[Any, Any]] | None = None) -> dict[str, Any]:
     """Train (and evaluate) ``recipe``; returns the results dictionary, also written to ``<run_dir>/results.json``.
 
     ``progress=False`` turns off the Trainer's progress bar unless the recipe sets ``disable_tqdm`` itself;
-    ``command`` is recorded with the results (the CLI passes its own command line).
+    ``command`` is recorded with the results (the CLI passes its own command line). ``prepare_model`` and
+    ``optimizers`` reach the GLUE and pretraining runners (rows that are not hf_memopt methods: a peft LoRA model,
+    a peer library's optimizer); the instruct runner refuses them.
     """
     configs = method_configs(recipe)
     run_dir = recipe.run_dir
@@ -69,9 +74,13 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = N
             data.name, None, model=recipe.model, output_dir=run_dir, train_limit=data.train_limit,
             eval_limit=data.eval_limit, max_length=data.max_length, extra_methods=tuple(configs),
             training_overrides=training, print_table=False, source=data.source, data_dir=data.data_dir,
+            prepare_model=prepare_model, optimizers=optimizers,
         )
     elif recipe.task == "instruct":
         from hf_memopt.recipes.instruct import run_instruct
+
+        if prepare_model is not None or optimizers is not None:
+            raise NotImplementedError("prepare_model / optimizers are not supported by the instruct runner")
 
         result = run_instruct(
             None, model=recipe.model, data_path=data.path, train_limit=data.train_limit, eval_limit=data.eval_limit,
@@ -83,7 +92,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = N
         result = run_pretrain(
             None, size=recipe.model.removeprefix("llama-"), seq_len=data.seq_len, output_dir=run_dir,
             tokenizer_path=data.tokenizer, extra_methods=tuple(configs), training_overrides=training,
-            sources=tuple(data.sources), eval_blocks=data.eval_blocks,
+            sources=tuple(data.sources), eval_blocks=data.eval_blocks, prepare_model=prepare_model, optimizers=optimizers,
         )
     wall = time.perf_counter() - started
     summary = result.summary()
@@ -102,6 +111,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = N
         "metrics": summary.get("metrics", {}),
         "memory_bytes": summary["memory_bytes"],
         "median_step_seconds": result.median_step_seconds,
+        "median_step_cpu_seconds": result.median_step_cpu_seconds,
         "steps": result.trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,

@@ -1,6 +1,7 @@
 """VeLoRA: compress the inputs Linear layers save for backward with rank-1 sub-token projections
 (https://arxiv.org/abs/2405.17991)."""
 
+from hf_memopt.distributed import ENGINES
 from hf_memopt.registry import register_method
 from hf_memopt.velora.builder import apply_velora, build_velora, remove_velora
 from hf_memopt.velora.config import VeLoRAConfig
@@ -27,4 +28,6 @@ register_method(
     build_velora,
     "Rank-1 sub-token projections: Linear layers save num_groups scalars per token instead of their input",
     sets_optimizer=False,
+    # a model transform: the compressed coefficients come from the input, with the weight the engine gathered
+    engines=frozenset(ENGINES),
 )

@@ -21,5 +21,10 @@ __all__ = [
 ]
 
 register_method(
-    "zo", ZOConfig, build_zo, "Zeroth-order MeZO-SGD: two forwards per step, no backward (ZO2 block offloading)"
+    "zo",
+    ZOConfig,
+    build_zo,
+    "Zeroth-order MeZO-SGD: two forwards per step, no backward (ZO2 block offloading)",
+    engine_requirement="ZO replaces the training step with two forwards around an in-place perturbation of every "
+    "whole parameter, bypassing the engine's backward and optimizer step",
 )

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from hf_memopt.ddp import broadcast_from_rank0_, keep_model_out_of_ddp
+from hf_memopt.faults import install_fault_reporting
 from hf_memopt.integration import (
     OptimizerHyperparameters,
     install_optimizer_factory,
@@ -44,7 +46,10 @@ def create_zo_optimizer(
     for name, p in trainable_parameters(model):
         (plain if name in no_decay_names else decay).append(p)
     groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (plain, 0.0)) if ps]
-    return ZOSGD(groups, lr=hparams.lr, weight_decay=weight_decay, n_samples=config.n_samples, seed=seed)
+    return ZOSGD(
+        groups, lr=hparams.lr, weight_decay=weight_decay, n_samples=config.n_samples, seed=seed,
+        max_consecutive_skips=config.max_consecutive_skips,
+    )  # fmt: skip
 
 
 def _unwrap_optimizer(optimizer: Any) -> ZOSGD:
@@ -179,11 +184,15 @@ def zo_engine(trainer: Trainer) -> ZO2Engine | None:
 def build_zo(trainer: Trainer, config: ZOConfig) -> None:
     """Registry builder: replace the training step, supply ZO-SGD, and set up offloading if asked."""
     args = trainer.args
-    if args.world_size > 1:
+    distributed = args.world_size > 1
+    if distributed and config.offload == "cpu":
         raise NotImplementedError(
-            "ZO fine-tuning under distributed training is not implemented: the projected gradient would have to be "
-            "averaged across ranks"
+            "ZO2 offloading (offload='cpu') under distributed training is not implemented: the offloaded blocks live "
+            "in CPU memory, which the initial broadcast from rank 0 would need a CPU (gloo) process group for. Use "
+            "offload=None with DDP"
         )
+    if distributed:
+        keep_model_out_of_ddp(trainer)  # no gradients: DDP would only add its gradient buckets
     engine = None
     if config.offload == "cpu":
         _, blocks = find_block_list(trainer.model, config.blocks_attr)
@@ -199,6 +208,8 @@ def build_zo(trainer: Trainer, config: ZOConfig) -> None:
     seed = args.seed if config.seed is None else config.seed
 
     def build(model: nn.Module) -> torch.optim.Optimizer:
+        if distributed:
+            broadcast_from_rank0_(model)  # as DDP's wrap would
         optimizer = create_zo_optimizer(
             model,
             config,
@@ -218,4 +229,5 @@ def build_zo(trainer: Trainer, config: ZOConfig) -> None:
     trainer.training_step = types.MethodType(training_step, trainer)
     # first in line, so the printer and loggers see the projected gradient instead of grad_norm 0
     trainer.callback_handler.callbacks.insert(0, ZOCallback(engine))
+    install_fault_reporting(trainer)
 

@@ -39,6 +39,9 @@ class ZOConfig:
         blocks_attr: dotted path of the ``nn.ModuleList`` of transformer blocks (``"model.layers"``); ``None``
             finds the largest list of repeated blocks.
         overlap: with CUDA, upload the next block on a side stream while the current one computes.
+        max_consecutive_skips: an optimizer update with a non-finite (NaN/Inf) perturbed loss is skipped whole (nothing
+            changes) and logged; after this many skipped in a row the next one stops training with a clear error,
+            >= 0 (0: stop at the first). See ``hf_memopt.faults``.
     """
 
     eps: float = field(default=1e-3, metadata={"help": "Perturbation scale epsilon, in (0, 1]."})
@@ -55,6 +58,9 @@ class ZOConfig:
         default=None, metadata={"help": "Dotted path of the ModuleList of transformer blocks; None: found."}
     )
     overlap: bool = field(default=True, metadata={"help": "With CUDA, prefetch the next block on a side stream."})
+    max_consecutive_skips: int = field(
+        default=5, metadata={"help": "Non-finite updates skipped in a row before training stops (>= 0)."}
+    )
 
     def __post_init__(self) -> None:
         self.eps = check_float("eps", self.eps, 0.0, 1.0, low_inclusive=False)
@@ -70,3 +76,4 @@ class ZOConfig:
         if self.blocks_attr is not None and (not isinstance(self.blocks_attr, str) or not self.blocks_attr):
             raise ValueError(f"blocks_attr must be a non-empty dotted attribute path or None; got {self.blocks_attr!r}")
         check_bool("overlap", self.overlap)
+        check_int("max_consecutive_skips", self.max_consecutive_skips, 0)

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from hf_memopt.ddp import all_reduce_mean_, is_distributed
+from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
 from hf_memopt.optim_state import keep_state_dtypes_on_load
 from hf_memopt.zo.perturb import apply_zo_update_, mix_seed
 
@@ -24,6 +26,10 @@ class ZOSGD(torch.optim.Optimizer):
     All state lives in ``state[first parameter]``: ``zo_step`` and ``zo_seed`` (ints) and ``zo_projected_grads``
     (float64 tensor, the current step's accumulators), so a checkpoint resumes with the same perturbations.
 
+    Under data parallelism (``distributed``: by default, whether a multi-rank process group runs) :meth:`step` first
+    averages the projected gradients across ranks: one all-reduce of ``n_samples`` numbers per update, the only
+    communication ZO needs, since every rank draws the same z from the same seeds.
+
     # NOTE: departs from the ``Optimizer`` contract: ``step()`` ignores ``.grad`` (there is none). Parameters listed
     # in ``deferred`` are not touched by ``step()``; their update is queued in ``pending`` and applied by the ZO2
     # offload engine when the block holding them is next uploaded (``apply_pending``).
@@ -37,6 +43,8 @@ class ZOSGD(torch.optim.Optimizer):
         *,
         n_samples: int = 1,
         seed: int = 0,
+        distributed: bool | None = None,
+        max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ):
         if lr < 0:
             raise ValueError(f"lr must be >= 0; got {lr}")
@@ -61,7 +69,9 @@ class ZOSGD(torch.optim.Optimizer):
         self.pending: dict[torch.nn.Parameter, tuple[tuple[int, ...], tuple[float, ...], float, float]] = {}
         self.last_projected_grads: list[float] = []
         self.before_step: list[Callable[[], None]] = []
+        self.distributed = is_distributed() if distributed is None else distributed
         keep_state_dtypes_on_load(self)
+        self.nonfinite_skips = install_skip_counter(self, max_consecutive_skips)
 
     @property
     def _zo_state(self) -> dict[str, Any]:
@@ -92,6 +102,14 @@ class ZOSGD(torch.optim.Optimizer):
             hook()
         state = self._zo_state
         grads = state["zo_projected_grads"]
+        if self.distributed:
+            self._average_across_ranks(grads)
+        # A non-finite L+ or L- makes its projected gradient non-finite: skip the update. The parameters are already
+        # back at theta (the training step undid its perturbations) and zo_step stays, so nothing changed.
+        if self.nonfinite_skips.skip_if_nonfinite([grads], "ZO"):
+            self.last_projected_grads = []
+            grads.zero_()
+            return loss
         seeds = tuple(self.sample_seed(k) for k in range(self.n_samples))
         coefficients = tuple(float(g) / self.n_samples for g in grads)
         for group in self.param_groups:
@@ -105,6 +123,12 @@ class ZOSGD(torch.optim.Optimizer):
         grads.zero_()
         state["zo_step"] = int(state["zo_step"]) + 1
         return loss
+
+    def _average_across_ranks(self, grads: torch.Tensor) -> None:
+        """Average the projected gradients over ranks, on the parameters' device (NCCL reduces no CPU tensors)."""
+        on_device = grads.to(self._anchor.device)
+        all_reduce_mean_(on_device)
+        grads.copy_(on_device)
 
     def apply_pending(self, p: torch.nn.Parameter, target: torch.Tensor | None = None) -> bool:
         """Apply ``p``'s queued update to ``target`` (default ``p``); returns whether there was one."""

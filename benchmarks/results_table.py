@@ -1,0 +1,375 @@
+"""The results table (docs/results.md): every method and baseline on MiniLM GLUE and LLaMA pretraining, measured here.
+
+    python benchmarks/results_table.py run      # trains every missing cell, one fresh process each (resumable)
+    python benchmarks/results_table.py render   # writes docs/results.md and the README summary from the cells
+
+A cell is one (task, row): the task's recipe (recipes/glue/<task>.yaml, recipes/pretrain/llama_<size>.yaml) with the
+short schedule in ``SCHEDULES``, and a row that is either an hf_memopt method run exactly as ``hf-memopt train
+--method NAME`` runs it, or a baseline / peer library built in ``ROWS`` below. Each cell runs in its own interpreter
+(peak RSS is that run's own) and writes ``out/results_table/<task>/<row>.json``; ``run`` skips cells already done,
+so an interrupted run continues where it stopped (``--force`` reruns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "out" / "results_table"
+RESULTS_JSON = ROOT / "benchmarks" / "results" / "results_table.json"
+DOC = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
+MB = 2**20
+
+GLUE_TASKS = ("rte", "mrpc", "cola", "stsb", "sst2")
+PRETRAIN_TASKS = ("llama-20m", "llama-60m")
+TASKS = GLUE_TASKS + PRETRAIN_TASKS
+RUN_ORDER = ("llama-20m", "sst2", "llama-60m", "rte", "mrpc", "stsb", "cola")  # most informative first
+
+# Short schedules: the whole table (~80 cells) must fit a few hours of a 2-core CPU. They show memory exactly and
+# time per update faithfully; quality after so few updates is only indicative (RTE / MRPC / CoLA barely move).
+SCHEDULES: dict[str, list[str]] = {
+    "glue": ["data.train_limit=640", "data.eval_limit=256", "training.max_steps=20", "training.logging_steps=5"],
+    "llama-20m": ["training.max_steps=40", "training.warmup_steps=4", "data.seq_len=128", "training.logging_steps=5"],
+    "llama-60m": ["training.max_steps=20", "training.warmup_steps=2", "data.seq_len=128", "training.logging_steps=2"],
+}
+
+# The papers' own figures for the nearest setting (never the same setting: RoBERTa-base / full schedules / C4).
+PAPER = {
+    "source_glue": "GaLore (arXiv 2403.03507) Table 4: RoBERTa-base, rank 4, full GLUE schedules; metric x 100",
+    "glue": {
+        "adamw": {"cola": 62.24, "stsb": 90.92, "mrpc": 91.30, "rte": 79.42, "sst2": 94.57},
+        "galore": {"cola": 60.35, "stsb": 90.73, "mrpc": 92.25, "rte": 79.42, "sst2": 94.04},
+        "lora": {"cola": 61.38, "stsb": 90.57, "mrpc": 91.07, "rte": 78.70, "sst2": 92.89},
+    },
+    "source_pretrain": "GaLore (arXiv 2403.03507) Table 2: LLaMA 60M on C4, 1.1B tokens, validation perplexity",
+    "pretrain": {"adamw": {"llama-60m": 34.06}, "galore": {"llama-60m": 34.88}, "lora": {"llama-60m": 34.99}},
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: an hf_memopt method (``method``) or a baseline built by ``prepare`` / ``optimizers``."""
+
+    name: str
+    method: str = "adamw"
+    sets: tuple[str, ...] = ()
+    glue_sets: tuple[str, ...] = ()
+    lr_of: str | None = None  # the recipe method whose learning rate a baseline borrows
+    prepare: Callable[[Any, Any], Any] | None = None  # (model, recipe) -> model
+    optimizers: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None  # (model, args, recipe) -> (opt, sched)
+    kind: str = "hf_memopt"
+
+
+def _galore_settings(recipe) -> dict[str, Any]:
+    return recipe.method_fields.get("galore", {})
+
+
+def _targeted_weights(model, recipe) -> list:
+    from hf_memopt.targeting import match_target_modules
+
+    targets = _galore_settings(recipe).get("target_modules", "all-linear")
+    return [m.weight for m in match_target_modules(model, targets).values()]
+
+
+def _projected_groups(model, recipe, **extra) -> list[dict[str, Any]]:
+    """galore-torch / apollo-torch parameter groups: the recipe's GaLore targets projected, everything else plain."""
+    settings = _galore_settings(recipe)
+    targets = [p for p in _targeted_weights(model, recipe) if p.requires_grad]
+    ids = {id(p) for p in targets}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    projected = {"params": targets, "rank": settings.get("rank", 128),
+                 "update_proj_gap": settings.get("update_proj_gap", 200), "scale": settings.get("scale", 0.25),
+                 "proj_type": "std", **extra}
+    return [{"params": rest}, projected]
+
+
+def galore_torch_optimizer(model, args, recipe):
+    from galore_torch import GaLoreAdamW
+
+    return GaLoreAdamW(_projected_groups(model, recipe), lr=args.learning_rate, eps=args.adam_epsilon,
+                       weight_decay=args.weight_decay, no_deprecation_warning=True), None
+
+
+def apollo_optimizer(model, args, recipe):
+    from apollo_torch import APOLLOAdamW
+
+    # APOLLO's defaults (README): random projection, channel-wise scaling, scale 1.
+    groups = _projected_groups(model, recipe, proj="random", scale_type="channel", scale=1.0)
+    return APOLLOAdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay), None
+
+
+def badam_optimizer(model, args, recipe):
+    import torch
+    from badam import BlockOptimizer
+
+    prefix = "bert.encoder.layer" if hasattr(model, "bert") else "model.layers"
+    layers = sorted({int(n.split(".")[len(prefix.split("."))]) for n, _ in model.named_parameters()
+                     if n.startswith(prefix + ".")})
+    blocks = [[f"{prefix}.{i}."] for i in layers]
+    base = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
+                             weight_decay=args.weight_decay)
+    # every block visited once in the run (BAdam's default 50 would leave most blocks untouched at these lengths)
+    switch_every = max(1, args.max_steps // len(blocks))
+    active = ["classifier"] if hasattr(model, "classifier") else ["lm_head"]
+    return BlockOptimizer(base, list(model.named_parameters()), block_prefix_list=blocks,
+                          switch_block_every=switch_every, switch_mode="ascending", active_modules=active,
+                          verbose=0), None
+
+
+def lora_model(model, recipe):
+    from peft import LoraConfig, get_peft_model
+
+    if recipe.task == "glue":
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"],
+                            modules_to_save=["classifier"], task_type="SEQ_CLS")
+        return get_peft_model(model, config)
+    rank = _galore_settings(recipe).get("rank", 128)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear")
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():  # as GaLore's LoRA baseline: embeddings and norms train fully
+        if "lora_" not in name and "proj" not in name:
+            param.requires_grad_(True)
+    return peft_model
+
+
+ROWS: dict[str, Row] = {r.name: r for r in [
+    Row("adamw"),
+    Row("adamw_8bit", sets=("training.optim=adamw_bnb_8bit",), kind="baseline"),
+    Row("lora", prepare=lora_model, glue_sets=("training.learning_rate=5e-4",), kind="baseline"),
+    Row("galore", method="galore"),
+    Row("galore_8bit_layerwise", method="galore", sets=("methods.galore.optimizer=adamw_8bit",
+                                                        "methods.galore.layerwise=true")),
+    Row("blockllm", method="blockllm"),
+    Row("loqt", method="loqt"),
+    Row("velora", method="velora"),
+    Row("velora+galore", method="velora+galore"),
+    Row("zo", method="zo"),
+    Row("galore-torch", optimizers=galore_torch_optimizer, kind="peer", lr_of="galore"),
+    Row("apollo-torch", optimizers=apollo_optimizer, kind="peer", lr_of="galore"),
+    Row("badam", optimizers=badam_optimizer, kind="peer"),
+]}
+
+
+def recipe_path(task: str) -> Path:
+    if task in GLUE_TASKS:
+        return ROOT / "recipes" / "glue" / f"{task}.yaml"
+    return ROOT / "recipes" / "pretrain" / f"{task.replace('-', '_')}.yaml"
+
+
+def cell_path(task: str, row: str, out: Path = OUT) -> Path:
+    return out / task / f"{row}.json"
+
+
+def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, ...] = ()) -> None:
+    """Train one cell in this process and write its JSON (called by ``run`` in a fresh interpreter)."""
+    from hf_memopt.recipes.recipe import load_recipe
+    from hf_memopt.recipes.run import run_recipe
+
+    row = ROWS[row_name]
+    schedule = SCHEDULES["glue" if task in GLUE_TASKS else task]
+    sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else ()), *extra_sets,
+            f"output_dir={out / task / 'runs'}", "training.disable_tqdm=true"]
+    if row.lr_of is not None:  # peers of a method run at that method's learning rate from the recipe
+        lr = load_recipe(recipe_path(task), sets, row.lr_of).training["learning_rate"]
+        sets.append(f"training.learning_rate={lr}")
+    recipe = load_recipe(recipe_path(task), sets, row.method)
+    prepare = (lambda model: row.prepare(model, recipe)) if row.prepare else None
+    optimizers = (lambda model, args: row.optimizers(model, args, recipe)) if row.optimizers else None
+    command = f"python benchmarks/results_table.py cell {task} {row_name}"
+    results = run_recipe(recipe, progress=False, command=command, prepare_model=prepare, optimizers=optimizers)
+    results.pop("resolved_recipe", None)
+    results["row"], results["kind"] = row_name, row.kind
+    results["learning_rate"] = recipe.training["learning_rate"]
+    cell_path(task, row_name, out).write_text(json.dumps(results, indent=1, default=str))
+
+
+def run_all(tasks: list[str], rows: list[str], force: bool, smoke: bool) -> None:
+    out = OUT.with_name("results_table_smoke") if smoke else OUT
+    for task in tasks:
+        (out / task).mkdir(parents=True, exist_ok=True)
+        for row in rows:
+            path = cell_path(task, row, out)
+            if path.exists() and not force:
+                continue
+            log = out / task / f"{row}.log"
+            started = time.perf_counter()
+            print(f"{task} / {row} ...", end=" ", flush=True)
+            command = [sys.executable, __file__, "cell", task, row] + (["--smoke"] if smoke else [])
+            with open(log, "w") as f:
+                proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+            wall = time.perf_counter() - started
+            if proc.returncode == 0:
+                print(f"{wall:.0f} s", flush=True)
+            else:
+                tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+                failure = {"row": row, "failed": tail[0] if tail else f"exit status {proc.returncode}"}
+                path.write_text(json.dumps(failure))
+                print(f"failed: {failure['failed']}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering
+
+
+def load_cells() -> dict[str, dict[str, dict[str, Any]]]:
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    for task in TASKS:
+        for row in ROWS:
+            path = cell_path(task, row)
+            if path.exists():
+                cells.setdefault(task, {})[row] = json.loads(path.read_text())
+    return cells
+
+
+def _metric(task: str, cell: dict[str, Any]) -> float | None:
+    metrics = cell.get("metrics", {})
+    if task in PRETRAIN_TASKS:
+        return metrics.get("perplexity")
+    key = {"cola": "matthews_correlation", "stsb": "pearson"}.get(task, "accuracy")
+    value = metrics.get(key)
+    return None if value is None else 100 * value
+
+
+METRIC_NAMES = {"cola": "MCC", "stsb": "Pearson", "llama-20m": "held-out ppl", "llama-60m": "held-out ppl"}
+
+
+def task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
+    from hf_memopt.memory import MemoryBreakdown
+
+    base = cells.get("adamw")
+    base_total = MemoryBreakdown(**base["memory_bytes"]).tensors_total if base and "memory_bytes" in base else None
+    base_step = base.get("median_step_cpu_seconds") if base else None
+    metric = METRIC_NAMES.get(task, "accuracy")
+    paper_kind = "glue" if task in GLUE_TASKS else "pretrain"
+    header = ["row", metric, "paper", "weights MB", "grads MB", "optimizer MB", "activations MB", "tensors vs AdamW",
+              "peak RSS MB", "CPU s / update", "vs AdamW", "final loss"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, cell in cells.items():
+        if "failed" in cell:
+            lines.append(f"| {name} | failed: {cell['failed'].replace('|', '/')[:140]} |" + " |" * (len(header) - 2))
+            continue
+        b = MemoryBreakdown(**cell["memory_bytes"])
+        value = _metric(task, cell)
+        paper = PAPER[paper_kind].get(name, {}).get(task)
+        step = cell.get("median_step_cpu_seconds")
+        cells_out = [
+            name,
+            "-" if value is None else f"{value:.1f}" if task in GLUE_TASKS else f"{value:.0f}",
+            "-" if paper is None else f"{paper:.2f}",
+            f"{(b.parameters + b.buffers) / MB:.1f}", f"{b.gradients / MB:.1f}", f"{b.optimizer_state / MB:.1f}",
+            f"{b.activations / MB:.1f}",
+            f"{b.tensors_total / base_total:.2f}x" if base_total else "-",
+            f"{b.peak_process / MB:.0f}",
+            "-" if step is None else f"{step:.2f}",
+            f"{step / base_step:.2f}x" if step and base_step else "-",
+            "-" if cell.get("final_loss") is None else f"{cell['final_loss']:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells_out) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
+    for task_cells in cells.values():
+        for cell in task_cells.values():
+            env = cell.get("environment")
+            if env:
+                return (f"{env.get('device')}, {env.get('cpu_count')} CPUs ({env.get('processor')}, {env.get('platform')}),"
+                        f" {env.get('torch_threads')} torch threads; torch {env.get('torch')}, transformers "
+                        f"{env.get('transformers')}, bitsandbytes {env.get('bitsandbytes', '?')}; fp32, seed 0")
+    return "?"
+
+
+def render() -> None:
+    cells = load_cells()
+    if not cells:
+        raise SystemExit("no cells yet: run `python benchmarks/results_table.py run` first")
+    RESULTS_JSON.write_text(json.dumps(cells, indent=1, default=str))
+    loads = [c["environment"].get("load_average_1m") for t in cells.values() for c in t.values() if "environment" in c]
+    loads = [x for x in loads if x is not None]
+    parts = [DOC.read_text().split("<!-- tables -->")[0].rstrip() + "\n\n<!-- tables -->\n",
+             f"Machine: {machine_line(cells)}. 1-minute load average at the end of each cell: "
+             f"{min(loads):.1f} to {max(loads):.1f}.\n" if loads else ""]
+    for task in TASKS:
+        if task not in cells:
+            parts.append(f"\n### {task}\n\nNot run yet.\n")
+            continue
+        schedule = ", ".join(SCHEDULES["glue" if task in GLUE_TASKS else task])
+        what = "MiniLM-L6 (22.7M) fine-tuning" if task in GLUE_TASKS else f"LLaMA {task[6:].upper()} from scratch"
+        parts.append(f"\n### {task}: {what}\n\nSchedule: `{schedule}` on top of `{recipe_path(task).relative_to(ROOT)}`."
+                     f"\n\n{task_table(task, cells[task])}\n")
+    parts.append(
+        f"\nPaper columns: {PAPER['source_glue']}; {PAPER['source_pretrain']}. They are the nearest published setting, "
+        "not this one: compare rows within a table, not against the paper column.\n")
+    DOC.write_text("".join(parts))
+    write_readme_summary(cells)
+    print(f"wrote {DOC.relative_to(ROOT)} and {RESULTS_JSON.relative_to(ROOT)}")
+
+
+def write_readme_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """The README's short table: per row, tensor memory vs AdamW (LLaMA 60M) and the metric on SST-2 and LLaMA 60M."""
+    from hf_memopt.memory import MemoryBreakdown
+
+    text = README.read_text()
+    start, end = "<!-- results-summary -->", "<!-- /results-summary -->"
+    if start not in text:
+        return
+    lines = ["| row | tensors vs AdamW (LLaMA 60M) | CPU time / update vs AdamW | SST-2 acc | LLaMA 60M ppl |",
+             "|---|---:|---:|---:|---:|"]
+    big, sst2 = cells.get("llama-60m", {}), cells.get("sst2", {})
+    base = big.get("adamw")
+    for name in ROWS:
+        cell = big.get(name, {})
+        ratio = step = "-"
+        if base and "memory_bytes" in cell:
+            ratio = (f"{MemoryBreakdown(**cell['memory_bytes']).tensors_total / MemoryBreakdown(**base['memory_bytes']).tensors_total:.2f}x")
+            step = f"{cell['median_step_cpu_seconds'] / base['median_step_cpu_seconds']:.2f}x"
+        acc = _metric("sst2", sst2[name]) if name in sst2 and "failed" not in sst2[name] else None
+        ppl = _metric("llama-60m", cell) if cell and "failed" not in cell else None
+        lines.append(f"| {name} | {ratio} | {step} | {'-' if acc is None else f'{acc:.1f}'} | "
+                     f"{'-' if ppl is None else f'{ppl:.0f}'} |")
+    block = start + "\n" + "\n".join(lines) + "\n" + end
+    before, rest = text.split(start, 1)
+    README.write_text(before + block + rest.split(end, 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train every missing cell")
+    run.add_argument("--tasks", default=",".join(RUN_ORDER))
+    run.add_argument("--rows", default=",".join(ROWS))
+    run.add_argument("--force", action="store_true", help="rerun cells that already have results")
+    run.add_argument("--smoke", action="store_true", help="3 updates per cell, into out/results_table_smoke")
+    sub.add_parser("render", help="write docs/results.md and the README summary")
+    cell = sub.add_parser("cell", help="train one cell in this process")
+    cell.add_argument("task", choices=TASKS)
+    cell.add_argument("row", choices=list(ROWS))
+    cell.add_argument("--smoke", action="store_true")
+    a = parser.parse_args()
+    if a.command == "cell":
+        smoke = ("training.max_steps=3", "training.logging_steps=1", "training.warmup_steps=0",
+                 "data.eval_limit=16" if a.task in GLUE_TASKS else "data.eval_blocks=4")
+        run_cell(a.task, a.row, OUT.with_name("results_table_smoke") if a.smoke else OUT, smoke if a.smoke else ())
+    elif a.command == "run":
+        tasks, rows = a.tasks.split(","), a.rows.split(",")
+        unknown = [t for t in tasks if t not in TASKS] + [r for r in rows if r not in ROWS]
+        if unknown:
+            raise SystemExit(f"unknown task or row: {unknown}; tasks {TASKS}, rows {list(ROWS)}")
+        run_all(tasks, rows, a.force, a.smoke)
+    else:
+        render()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
