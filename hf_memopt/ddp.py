@@ -4,8 +4,10 @@ DDP all-reduces full gradients in buckets after backward and keeps a bucket copy
 updates each weight inside backward (before DDP's all-reduce) and only needs the small projected gradient averaged;
 ZO has no gradients at all and only needs its projected-gradient scalars averaged. Both keep the model out of DDP
 (:func:`keep_model_out_of_ddp`), start every rank from rank 0's weights (:func:`broadcast_from_rank0_`) and average
-what they need themselves (:func:`all_reduce_mean_`). LoQT stays under DDP and uses :func:`all_reduce_mean_` for the
-weight gradient its merges collect, which DDP never sees.
+what they need themselves (:func:`all_reduce_mean_`). BlockLLM does the same: DDP fixes its buckets from
+``requires_grad`` at wrap time, which every re-selection changes; its optimizer averages the selected blocks' gradients
+(every block's on a scoring step) and the loss of its stall test. LoQT stays under DDP and uses
+:func:`all_reduce_mean_` for the weight gradient its merges collect, which DDP never sees.
 
 DDP cannot simply be told to ignore the parameters the first two update
 (``_set_params_and_buffers_to_ignore_for_model``): when every trainable parameter is ignored its constructor raises

@@ -200,6 +200,88 @@ def test_scoring_reads_every_block_norm_and_keeps_only_selected_gradients():
     assert opt.visits[chosen].min() >= 1 and opt.loss_count == 0 and not opt.recent_losses
 
 
+# ---- data parallelism: a simulated second rank (the real 2-process launch is tests/test_distributed.py) -----------------
+class _TwoRanks:
+    """Stands in for ``all_reduce_mean_`` with one other rank, whose tensor ``peer(own)`` returns; records the calls."""
+
+    def __init__(self, peer):
+        self.peer = peer
+        self.calls = 0
+
+    def __call__(self, tensor):
+        self.calls += 1
+        tensor.add_(self.peer(tensor.clone())).div_(2)
+        return tensor.numel() * tensor.element_size()
+
+
+def test_update_averages_the_selected_gradients_once_and_a_missing_one_counts_as_zero(monkeypatch):
+    model = tiny_llama(dtype=torch.float64)
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=0.8), HP)
+    opt.distributed = True
+    _select(opt, [0, 1, 2])
+    p0, p1, p2 = (opt.blocks[i].params[0] for i in range(3))
+    g0, h0, h1 = (torch.randn_like(p0), torch.randn_like(p0), torch.randn_like(p1))
+    p0.grad = g0.clone()  # p1 has no gradient on this rank, the other rank has one; p2 has none anywhere
+    # the other rank's bucket: one presence flag per parameter, then the gradients in order
+    peer = torch.cat([torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), h0.flatten(), h1.flatten(),
+                      torch.zeros(p2.numel(), dtype=torch.float64)])
+    reduce = _TwoRanks(lambda own: peer)
+    monkeypatch.setattr("hf_memopt.blockllm.optimizer.all_reduce_mean_", reduce)
+    opt.average_gradients()
+    opt.average_gradients()  # once per update: the Trainer integration calls it before clipping, step() again
+    assert reduce.calls == 1
+    torch.testing.assert_close(p0.grad, (g0 + h0) / 2, rtol=0, atol=0)
+    torch.testing.assert_close(p1.grad, h1 / 2, rtol=0, atol=0)
+    assert p2.grad is None
+    assert opt.communicated_bytes == peer.numel() * 8
+    before = p0.detach().clone()
+    opt.step()
+    assert reduce.calls == 1 and not torch.equal(p0, before)
+    assert opt.ddp_equivalent_bytes == sum(p.numel() * 8 for b in opt.blocks for p in b.params)
+    opt.step()  # the next update averages again
+    assert reduce.calls == 2
+
+
+def test_scoring_under_data_parallelism_ranks_blocks_by_the_norm_of_the_averaged_gradient(monkeypatch):
+    model = tiny_llama(dtype=torch.float64)
+    local = copy.deepcopy(model)
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=0.8), HP)
+    reference = create_blockllm_optimizer(local, BlockLLMConfig(sparsity=0.8), HP)
+    opt.distributed = True
+    reduce = _TwoRanks(lambda own: 5 * own)  # the other rank's gradient is 5x this one's: the mean is 3x
+    monkeypatch.setattr("hf_memopt.blockllm.optimizer.all_reduce_mean_", reduce)
+    for o, m in ((opt, model), (reference, local)):
+        _select(o, [0])
+        o.begin_scoring()
+        _llama_loss(m).backward()
+    params = [p for b in opt.blocks for p in b.params]
+    assert reduce.calls == len(params)  # one all-reduce per gradient, inside backward
+    torch.testing.assert_close(opt._norms_sq.sqrt(), 3 * reference._norms_sq.sqrt(), rtol=1e-12, atol=0)
+    kept, kept_local = opt.blocks[0].params[0], reference.blocks[0].params[0]
+    torch.testing.assert_close(kept.grad, 3 * kept_local.grad, rtol=1e-12, atol=0)  # the update uses the mean too
+    opt.step()
+    assert reduce.calls == len(params)  # already averaged: the update sends nothing more
+    assert opt.communicated_bytes == sum(p.numel() * 8 for p in params)
+
+
+def test_stall_test_reads_the_loss_averaged_over_ranks(monkeypatch):
+    opt = create_blockllm_optimizer(tiny_llama(), BlockLLMConfig(sparsity=0.8), HP)
+    monkeypatch.setattr("hf_memopt.blockllm.optimizer.all_reduce_mean_", _TwoRanks(lambda own: own + 2))
+    assert opt.mean_over_ranks(torch.tensor(4.0)) == 4.0  # not distributed: this rank's own loss
+    opt.distributed = True
+    assert opt.mean_over_ranks(torch.tensor(4.0)) == 5.0
+
+
+def test_update_buckets_split_by_dtype_and_size(monkeypatch):
+    from hf_memopt.blockllm import optimizer
+
+    monkeypatch.setattr(optimizer, "_BUCKET_NUMEL", 10)
+    a, b, c, d = torch.zeros(4), torch.zeros(3, dtype=torch.float64), torch.zeros(5), torch.zeros(12)
+    e = torch.zeros(2)
+    buckets = optimizer._buckets([a, b, c, d, e])
+    assert [[id(t) for t in bucket] for bucket in buckets] == [[id(a), id(c)], [id(b)], [id(d)], [id(e)]]
+
+
 def test_embeddings_and_head_frozen_by_default_and_selectable_when_asked():
     model = tiny_llama()
     blocks, _ = build_blocks(model, "parameter", train_embeddings=False)

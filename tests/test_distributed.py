@@ -1,9 +1,11 @@
 """Data-parallel training on CPU (gloo, 2 processes): parameters agree across ranks and with one process that sees the
 same global batch; configurations that cannot run distributed refuse with a clear error at ``attach()``.
 
-Layer-wise GaLore and ZO are not wrapped in DDP: they average what they need themselves (the projected gradients in
-the hooks; the projected-gradient scalars), so their rows also check that the model stayed unwrapped, switch the
-averaging off as a negative control, and count the bytes layer-wise GaLore sent against what DDP would have sent.
+Layer-wise GaLore, ZO and BlockLLM are not wrapped in DDP: they average what they need themselves (the projected
+gradients in the hooks; the projected-gradient scalars; the selected blocks' gradients, every gradient on scoring
+steps, and the loss of the stall test), so their rows also check that the model stayed unwrapped, switch the averaging
+off as a negative control, and count the bytes layer-wise GaLore and BlockLLM sent against what DDP would have sent.
+The BlockLLM rows run long enough for a re-selection and check that it chose what the one-process run chose.
 LoQT is wrapped (DDP averages B) and averages the gradient its merges collect itself.
 
 One ``torchrun --nproc_per_node 2`` launch of this very file (its ``__main__`` block is the worker) trains every
@@ -46,6 +48,12 @@ def _configs(case: str) -> list:
     loqt = LoQTConfig(rank=RANK, target_modules="all-linear", merge_every=2)
     velora_mlp = VeLoRAConfig(num_groups=8, target_modules=["gate_proj", "up_proj", "down_proj"])
     loqt_attention = LoQTConfig(rank=RANK, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], merge_every=2)
+    # patience 1 (with BLOCKLLM_ARGS): selection 1 at update 1, the loss stalls at update 4, re-selection at update 5;
+    # masks (mask_fraction 0.5) are drawn from the averaged gradient of each newly selected block
+    blockllm = BlockLLMConfig(sparsity=0.8, patience=1, mask_fraction=0.5)
+    blockllm_8bit = BlockLLMConfig(
+        sparsity=0.8, patience=1, mask_fraction=0.5, optimizer="adamw_8bit", min_8bit_size=1024
+    )
     return {
         "adamw": [],  # the control: if this disagrees, the data split is wrong, not a method
         "galore": [galore],
@@ -57,17 +65,27 @@ def _configs(case: str) -> list:
         "loqt": [loqt],
         "velora+loqt": [velora_mlp, loqt_attention],
         "zo": [ZOConfig(n_samples=2, eps=1e-2)],  # a larger eps: (L+ - L-) / 2 eps loses fewer float32 digits
+        "blockllm": [blockllm],
+        "blockllm_8bit": [blockllm_8bit],
+        "blockllm_accumulation": [blockllm],
+        "velora+blockllm": [velora, blockllm],
         # the configurations that refuse data-parallel training
         "galore_layerwise_clipping": [layerwise],
-        "blockllm": [BlockLLMConfig(sparsity=0.8, patience=2)],
         "loqt_without_find_unused_parameters": [loqt],
         "zo_offload": [ZOConfig(offload="cpu")],
     }[case]
 
 
+# BlockLLM: 6 updates at a larger lr, so the loss stalls and a re-selection runs with an update after it; a small
+# max_grad_norm, so the Trainer clips (the averaged gradient, whose norm differs from each rank's own)
+BLOCKLLM_ARGS = {"max_steps": 6, "learning_rate": 8e-2, "max_grad_norm": 0.2}
+BLOCKLLM = ["blockllm", "blockllm_8bit", "velora+blockllm", "blockllm_accumulation"]
 # TrainingArguments per case (the single-process reference gets WORLD x the batch); layer-wise GaLore cannot clip
 # under DDP, and the accumulation row has 2 micro-batches of 2 sequences per rank per update
 CASE_ARGS = {
+    **{case: BLOCKLLM_ARGS for case in BLOCKLLM},
+    # averaged once per update (scoring updates: once per micro-batch, in the hooks)
+    "blockllm_accumulation": {**BLOCKLLM_ARGS, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
     "galore_layerwise": {"max_grad_norm": 0.0},
     "velora+galore_layerwise": {"max_grad_norm": 0.0},
     "galore_layerwise_accumulation": {
@@ -79,15 +97,15 @@ CASE_ARGS = {
 TRAINED = [
     "adamw", "galore", "velora", "velora+galore",
     "galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "loqt", "velora+loqt", "zo",
+    *BLOCKLLM,
 ]  # fmt: skip
 # averaging their own gradients, so never wrapped in DDP
-SELF_REDUCED = {"galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "zo"}
+SELF_REDUCED = {"galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "zo", *BLOCKLLM}
 # the negative control of the rank check: these cases again with their own averaging switched off
-UNAVERAGED = ["galore_layerwise", "zo"]
+UNAVERAGED = ["galore_layerwise", "zo", "blockllm"]
 # case -> (exception type, words its message must contain: what fails and why)
 REFUSED = {
     "galore_layerwise_clipping": ("ValueError", ["layer-wise", "distributed", "max_grad_norm=0"]),
-    "blockllm": ("NotImplementedError", ["BlockLLM", "distributed"]),
     "loqt_without_find_unused_parameters": ("ValueError", ["LoQT", "distributed", "ddp_find_unused_parameters=True"]),
     "zo_offload": ("NotImplementedError", ["ZO2", "distributed", "offload=None"]),
 }
@@ -121,14 +139,33 @@ def _losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+def _steps(case: str) -> int:
+    return CASE_ARGS.get(case, {}).get("max_steps", STEPS)
+
+
 def _communication(trainer) -> dict:
-    """Layer-wise GaLore's byte counters (bytes this rank all-reduced, and what DDP would have)."""
+    """Layer-wise GaLore's or BlockLLM's byte counters (bytes this rank all-reduced, and what DDP would have)."""
     from hf_memopt.optim_state import unwrap_optimizer
 
-    layerwise = getattr(unwrap_optimizer(trainer.optimizer), "layerwise", None)
-    if layerwise is None:
+    optimizer = unwrap_optimizer(trainer.optimizer)
+    counter = getattr(optimizer, "layerwise", None) or optimizer
+    if not hasattr(counter, "communicated_bytes"):
         return {}
-    return {"communicated_bytes": layerwise.communicated_bytes, "ddp_equivalent_bytes": layerwise.ddp_equivalent_bytes}
+    return {"communicated_bytes": counter.communicated_bytes, "ddp_equivalent_bytes": counter.ddp_equivalent_bytes}
+
+
+def _selection(trainer) -> dict:
+    """BlockLLM's selection state after training (empty for other methods)."""
+    from hf_memopt.blockllm.optimizer import unwrap_blockllm_optimizer
+
+    optimizer = unwrap_blockllm_optimizer(trainer.optimizer)
+    if optimizer is None:
+        return {}
+    return {
+        "num_selections": optimizer.num_selections,
+        "selected": optimizer.selected.tolist(),
+        "visits": optimizer.visits.tolist(),
+    }
 
 
 class _SwitchOffAveraging(TrainerCallback):
@@ -160,6 +197,7 @@ def _worker(out: Path) -> None:
         report["trained"][case] = {
             "losses": _losses(trainer),
             "wrapped": type(trainer.model_wrapped).__name__,
+            "selection": _selection(trainer),
             **_communication(trainer),
         }
     for case in UNAVERAGED:
@@ -248,8 +286,12 @@ def test_ddp_equals_one_process_with_the_same_global_batch(ddp_run, reports, cas
         moved += not torch.equal(initial[key], value)
     assert moved > 0  # the comparison is not between two untouched models
     ddp_losses = reports[0]["trained"][case]["losses"]
-    assert len(ddp_losses) == STEPS
+    assert len(ddp_losses) == _steps(case)
     assert ddp_losses == pytest.approx(_losses(single), rel=1e-5)
+    selection = reports[0]["trained"][case]["selection"]
+    assert selection == _selection(single)
+    if case in BLOCKLLM:
+        assert selection["num_selections"] == 2  # the re-selection happened, and chose what one process chose
 
 
 @pytest.mark.parametrize("case", ["adamw", "galore_layerwise", "zo"])
@@ -279,6 +321,23 @@ def test_layerwise_galore_all_reduces_projected_gradients_between_refreshes(repo
         assert sent["ddp_equivalent_bytes"] == STEPS * full
         assert sent["communicated_bytes"] == 2 * full + projected
     assert projected < full / 3  # the projected update really is the small one (3.5x less here)
+
+
+@pytest.mark.parametrize("case", ["blockllm", "blockllm_8bit", "velora+blockllm"])
+def test_blockllm_all_reduces_the_selected_gradients_between_scoring_steps(reports, case):
+    """Bytes counted by the optimizer: every selectable gradient (the blocks outside embeddings and head) on the two
+    scoring updates (1 and 5); on the other four only the selected ones (at most 1 - sparsity = 20% of the trainable
+    parameters) plus one presence flag per parameter and the loss of the stall test. DDP would send every selectable
+    gradient on every update."""
+    from hf_memopt.blockllm.blocks import build_blocks, selection_budget
+
+    blocks, trainable = build_blocks(tiny_llama(seed=3), "parameter", train_embeddings=False)
+    selectable = sum(b.numel for b in blocks) * 4
+    per_update = selection_budget(0.8, trainable) * 4 + sum(len(b.params) for b in blocks) * 4 + 8
+    for report in reports:
+        sent = report["trained"][case]
+        assert sent["ddp_equivalent_bytes"] == 6 * selectable
+        assert 2 * selectable < sent["communicated_bytes"] <= 2 * selectable + 4 * per_update
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.training_args import ParallelMode
 
 from hf_memopt.blockllm.blocks import build_blocks, selection_budget
 from hf_memopt.blockllm.config import BlockLLMConfig
@@ -18,6 +17,7 @@ from hf_memopt.blockllm.optimizer import (
     _BlockLLMOptimizer,
     unwrap_blockllm_optimizer,
 )
+from hf_memopt.ddp import broadcast_from_rank0_, keep_model_out_of_ddp
 from hf_memopt.faults import install_fault_reporting, out_of_memory_advice
 from hf_memopt.integration import OptimizerHyperparameters, install_method_optimizer, no_decay_parameter_names
 
@@ -108,7 +108,8 @@ class BlockLLMCallback(TrainerCallback):
     * ``on_train_end``: leave only the selected blocks trainable and remove the scoring hooks.
 
     The step's loss is the sum of ``training_step``'s return values over its micro-batches (what the Trainer logs),
-    gathered by :meth:`add_micro_batch_loss`.
+    gathered by :meth:`add_micro_batch_loss`. Those are this rank's losses: under data parallelism the stall test
+    reads their mean over the ranks (the Trainer averages the logged loss too, but only on logging steps).
     """
 
     def __init__(self) -> None:
@@ -122,11 +123,6 @@ class BlockLLMCallback(TrainerCallback):
         opt = unwrap_blockllm_optimizer(optimizer)
         if opt is None:
             return
-        if args.parallel_mode == ParallelMode.DISTRIBUTED or args.world_size > 1:
-            raise NotImplementedError(
-                "BlockLLM under distributed training is not implemented: DDP fixes its gradient buckets from "
-                "requires_grad when it wraps the model, and BlockLLM changes requires_grad at every re-selection"
-            )
         if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             if not getattr(model, "_require_grads_hooks", None) and not getattr(model, "_require_grads_hook", None):
                 model.enable_input_require_grads()
@@ -147,7 +143,7 @@ class BlockLLMCallback(TrainerCallback):
                 "BlockLLM step %d: selection %d chose %d of %d blocks (%d parameters, budget %d)",
                 state.global_step, opt.num_selections, int(chosen.sum()), len(chosen), opt.selected_numel, opt.budget,
             )
-        elif loss is not None and opt.observe_loss(loss.item()):
+        elif loss is not None and opt.observe_loss(opt.mean_over_ranks(loss)):
             opt.begin_scoring()
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
@@ -156,11 +152,22 @@ class BlockLLMCallback(TrainerCallback):
             opt.apply_selection(scoring=False)
 
 
+def _create_distributed_blockllm_optimizer(
+    model: nn.Module, config: BlockLLMConfig, hparams: OptimizerHyperparameters, **kwargs: Any
+) -> _BlockLLMOptimizer:
+    """BlockLLM under DDP: the optimizer averages the selected gradients itself, so the model is not wrapped in DDP
+    (whose buckets are fixed from ``requires_grad`` at wrap time, which every re-selection changes; see
+    ``hf_memopt/ddp.py``); every rank starts from rank 0's weights, as DDP's wrap would ensure."""
+    broadcast_from_rank0_(model)
+    return create_blockllm_optimizer(model, config, hparams, **kwargs)
+
+
 def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
     """Registry builder: freeze the unselectable parameters now (so errors surface at ``attach``), build the
-    optimizer when training starts, and wrap ``training_step`` to read each micro-batch's loss."""
-    if trainer.is_model_parallel or trainer.args.world_size > 1:
-        raise NotImplementedError("BlockLLM under distributed or model-parallel training is not implemented")
+    optimizer when training starts, and wrap ``training_step`` to read each micro-batch's loss and, under data
+    parallelism, average the gradients after the update's last backward (so the Trainer clips the averaged one)."""
+    if trainer.is_model_parallel:
+        raise NotImplementedError("BlockLLM under model-parallel training is not implemented")
     prepare_blockllm_model(trainer.model, config)
     callback = BlockLLMCallback()
     trainer.add_callback(callback)
@@ -184,8 +191,15 @@ def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
                 f"holds a consistent state. {out_of_memory_advice()}"
             ) from err
         callback.add_micro_batch_loss(loss)
+        opt = unwrap_blockllm_optimizer(trainer.optimizer)
+        if opt is not None and trainer.accelerator.sync_gradients:
+            opt.average_gradients()  # before the Trainer's clipping, which sees the gradients next
         return loss
 
     trainer.training_step = training_step
 
-    install_method_optimizer(trainer, create_blockllm_optimizer, config)
+    if trainer.args.world_size > 1:
+        keep_model_out_of_ddp(trainer)
+        install_method_optimizer(trainer, _create_distributed_blockllm_optimizer, config)
+    else:
+        install_method_optimizer(trainer, create_blockllm_optimizer, config)

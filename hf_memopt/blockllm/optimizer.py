@@ -11,6 +11,20 @@ One optimizer holds every selectable parameter, so the Trainer builds it once; o
 The selection state (selected blocks, visit counts, number of selections, the loss history since the last selection,
 whether the next step is a scoring step) travels in ``state_dict()["blockllm"]`` as plain tensors, ints and bools, and
 the masks in each parameter's state, so ``optimizer.pt`` reloads with ``torch.load(weights_only=True)``.
+
+Under data parallelism (``distributed``: by default, whether a multi-rank process group runs; the builder keeps the
+model out of DDP, see ``hf_memopt/ddp.py``) the optimizer averages what it uses across ranks itself, so every rank
+takes the same decisions from the global batch's gradient:
+
+* an update averages the selected blocks' gradients only (:meth:`average_gradients`: a few flat buckets, one
+  all-reduce each), about ``1 - sparsity`` of what DDP would send; the top-k masks are drawn after it;
+* a scoring pass averages every block's gradient in its hook before the norm is read (the norm of the mean is not
+  the mean of the local norms), a full all-reduce on scoring steps only;
+* the stall test reads the rank-average of the step's loss (:meth:`mean_over_ranks`).
+
+Every rank must compute a gradient for the same parameters (true unless the graph depends on the data, as with
+routed experts); a parameter whose gradient is missing on some ranks only counts as zero there in an update, as with
+DDP's ``find_unused_parameters``.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import torch
 
 from hf_memopt.adam8bit import adam_8bit_direction, init_8bit_moments
 from hf_memopt.blockllm.blocks import Block, select_blocks
+from hf_memopt.ddp import all_reduce_mean_, is_distributed
 from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, all_finite, install_skip_counter, out_of_memory_advice
 from hf_memopt.optim_state import keep_state_dtypes_on_load, unwrap_optimizer
 
@@ -33,6 +48,8 @@ __all__ = ["BlockLLMAdamW", "BlockLLMAdamW8bit"]
 logger = logging.getLogger(__name__)
 
 _STATE_KEY = "blockllm"
+# elements per all-reduce bucket of the update's gradient averaging (64 MiB of float32), so the flat copy stays small
+_BUCKET_NUMEL = 1 << 24
 
 
 class _BlockLLMOptimizer(torch.optim.Optimizer):
@@ -48,6 +65,8 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         visit_penalty: lambda of the visit-frequency discount.
         max_consecutive_skips: an update with a non-finite gradient in a selected block is skipped whole; after this
             many in a row the next one raises (``hf_memopt.faults``).
+        distributed: average gradients and losses across ranks (module docstring); ``None``: whether a multi-rank
+            process group runs.
     """
 
     def __init__(
@@ -64,6 +83,7 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         mask_fraction: float = 1.0,
         visit_penalty: float = 1.0,
         max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
+        distributed: bool | None = None,
     ):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0; got {lr}")
@@ -106,6 +126,12 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.scoring = False
         self._norms_sq = torch.zeros(len(blocks), dtype=torch.float64)
         self._hooks: list[Any] = []
+        self.distributed = is_distributed() if distributed is None else distributed
+        # bytes this rank sent to all-reduces, and what DDP would have sent (every selectable gradient, every update)
+        self.communicated_bytes = 0
+        self.ddp_equivalent_bytes = 0
+        self._selectable_bytes = sum(p.numel() * p.element_size() for b in blocks for p in b.params)
+        self._grads_averaged = False  # this update's gradients are already the rank-average
         keep_state_dtypes_on_load(self)
         self.nonfinite_skips = install_skip_counter(self, max_consecutive_skips)
 
@@ -160,10 +186,15 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
                 if not self.selected[i]:
                     self._hooks.append(p.register_post_accumulate_grad_hook(_drop_grad))
 
-    def _norm_hook(self, index: int) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
+    def _norm_hook(self, index: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        def hook(grad: torch.Tensor) -> torch.Tensor | None:
             # one micro-batch's gradient; with accumulation the score is the root of the summed squares
+            if self.distributed:  # score the global batch's gradient, and keep it for this step's update
+                grad = grad.detach().clone()
+                self.communicated_bytes += all_reduce_mean_(grad)
+                self._grads_averaged = True
             self._norms_sq[index] += grad.detach().double().pow(2).sum().item()
+            return grad if self.distributed else None
 
         return hook
 
@@ -224,6 +255,30 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.loss_sum, self.loss_count = 0.0, 0
         self.recent_losses.clear()
 
+    # ---- data parallelism ------------------------------------------------------------------------------------------
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        """``value`` (a scalar, e.g. this rank's loss of the step) averaged over the ranks when distributed, so the
+        stall test takes the same decision on every rank."""
+        value = value.detach().reshape(1).double().clone()
+        if self.distributed:
+            self.communicated_bytes += all_reduce_mean_(value)
+        return float(value)
+
+    @torch.no_grad()
+    def average_gradients(self) -> None:
+        """Replace the selected blocks' gradients by their mean over the ranks, once per update.
+
+        ``step()`` calls it; call it earlier to clip the averaged gradient (the Trainer integration does so after
+        the last micro-batch's backward). A no-op without ``distributed``, and after the scoring hooks (which
+        averaged every gradient already) or an earlier call in the same update.
+        """
+        if not self.distributed or self._grads_averaged:
+            return
+        self._grads_averaged = True
+        params = [p for i, block in enumerate(self.blocks) if self.selected[i] for p in block.params]
+        for bucket in _buckets(params):
+            self.communicated_bytes += _average_bucket(bucket)
+
     # ---- the step ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -231,6 +286,12 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.distributed:
+            self.ddp_equivalent_bytes += self._selectable_bytes
+        try:
+            self.average_gradients()
+        finally:
+            self._grads_averaged = False
         updated = [(p, group) for group in self.param_groups for p in group["params"] if self._updates(p)]
         # checked before any update, so a skipped step leaves moments, masks, step counters and parameters untouched
         if self.nonfinite_skips.skip_if_nonfinite([p.grad for p, _ in updated], "BlockLLM"):
@@ -325,6 +386,52 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
 
 def _drop_grad(p: torch.Tensor) -> None:
     p.grad = None
+
+
+def _buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``params`` in order, split by dtype and device and into runs of at most ``_BUCKET_NUMEL`` elements (a larger
+    parameter gets a bucket of its own). Every rank holds the same selection, so every rank makes the same buckets."""
+    buckets: list[list[torch.Tensor]] = []
+    sizes: list[int] = []
+    open_bucket: dict[tuple[torch.dtype, torch.device], int] = {}  # index of the bucket each kind still fills
+    for p in params:
+        key = (p.dtype, p.device)
+        i = open_bucket.get(key)
+        if i is None or sizes[i] + p.numel() > _BUCKET_NUMEL:
+            i = open_bucket[key] = len(buckets)
+            buckets.append([])
+            sizes.append(0)
+        buckets[i].append(p)
+        sizes[i] += p.numel()
+    return buckets
+
+
+def _average_bucket(params: list[torch.Tensor]) -> int:
+    """Average the ``.grad`` of ``params`` over the ranks with one all-reduce of a flat buffer; returns its bytes.
+
+    The buffer starts with one presence flag per parameter, so a gradient missing on some ranks counts as zero there
+    (and stays ``None`` where no rank has one) instead of shifting the other gradients' offsets.
+    """
+    first = params[0]
+    flat = torch.zeros(len(params) + sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
+    offset = len(params)
+    for i, p in enumerate(params):
+        if p.grad is not None:
+            flat[i] = 1
+            flat[offset : offset + p.numel()].copy_(p.grad.reshape(-1))
+        offset += p.numel()
+    sent = all_reduce_mean_(flat)
+    offset = len(params)
+    for i, p in enumerate(params):
+        mean = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if flat[i] == 0:
+            continue
+        if p.grad is None:
+            p.grad = mean.clone()
+        else:
+            p.grad.copy_(mean)
+    return sent
 
 
 def _top_fraction_mask(grad: torch.Tensor, fraction: float) -> torch.Tensor:
