@@ -8,7 +8,9 @@ picks the folder with the largest step number whatever it holds, so the restarte
 ``trainer_state.json`` (or on a truncated file), and keeps failing on every restart, since that folder stays the newest.
 
 :func:`last_complete_checkpoint` skips such folders: a checkpoint is complete when its ``trainer_state.json`` (written
-last) parses and names the folder's own step, and its weights file is there.
+last) parses and names the folder's own step. The weights' layout is not checked: it depends on the engine
+(``model.safetensors``, a sharded index, an FSDP ``pytorch_model_fsdp_0/`` folder, DeepSpeed's ``global_step*/``), and
+all of it is written before ``trainer_state.json``.
 """
 
 from __future__ import annotations
@@ -24,18 +26,6 @@ logger = logging.getLogger(__name__)
 
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR pattern
 _TRAINER_STATE = "trainer_state.json"
-# what `save_model` writes: safetensors (default), pickled weights (safe_serialization=False), sharded indexes, or
-# a PEFT adapter
-_WEIGHTS = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-)
-
-
 def _step_of(path: str) -> int | None:
     match = _CHECKPOINT_DIR.match(os.path.basename(os.path.normpath(path)))
     return int(match.group(1)) if match else None
@@ -57,9 +47,7 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
             state = json.load(f)
     except (OSError, ValueError):
         return False
-    if not isinstance(state, dict) or state.get("global_step") != step:
-        return False
-    return any(os.path.isfile(os.path.join(path, name)) for name in _WEIGHTS)
+    return isinstance(state, dict) and state.get("global_step") == step
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

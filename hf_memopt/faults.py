@@ -4,7 +4,10 @@ The policy, shared by every method that owns an update path (GaLore, BlockLLM, L
 
 * An optimizer update whose gradient (for ZO: whose perturbed loss, hence projected gradient) holds NaN or Inf is
   skipped whole: no parameter, moment, projector, step counter, quantized weight or block selection changes, and a
-  warning names the update. This is what ``torch.amp.GradScaler`` does for an overflowed fp16 step.
+  warning names the update. This is what ``torch.amp.GradScaler`` does for an overflowed fp16 step. The one
+  exception is layer-wise GaLore without clipping: its hooks update each parameter during backward, before later
+  gradients exist, so a non-finite gradient skips only that parameter's update (one host sync per parameter); with
+  clipping the whole update is checked first.
 * After ``max_consecutive_skips`` skipped updates in a row, the next non-finite one raises :class:`NonFiniteError`
   telling the user what to try; ``0`` stops at the first. A finite update resets the streak.
 * The Trainer still counts a skipped update as a step and its LR scheduler still advances (as with GradScaler): the
@@ -99,8 +102,8 @@ class SkipCounter:
         self.total += 1
         if self.consecutive > self.max_consecutive_skips:
             raise NonFiniteError(
-                f"{what}: non-finite (NaN/Inf) gradient or loss at optimizer update {self.updates}, the "
-                f"{self.consecutive}th in a row (max_consecutive_skips={self.max_consecutive_skips}); training "
+                f"{what}: non-finite (NaN/Inf) gradient or loss at optimizer update {self.updates} "
+                f"({self.consecutive} in a row, max_consecutive_skips={self.max_consecutive_skips}); training "
                 "stopped. The skipped updates changed nothing, so the model and optimizer state are those of the last "
                 "finite update. Lower the learning rate, enable clipping (max_grad_norm > 0), use bf16 instead of "
                 "fp16, or look for bad samples in the data; then resume from the last checkpoint"

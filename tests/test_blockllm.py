@@ -392,3 +392,23 @@ def test_selection_that_would_be_empty_raises_at_attach(tmp_path):
 
 def test_registered_under_its_name():
     assert METHODS["blockllm"].config_cls is BlockLLMConfig
+
+
+def test_checkpoints_with_the_old_full_loss_history_still_load_and_give_the_same_stall_decisions():
+    from hf_memopt.blockllm.optimizer import _STATE_KEY
+
+    model = tiny_llama()
+    config = BlockLLMConfig(sparsity=0.8, patience=3)
+    reference = create_blockllm_optimizer(model, config, HP)
+    losses = [5.0, 4.0, 3.5, 3.4, 3.3]
+    for loss in losses:
+        reference.observe_loss(loss)
+    old = reference.state_dict()
+    old[_STATE_KEY] = {k: v for k, v in old[_STATE_KEY].items() if k not in ("loss_sum", "loss_count", "recent_losses")}
+    old[_STATE_KEY]["loss_history"] = torch.tensor(losses, dtype=torch.float64)
+    loaded = create_blockllm_optimizer(model, config, HP)
+    loaded.load_state_dict(old)
+    assert (loaded.loss_sum, loaded.loss_count, list(loaded.recent_losses)) == (
+        reference.loss_sum, reference.loss_count, list(reference.recent_losses))
+    for loss in (3.35, 3.4, 3.6):
+        assert loaded.observe_loss(loss) == reference.observe_loss(loss)

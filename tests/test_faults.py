@@ -161,7 +161,7 @@ def test_a_poisoned_update_changes_nothing_and_training_goes_on(name, tmp_path):
 def test_too_many_poisoned_updates_in_a_row_stop_with_a_clear_message(name, tmp_path):
     config = _with(CASES[name].config, max_consecutive_skips=2)
     trainer, _ = _run(CASES[name], tmp_path, {1, 2, 3}, max_steps=4, config=config)
-    with pytest.raises(NonFiniteError, match=r"update 4, the 3th in a row \(max_consecutive_skips=2\).*resume"):
+    with pytest.raises(NonFiniteError, match=r"update 4 \(3 in a row, max_consecutive_skips=2\).*resume"):
         trainer.train()
     assert all(p.isfinite().all() for p in trainer.model.parameters())
 
@@ -172,7 +172,7 @@ def test_max_consecutive_skips_zero_stops_at_the_first():
     weight.grad = torch.randn_like(weight)
     optimizer.step()
     weight.grad[2, 1] = float("nan")
-    with pytest.raises(NonFiniteError, match="update 2, the 1th in a row"):
+    with pytest.raises(NonFiniteError, match=r"update 2 \(1 in a row"):
         optimizer.step()
 
 
@@ -190,7 +190,7 @@ def test_skip_counter_travels_in_the_optimizer_state_dict(tmp_path):
     assert (fresh.nonfinite_skips.consecutive, fresh.nonfinite_skips.total, fresh.nonfinite_skips.updates) == (2, 2, 2)
     weight.grad = torch.full_like(weight, float("nan"))
     fresh.step()  # the third in a row is still allowed
-    with pytest.raises(NonFiniteError, match="the 4th in a row"):
+    with pytest.raises(NonFiniteError, match=r"\(4 in a row"):
         fresh.step()
 
 

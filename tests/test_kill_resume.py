@@ -247,7 +247,6 @@ def _truncate(path: Path) -> None:
     [
         pytest.param(lambda c: (c / "trainer_state.json").unlink(), id="no_trainer_state"),
         pytest.param(lambda c: _truncate(c / "trainer_state.json"), id="truncated_trainer_state"),
-        pytest.param(lambda c: (c / "model.safetensors").unlink(), id="no_weights"),
         pytest.param(
             lambda c: (c / "trainer_state.json").write_text(json.dumps({"global_step": 1})), id="state_of_another_step"
         ),
@@ -261,6 +260,15 @@ def test_last_complete_checkpoint_skips_a_checkpoint_cut_short(two_checkpoints, 
     damage(out / "checkpoint-2")
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-2")  # the stock lookup does not look inside
     assert last_complete_checkpoint(out) == str(out / "checkpoint-1")
+
+
+def test_last_complete_checkpoint_accepts_engine_specific_weight_layouts(two_checkpoints, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    newest = out / "checkpoint-2"
+    (newest / "model.safetensors").rename(tmp_path / "moved.safetensors")  # FSDP's sharded state dict layout instead
+    (newest / "pytorch_model_fsdp_0").mkdir()
+    assert last_complete_checkpoint(out) == str(newest)
 
 
 def test_last_complete_checkpoint_orders_by_step_and_ignores_other_folders(two_checkpoints, tmp_path):

@@ -377,6 +377,10 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.selected = extra["selected"].cpu().bool().clone()
         self.visits = extra["visits"].cpu().long().clone()
         self.num_selections = int(extra["num_selections"])
+        if "loss_history" in extra:  # checkpoints written before 2026-11-25 kept every loss since the selection
+            history = [float(x) for x in extra["loss_history"].tolist()]
+            extra = {**extra, "loss_sum": sum(history), "loss_count": len(history),
+                     "recent_losses": torch.tensor(history[-self.patience :], dtype=torch.float64)}
         self.loss_sum, self.loss_count = float(extra["loss_sum"]), int(extra["loss_count"])
         self.recent_losses = deque((float(x) for x in extra["recent_losses"].tolist()), maxlen=self.patience)
         self.scoring = bool(extra["scoring"])
