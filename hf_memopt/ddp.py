@@ -3,7 +3,7 @@
 DDP all-reduces full gradients in buckets after backward and keeps a bucket copy of every gradient. Layer-wise GaLore
 updates each weight inside backward (before DDP's all-reduce) and only needs the small projected gradient averaged;
 ZO has no gradients at all and only needs its projected-gradient scalars averaged. Both keep the model out of DDP
-(:func:`keep_model_out_of_ddp`), start every rank from rank 0's weights (:func:`broadcast_from_rank0_`) and average
+(:func:`keep_model_out_of_ddp`, which also starts every rank from rank 0's weights) and average
 what they need themselves (:func:`all_reduce_mean_`). BlockLLM does the same: DDP fixes its buckets from
 ``requires_grad`` at wrap time, which every re-selection changes; its optimizer averages the selected blocks' gradients
 (every block's on a scoring step) and the loss of its stall test. LoQT stays under DDP and uses
@@ -17,8 +17,9 @@ DDP cannot simply be told to ignore the parameters the first two update
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
-from torch import nn
 from transformers import Trainer
 
 __all__ = ["all_reduce_mean_", "broadcast_from_rank0_", "is_distributed", "keep_model_out_of_ddp"]
@@ -38,14 +39,16 @@ def all_reduce_mean_(tensor: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def broadcast_from_rank0_(model: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank (DDP does this when it wraps a model; here nothing wraps)."""
-    for tensor in [*model.parameters(), *model.buffers()]:
-        torch.distributed.broadcast(tensor.data, src=0)
+def broadcast_from_rank0_(tensors: Iterable[torch.Tensor | None]) -> None:
+    """Copy rank 0's values of ``tensors`` to every rank, in place (``None`` entries are skipped)."""
+    for tensor in tensors:
+        if tensor is not None:
+            torch.distributed.broadcast(tensor.data, src=0)
 
 
 def keep_model_out_of_ddp(trainer: Trainer) -> None:
-    """Make ``trainer`` prepare its model without wrapping it in DDP (mixed precision and compilation still apply).
+    """Make ``trainer`` prepare its model without wrapping it in DDP (mixed precision and compilation still apply),
+    and start every rank from rank 0's parameters and buffers there, as DDP's wrap would.
 
     # NOTE: the Trainer offers no switch for this; accelerate's ``prepare_model(evaluation_mode=True)`` is the path
     # transformers itself takes for models that own their gradient reduction (``is_distributed_loading_by_transformers``
@@ -57,7 +60,10 @@ def keep_model_out_of_ddp(trainer: Trainer) -> None:
     prepare_model = accelerator.prepare_model
 
     def prepare_without_ddp(model, device_placement=None, evaluation_mode=False):
-        return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+        model = prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+        if is_distributed():
+            broadcast_from_rank0_([*model.parameters(), *model.buffers()])
+        return model
 
     prepare_without_ddp.hf_memopt_keeps_out_of_ddp = True
     accelerator.prepare_model = prepare_without_ddp

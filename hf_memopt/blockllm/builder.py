@@ -17,7 +17,7 @@ from hf_memopt.blockllm.optimizer import (
     _BlockLLMOptimizer,
     unwrap_blockllm_optimizer,
 )
-from hf_memopt.ddp import broadcast_from_rank0_, keep_model_out_of_ddp
+from hf_memopt.ddp import keep_model_out_of_ddp
 from hf_memopt.faults import install_fault_reporting, out_of_memory_advice
 from hf_memopt.integration import OptimizerHyperparameters, install_method_optimizer, no_decay_parameter_names
 
@@ -152,16 +152,6 @@ class BlockLLMCallback(TrainerCallback):
             opt.apply_selection(scoring=False)
 
 
-def _create_distributed_blockllm_optimizer(
-    model: nn.Module, config: BlockLLMConfig, hparams: OptimizerHyperparameters, **kwargs: Any
-) -> _BlockLLMOptimizer:
-    """BlockLLM under DDP: the optimizer averages the selected gradients itself, so the model is not wrapped in DDP
-    (whose buckets are fixed from ``requires_grad`` at wrap time, which every re-selection changes; see
-    ``hf_memopt/ddp.py``); every rank starts from rank 0's weights, as DDP's wrap would ensure."""
-    broadcast_from_rank0_(model)
-    return create_blockllm_optimizer(model, config, hparams, **kwargs)
-
-
 def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
     """Registry builder: freeze the unselectable parameters now (so errors surface at ``attach``), build the
     optimizer when training starts, and wrap ``training_step`` to read each micro-batch's loss and, under data
@@ -199,7 +189,7 @@ def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
     trainer.training_step = training_step
 
     if trainer.args.world_size > 1:
+        # DDP fixes its buckets from requires_grad at wrap time, which every re-selection changes: the optimizer
+        # averages the selected gradients itself (hf_memopt/ddp.py)
         keep_model_out_of_ddp(trainer)
-        install_method_optimizer(trainer, _create_distributed_blockllm_optimizer, config)
-    else:
-        install_method_optimizer(trainer, create_blockllm_optimizer, config)
+    install_method_optimizer(trainer, create_blockllm_optimizer, config)

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
-from hf_memopt.ddp import broadcast_from_rank0_, keep_model_out_of_ddp
+from hf_memopt.ddp import keep_model_out_of_ddp
 from hf_memopt.faults import install_fault_reporting
 from hf_memopt.galore.config import GaLoreConfig
 from hf_memopt.galore.optimizer import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, _GaLoreOptimizer
@@ -127,15 +127,6 @@ def check_layerwise_supported(args: Any) -> None:
         raise ValueError("layer-wise GaLore cannot run with fp16=True (the gradients are loss-scaled); use bf16=True")
 
 
-def _create_layerwise_distributed_optimizer(
-    model: nn.Module, config: GaLoreConfig, hparams: OptimizerHyperparameters, **kwargs: Any
-) -> _GaLoreOptimizer:
-    """Layer-wise GaLore under DDP: its hooks average the (projected) gradients themselves, so the model is not
-    wrapped in DDP (``hf_memopt/ddp.py``); every rank starts from rank 0's weights, as DDP's wrap would ensure."""
-    broadcast_from_rank0_(model)
-    return create_galore_optimizer(model, config, hparams, **kwargs)
-
-
 class LayerwiseGradNormCallback(TrainerCallback):
     """Reports the true gradient norm in layer-wise mode.
 
@@ -167,7 +158,5 @@ def build_galore(trainer: Trainer, config: GaLoreConfig) -> None:
         # first in line, so the printer and loggers see the corrected value
         trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback())
     if config.layerwise and trainer.args.world_size > 1:
-        keep_model_out_of_ddp(trainer)
-        install_method_optimizer(trainer, _create_layerwise_distributed_optimizer, config)
-    else:
-        install_method_optimizer(trainer, create_galore_optimizer, config)
+        keep_model_out_of_ddp(trainer)  # the hooks average the (projected) gradients themselves
+    install_method_optimizer(trainer, create_galore_optimizer, config)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_memopt.ddp import is_distributed
+from hf_memopt.ddp import broadcast_from_rank0_, is_distributed
 from hf_memopt.faults import (
     all_finite,
     install_fault_reporting,
@@ -276,13 +276,9 @@ def _keep_frozen_buffers_out_of_ddp(model: nn.Module, layers: dict[str, LoQTLine
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored + names)
 
 
-@torch.no_grad()
 def _broadcast_frozen_state(layers: dict[str, LoQTLinear]) -> None:
     """Start every rank from rank 0's frozen weights, projections and the full-precision W kept for initialisation."""
-    for layer in layers.values():
-        for tensor in [*layer.buffers(recurse=False), layer._pending()]:
-            if tensor is not None:
-                torch.distributed.broadcast(tensor.data, src=0)
+    broadcast_from_rank0_(t for layer in layers.values() for t in (*layer.buffers(recurse=False), layer._pending()))
 
 
 def _install_skip_counter_on_creation(trainer: Trainer, config: LoQTConfig) -> None:

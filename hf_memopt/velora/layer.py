@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_memopt.ddp import all_reduce_mean_, is_distributed
 from hf_memopt.velora.function import VeLoRALinearFunction, compress
 
 __all__ = ["BUFFER_NAME", "VeLoRAState", "install_velora_linear", "is_velora_linear", "uninstall_velora_linear"]
@@ -51,9 +52,8 @@ def _unit(vector: torch.Tensor) -> torch.Tensor:
 
 def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Average over data-parallel ranks, so every rank uses the same v (and the checkpoint holds that v)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
+    if is_distributed():
+        all_reduce_mean_(t)
     return t
 
 

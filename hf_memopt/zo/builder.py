@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_memopt.ddp import broadcast_from_rank0_, keep_model_out_of_ddp
+from hf_memopt.ddp import keep_model_out_of_ddp
 from hf_memopt.faults import install_fault_reporting
 from hf_memopt.integration import (
     OptimizerHyperparameters,
@@ -208,8 +208,6 @@ def build_zo(trainer: Trainer, config: ZOConfig) -> None:
     seed = args.seed if config.seed is None else config.seed
 
     def build(model: nn.Module) -> torch.optim.Optimizer:
-        if distributed:
-            broadcast_from_rank0_(model)  # as DDP's wrap would
         optimizer = create_zo_optimizer(
             model,
             config,
