@@ -75,10 +75,12 @@ def _galore_settings(recipe) -> dict[str, Any]:
 
 
 def _targeted_weights(model, recipe) -> list:
-    from hf_memopt.targeting import match_target_modules
+    """Exactly the weights hf_memopt's galore row projects (same resolution of ``all-linear``: head excluded)."""
+    from hf_memopt.galore import GaLoreConfig
+    from hf_memopt.galore.builder import galore_target_parameters
 
-    targets = _galore_settings(recipe).get("target_modules", "all-linear")
-    return [m.weight for m in match_target_modules(model, targets).values()]
+    settings = {k: v for k, v in _galore_settings(recipe).items() if k in ("target_modules", "rank")}
+    return list(galore_target_parameters(model, GaLoreConfig(**settings)).values())
 
 
 def _projected_groups(model, recipe, **extra) -> list[dict[str, Any]]:
