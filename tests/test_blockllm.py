@@ -240,6 +240,10 @@ def test_update_averages_the_selected_gradients_once_and_a_missing_one_counts_as
     assert opt.ddp_equivalent_bytes == sum(p.numel() * 8 for b in opt.blocks for p in b.params)
     opt.step()  # the next update averages again
     assert reduce.calls == 2
+    opt.average_gradients()
+    opt.begin_update()  # an update whose step() was skipped (GradScaler overflow) must not leave the next unaveraged
+    opt.average_gradients()
+    assert reduce.calls == 4
 
 
 def test_scoring_under_data_parallelism_ranks_blocks_by_the_norm_of_the_averaged_gradient(monkeypatch):

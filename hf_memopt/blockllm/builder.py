@@ -167,11 +167,16 @@ def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
     # the bound method keeps subclasses' own training_step (TRL's included) in place.
     original_training_step = trainer.training_step
 
+    first_micro_batch = True  # of the current update
+
     def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal first_micro_batch
+        opt = unwrap_blockllm_optimizer(trainer.optimizer)
+        if opt is not None and first_micro_batch:
+            opt.begin_update()
         try:
             loss = original_training_step(*args, **kwargs)
         except torch.OutOfMemoryError as err:
-            opt = unwrap_blockllm_optimizer(trainer.optimizer)
             if opt is None or not opt.scoring:
                 raise
             # the scoring pass is BlockLLM's memory peak: every block gets a gradient (Sec. 3)
@@ -181,8 +186,8 @@ def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
                 f"holds a consistent state. {out_of_memory_advice()}"
             ) from err
         callback.add_micro_batch_loss(loss)
-        opt = unwrap_blockllm_optimizer(trainer.optimizer)
-        if opt is not None and trainer.accelerator.sync_gradients:
+        first_micro_batch = trainer.accelerator.sync_gradients  # the last micro-batch: the next call starts an update
+        if opt is not None and first_micro_batch:
             opt.average_gradients()  # before the Trainer's clipping, which sees the gradients next
         return loss
 

@@ -265,6 +265,12 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         return float(value)
 
     @torch.no_grad()
+    def begin_update(self) -> None:
+        """Start a new update: its gradients are not averaged yet. ``step()`` ends every update it runs; the Trainer
+        integration also calls this before each update's first micro-batch, so an update whose ``step()`` never ran
+        (a GradScaler skips it on an fp16 overflow) cannot leave the next update's gradients un-averaged."""
+        self._grads_averaged = False
+
     def average_gradients(self) -> None:
         """Replace the selected blocks' gradients by their mean over the ranks, once per update.
 
@@ -291,7 +297,7 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         try:
             self.average_gradients()
         finally:
-            self._grads_averaged = False
+            self.begin_update()
         updated = [(p, group) for group in self.param_groups for p in group["params"] if self._updates(p)]
         # checked before any update, so a skipped step leaves moments, masks, step counters and parameters untouched
         if self.nonfinite_skips.skip_if_nonfinite([p.grad for p, _ in updated], "BlockLLM"):
