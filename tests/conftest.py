@@ -122,3 +122,23 @@ def assert_same_trained_model(straight, resumed, initial: dict) -> None:
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
     assert any(not torch.equal(a[k], initial[k]) for k in initial if k in a), "nothing trained: a vacuous comparison"
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny steps run ~30x faster here, and a subprocess compared bit for bit with
+    this one must use the same thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def refusal_of(run) -> dict | None:
+    """``None`` when ``run()`` succeeds, else the exception's type name and message (the multi-process workers report
+    refusals this way; the tests check the type and the words)."""
+    try:
+        run()
+    except Exception as err:  # noqa: BLE001 - the caller checks the type
+        return {"type": type(err).__name__, "message": str(err)}
+    return None

@@ -30,7 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from conftest import TokenDataset, launch_ranks, tiny_llama, training_args  # noqa: E402
+from conftest import TokenDataset, launch_ranks, refusal_of, tiny_llama, training_args  # noqa: E402
 
 WORLD = 2
 PER_RANK_BATCH = 4
@@ -176,11 +176,7 @@ def _galore_on_fsdp2_shards() -> dict:
     optimizer = create_galore_optimizer(model, GaLoreConfig(rank=4, target_modules=LLAMA_TARGETS), hparams)
     batch = TokenDataset(n=8).ids
     model(input_ids=batch, labels=batch).loss.backward()
-    try:
-        optimizer.step()
-        return {"type": None, "message": ""}
-    except Exception as err:  # noqa: BLE001 - the test reads the outcome
-        return {"type": type(err).__name__, "message": str(err)}
+    return refusal_of(optimizer.step) or {"type": None, "message": ""}
 
 
 # ---- the worker (run by torchrun) --------------------------------------------------------------------------------------
@@ -205,11 +201,11 @@ def _worker(out: Path) -> None:
         report["world_size"] = trainer.args.world_size
         report["trained"][case] = {"losses": _losses(trainer), "wrapped": type(trainer.model_wrapped).__name__}
     for case, (configs, stage, _) in (DS_REFUSED if HAS_DEEPSPEED else {}).items():
-        try:
-            _trainer(configs, out / case, deepspeed=_deepspeed_config(stage), ddp_backend="gloo").train()
-            report["refused"][case] = None
-        except Exception as err:  # noqa: BLE001 - the test checks the type
-            report["refused"][case] = {"type": type(err).__name__, "message": str(err)}
+        report["refused"][case] = refusal_of(
+            lambda case=case, configs=configs, stage=stage: _trainer(
+                configs, out / case, deepspeed=_deepspeed_config(stage), ddp_backend="gloo"
+            ).train()
+        )
     (out / f"report.rank{rank}.json").write_text(json.dumps(report))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

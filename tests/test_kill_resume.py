@@ -131,14 +131,6 @@ def _worker(name: str, output_dir: str, step: int, mode: str) -> None:
 
 
 # ---- the test side ---------------------------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _kill_worker_at(name: str, output_dir: Path, step: int, mode: str = "free") -> None:
     """Run the worker until it writes the marker at ``step``, then SIGKILL it (its stderr goes to a file beside
     ``output_dir``: a pipe nobody reads could fill up and stall it)."""

@@ -42,7 +42,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from hf_memopt import METHODS, BlockLLMConfig, GaLoreConfig, LoQTConfig, VeLoRAConfig, ZOConfig, attach
-from hf_memopt.memory import buffer_bytes, gradient_bytes, optimizer_state_bytes, parameter_bytes
+from hf_memopt.memory import buffer_bytes, gradient_bytes, optimizer_state_bytes, parameter_bytes, tensor_bytes
 from hf_memopt.optim_state import unwrap_optimizer
 from hf_memopt.registry import method_name_of
 from hf_memopt.timing import StepTimerCallback
@@ -111,14 +111,6 @@ CASES: dict[str, Case] = {
 # ---- measuring ------------------------------------------------------------------------------------------------------
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
-
-
-def _unique_bytes(tensors) -> int:
-    seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        if t.device.type != "meta":
-            seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
-    return sum(seen.values())
 
 
 def _live_tensors() -> list[torch.Tensor]:
@@ -239,7 +231,7 @@ class _Probe(TrainerCallback):
         varying_keys = {_storage_key(t) for t in varying}
         live = [t for t in _live_tensors() if _storage_key(t) not in varying_keys]
         reachable = parameter_bytes(model) + buffer_bytes(model) + gradient_bytes(model)
-        reachable += optimizer_state_bytes(optimizer) - _unique_bytes(varying)
+        reachable += optimizer_state_bytes(optimizer) - tensor_bytes(varying)
         seen: set[int] = set()
         containers = dict(
             kv for obj in _method_objects(self.trainer) for kv in _containers(obj, type(obj).__name__, seen)
@@ -247,7 +239,7 @@ class _Probe(TrainerCallback):
         return Sample(
             step=step,
             live_tensors=len(live),
-            live_bytes=_unique_bytes(live),
+            live_bytes=tensor_bytes(live),
             model_and_optimizer_bytes=reachable,
             hooks=_hook_count(model),
             parameters=len(list(model.parameters())),
@@ -318,14 +310,6 @@ def assert_no_growth(trainer: Trainer, samples: list[Sample], rss_slack: float) 
         assert min(s.containers[path] for s in samples[-third:]) <= early, f"{path} keeps growing"
     keys = {len(entry) for entry in trainer.state.log_history if "loss" in entry}
     assert len(keys) <= 1, f"log entries grow: key counts {sorted(keys)}"
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_registered_method_has_a_long_run_case():
