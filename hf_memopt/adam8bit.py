@@ -2,6 +2,10 @@
 
 Shared by the optimizers that keep 8-bit state (GaLore, BlockLLM): each moment is a uint8 tensor of dynamic-map codes
 with one float32 absmax per 256 values; the kernel runs on CPU and CUDA (bitsandbytes >= 0.45).
+
+bitsandbytes keeps tensors under ``min_8bit_size`` (4096) values in 32-bit state and steps them with its 32-bit Adam
+(``optimizer_update_32bit``); ``adam_32bit_direction`` is that update, so small tensors step as in
+``bitsandbytes.optim.AdamW8bit``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BLOCK_SIZE", "adam_8bit_direction", "init_8bit_moments"]
+__all__ = ["BLOCK_SIZE", "adam_32bit_direction", "adam_8bit_direction", "init_8bit_moments"]
 
 BLOCK_SIZE = 256
 _QMAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -53,3 +57,21 @@ def adam_8bit_direction(
         step, 1.0, qmap1, qmap2, state["absmax1"], state["absmax2"], 0.0, 1.0, False,
     )  # fmt: skip
     return buffer.neg_()
+
+
+def adam_32bit_direction(
+    state: dict[str, Any], grad: torch.Tensor, betas: tuple[float, float], eps: float, step: int
+) -> tuple[torch.Tensor, float]:
+    """bitsandbytes' 32-bit Adam on full-precision moments ``exp_avg``/``exp_avg_sq``: ``(direction, multiplier)``.
+
+    The update for lr = 1 is -multiplier * direction with direction m / (sqrt(v) + eps sqrt(1 - b2^t)) and multiplier
+    sqrt(1 - b2^t) / (1 - b1^t): eps is added to sqrt(v_hat), the convention of bitsandbytes' CPU and CUDA 32-bit
+    kernels (and ``torch.optim.AdamW``). The moments keep their own dtype (float64 moments stay float64).
+    """
+    beta1, beta2 = betas
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    grad = grad.to(exp_avg.dtype)
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    correction2 = math.sqrt(1.0 - beta2**step)
+    return exp_avg / (exp_avg_sq.sqrt() + eps * correction2), correction2 / (1.0 - beta1**step)

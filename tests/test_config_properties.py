@@ -71,6 +71,7 @@ RANGES: dict[str, dict[str, Any]] = {
         "proj_type": Choice(("std", "reverse_std", "left", "right", "full")),
         "target_modules": Targets(),
         "optimizer": Choice(("adamw", "adamw_8bit", "adafactor")),
+        "adafactor_beta1": Float(0.0, 1.0, high_inclusive=False),  # or None
         "layerwise": Bool(),
         "svd_method": Choice(("subspace", "exact")),
         "svd_iterations": Int(1),
@@ -132,6 +133,8 @@ RANGES: dict[str, dict[str, Any]] = {
 def _make_consistent(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     if method == "loqt" and kwargs.get("quant") is None:
         kwargs["quantize_projection"] = False  # quantize_projection needs a quant type
+    if method == "galore" and kwargs.get("adafactor_beta1") is not None:
+        kwargs["optimizer"] = "adafactor"  # adafactor_beta1 needs the Adafactor base optimizer
     if method == "zo" and kwargs.get("offload_dtype") not in (None, "float32"):
         kwargs["offload"] = "cpu"  # a storage dtype needs offloading
     return kwargs
@@ -310,6 +313,7 @@ def test_an_invalid_value_raises_value_error_naming_its_field(method, name, data
         ("loqt", {"quant": None, "quantize_projection": True}, "quantize_projection"),
         ("zo", {"offload_dtype": "bfloat16", "offload": "none"}, "offload_dtype"),
         ("zo", {"offload_dtype": "float16"}, "offload_dtype"),
+        ("galore", {"adafactor_beta1": 0.9, "optimizer": "adamw"}, "adafactor_beta1"),
     ],
 )
 def test_cross_field_rules_raise_naming_the_field(method, kwargs, field):

@@ -128,24 +128,67 @@ def test_non_finite_gradient_keeps_the_previous_projector(caplog):
 # optimizer numerics
 
 
-def reference_galore_adamw_step(param, grad, state, lr, rank, gap, scale, betas, eps, wd):
-    """Slow, obvious float64 twin: exact SVD, std projection, Adam with the reference bias correction."""
+def reference_galore_step(param, grad, state, rule, *, lr, rank=None, gap=1, scale=1.0, wd=0.0):
+    """Slow, obvious float64 twin of one GaLore update: exact SVD, std projection (none when ``rank`` is None),
+    ``rule(state, low, t)`` returns the low-rank step (lr included), decoupled weight decay before the update."""
+    state["step"] = state.get("step", 0) + 1
+    if rank is None:
+        return param * (1 - lr * wd) - rule(state, grad, state["step"])
     m, n = param.shape
-    if state.get("step", 0) % gap == 0:
+    if (state["step"] - 1) % gap == 0:
         u, _, vh = torch.linalg.svd(grad, full_matrices=False)
         state["P"] = vh[:rank] if m >= n else u[:, :rank]
     p = state["P"]
     low = grad @ p.T if m >= n else p.T @ grad
-    state.setdefault("m", torch.zeros_like(low))
-    state.setdefault("v", torch.zeros_like(low))
-    state["step"] = state.get("step", 0) + 1
-    t = state["step"]
-    state["m"] = betas[0] * state["m"] + (1 - betas[0]) * low
-    state["v"] = betas[1] * state["v"] + (1 - betas[1]) * low * low
-    direction = state["m"] / (state["v"].sqrt() + eps)
-    back = (direction @ p if m >= n else p @ direction) * scale
-    param = param * (1 - lr * wd)
-    return param - lr * math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t) * back
+    step = rule(state, low, state["step"])
+    back = (step @ p if m >= n else p @ step) * scale
+    return param * (1 - lr * wd) - back
+
+
+def galore_adam_rule(lr, betas, eps):
+    """The reference GaLoreAdamW: step size lr sqrt(1 - b2^t) / (1 - b1^t), eps added to sqrt(v)."""
+
+    def rule(state, low, t):
+        state["m"] = betas[0] * state.get("m", 0) + (1 - betas[0]) * low
+        state["v"] = betas[1] * state.get("v", 0) + (1 - betas[1]) * low * low
+        return lr * math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t) * state["m"] / (state["v"].sqrt() + eps)
+
+    return rule
+
+
+def textbook_adam_rule(lr, betas, eps):
+    """Adam as written in Kingma & Ba (Alg. 1): bias-corrected moments, eps added to sqrt(v_hat)."""
+
+    def rule(state, low, t):
+        state["m"] = betas[0] * state.get("m", 0) + (1 - betas[0]) * low
+        state["v"] = betas[1] * state.get("v", 0) + (1 - betas[1]) * low * low
+        m_hat, v_hat = state["m"] / (1 - betas[0] ** t), state["v"] / (1 - betas[1] ** t)
+        return lr * m_hat / (v_hat.sqrt() + eps)
+
+    return rule
+
+
+def adafactor_rule(lr, beta1=None, eps1=1e-30, clip=1.0, decay=-0.8):
+    """Adafactor (Shazeer & Stern 2018, Alg. 4-5 with update clipping), the factored second moment written as
+    V_hat = R C / mean(R); with ``beta1`` the step is an average of lr-scaled clipped updates (transformers)."""
+
+    def rule(state, low, t):
+        beta2t = 1 - t**decay
+        sq = low * low + eps1
+        if low.dim() == 2:
+            state["R"] = beta2t * state.get("R", 0) + (1 - beta2t) * sq.mean(dim=1)
+            state["C"] = beta2t * state.get("C", 0) + (1 - beta2t) * sq.mean(dim=0)
+            v_hat = torch.outer(state["R"], state["C"]) / state["R"].mean()
+        else:
+            v_hat = state["V"] = beta2t * state.get("V", 0) + (1 - beta2t) * sq
+        u = low / v_hat.sqrt()
+        u = u / max(1.0, float(u.pow(2).mean().sqrt()) / clip)
+        if beta1 is None:
+            return lr * u
+        state["M"] = beta1 * state.get("M", 0) + (1 - beta1) * lr * u
+        return state["M"]
+
+    return rule
 
 
 @pytest.mark.parametrize("shape", [(12, 7), (7, 12)])
@@ -157,12 +200,15 @@ def test_galore_adamw_matches_a_float64_reference_including_refresh_and_weight_d
         [{"params": [w], "rank": 3, "update_proj_gap": 2, "scale": 0.5, "svd_method": "exact"}],
         lr=0.1, weight_decay=0.05, eps=1e-8,
     )
+    rule = galore_adam_rule(0.1, (0.9, 0.999), 1e-8)
     for _ in range(5):
         grad = torch.randn(*shape, dtype=torch.float64)
         w.grad = grad.clone()
         opt.step()
-        ref_w = reference_galore_adamw_step(ref_w, grad, ref_state, 0.1, 3, 2, 0.5, (0.9, 0.999), 1e-8, 0.05)
-        torch.testing.assert_close(w.detach(), ref_w, rtol=1e-5, atol=1e-6)  # float32 projector, float64 weight
+        ref_w = reference_galore_step(ref_w, grad, ref_state, rule, lr=0.1, rank=3, gap=2, scale=0.5, wd=0.05)
+        # float64 end to end (projector and moments too): agreement to float64 rounding
+        torch.testing.assert_close(w.detach(), ref_w, rtol=1e-12, atol=1e-12)
+    assert opt.state[w]["exp_avg"].dtype == torch.float64
 
 
 def test_galore_adamw_matches_galore_torch_update_for_update():
@@ -190,22 +236,182 @@ def test_galore_adamw_matches_galore_torch_update_for_update():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_galore_adafactor_matches_galore_torch_adafactor():
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_galore_adafactor_matches_galore_torch_adafactor_update_for_update(beta1):
     galore_torch = pytest.importorskip("galore_torch")
     torch.manual_seed(0)
     w_ours = torch.nn.Parameter(torch.randn(16, 10))
     w_ref = torch.nn.Parameter(w_ours.detach().clone())
-    ours = GaLoreAdafactor([{"params": [w_ours], "rank": 4, "update_proj_gap": 2, "scale": 0.25, "svd_method": "exact"}], lr=1e-2)
-    ref = galore_torch.GaLoreAdafactor(
-        [{"params": [w_ref], "rank": 4, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}],
-        lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False,
+    group = {"rank": 4, "update_proj_gap": 2, "scale": 0.25}
+    ours = GaLoreAdafactor(
+        [{"params": [w_ours], **group, "svd_method": "exact"}], lr=1e-2, weight_decay=0.05, beta1=beta1
     )
-    for _ in range(5):
+    ref = galore_torch.GaLoreAdafactor(
+        [{"params": [w_ref], **group, "proj_type": "std"}],
+        lr=1e-2,
+        weight_decay=0.05,
+        beta1=beta1,
+        scale_parameter=False,
+        relative_step=False,
+        warmup_init=False,
+    )
+    for step in range(6):
+        for opt in (ours, ref):  # a changing lr: the first moment averages lr-scaled updates in both
+            opt.param_groups[0]["lr"] = 1e-2 / (1 + step)
         grad = torch.randn(16, 10)
         w_ours.grad, w_ref.grad = grad.clone(), grad.clone()
         ours.step()
         ref.step()
         torch.testing.assert_close(w_ours, w_ref, rtol=1e-5, atol=1e-6)
+    assert ("exp_avg" in ours.state[w_ours]) == (beta1 is not None)
+    if beta1 is not None:
+        torch.testing.assert_close(ours.state[w_ours]["exp_avg"], ref.state[w_ref]["exp_avg"], rtol=1e-5, atol=1e-7)
+
+
+def float64_twin_cases():
+    """(optimizer factory, float64 twin rule) pairs; each runs a projected 12 x 7 weight and an unprojected bias."""
+    return {
+        "adamw": (
+            lambda groups: GaLoreAdamW(groups, lr=0.05, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.1),
+            galore_adam_rule(0.05, (0.8, 0.99), 1e-3),
+        ),
+        # small tensors (here all: R is 12 x 3) take bitsandbytes' 32-bit path, textbook Adam's eps convention
+        "adamw_8bit": (
+            lambda groups: GaLoreAdamW8bit(groups, lr=0.05, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.1),
+            textbook_adam_rule(0.05, (0.8, 0.99), 1e-3),
+        ),
+        "adafactor": (lambda groups: GaLoreAdafactor(groups, lr=0.05, weight_decay=0.1), adafactor_rule(0.05)),
+        "adafactor_beta1": (
+            lambda groups: GaLoreAdafactor(groups, lr=0.05, weight_decay=0.1, beta1=0.8),
+            adafactor_rule(0.05, beta1=0.8),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(float64_twin_cases()))
+def test_each_optimizer_in_float64_matches_its_float64_twin(case):
+    make, rule = float64_twin_cases()[case]
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(12, 7, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(7, dtype=torch.float64))
+    opt = make([{"params": [w], "rank": 3, "update_proj_gap": 2, "scale": 0.5, "svd_method": "exact"}, {"params": [b]}])
+    ref_w, ref_b, state_w, state_b = w.detach().clone(), b.detach().clone(), {}, {}
+    for _ in range(5):
+        gw, gb = torch.randn(12, 7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        ref_w = reference_galore_step(ref_w, gw, state_w, rule, lr=0.05, rank=3, gap=2, scale=0.5, wd=0.1)
+        ref_b = reference_galore_step(ref_b, gb, state_b, rule, lr=0.05, wd=0.1)
+        torch.testing.assert_close(w.detach(), ref_w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b.detach(), ref_b, rtol=1e-12, atol=1e-12)
+    states = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert states and all(t.dtype == torch.float64 for t in states)
+
+
+def test_8bit_optimizer_steps_as_bitsandbytes_adamw8bit_on_small_and_large_tensors():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    shapes = [(10, 20), (20,), (64, 80)]  # 200 and 20 values: 32-bit path; 5120 >= min_8bit_size: 8-bit
+    ours = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    # eps 1e-3 and beta2 0.99 make eps's convention visible (the reference GaLore one differs by ~1e-3 relative)
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.1)
+    opt, ref_opt = GaLoreAdamW8bit(ours, **hp), bnb.optim.AdamW8bit(ref, **hp)
+    for _ in range(6):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()
+        # same moments, same kernels; only lr is folded differently on the 8-bit path (a float32 ulp)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    small, large = opt.state[ours[0]], opt.state[ours[2]]
+    assert small["exp_avg"].dtype == torch.float32 and large["state1"].dtype == torch.uint8
+    torch.testing.assert_close(small["exp_avg"], ref_opt.state[ref[0]]["state1"], rtol=0, atol=0)
+    torch.testing.assert_close(small["exp_avg_sq"], ref_opt.state[ref[0]]["state2"], rtol=0, atol=0)
+    assert torch.equal(large["state1"], ref_opt.state[ref[2]]["state1"])
+
+
+def test_8bit_moments_of_a_float64_weight_track_float64_adam():
+    torch.manual_seed(0)
+    w8 = torch.nn.Parameter(torch.randn(128, 96, dtype=torch.float64))
+    start, ref_w, ref_state = w8.detach().clone(), w8.detach().clone(), {}
+    opt = GaLoreAdamW8bit([{"params": [w8], "rank": 48, "scale": 1.0, "svd_method": "exact"}], lr=1e-3, eps=1e-8)
+    rule = textbook_adam_rule(1e-3, (0.9, 0.999), 1e-8)
+    for _ in range(3):
+        grad = torch.randn(128, 96, dtype=torch.float64)
+        w8.grad = grad.clone()
+        opt.step()
+        ref_w = reference_galore_step(ref_w, grad, ref_state, rule, lr=1e-3, rank=48, gap=200)
+    state = opt.state[w8]
+    assert state["state1"].dtype == torch.uint8 and state["proj_right"].dtype == torch.float64
+    assert w8.dtype == torch.float64
+    update8, update64 = (w8.detach() - start).flatten(), (ref_w - start).flatten()
+    assert torch.nn.functional.cosine_similarity(update8, update64, dim=0) > 0.99
+    assert update8.norm() / update64.norm() == pytest.approx(1.0, abs=0.05)
+
+
+def test_adafactor_first_moment_survives_a_state_dict_round_trip_and_old_checkpoints_load():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(16, 10)) for _ in range(3)]
+
+    def make(w, beta1):
+        return GaLoreAdafactor(
+            [{"params": [w], "rank": 4, "update_proj_gap": 2, "svd_method": "exact"}], lr=1e-2, beta1=beta1
+        )
+
+    opt = make(weights[0], 0.9)
+    grads = [torch.randn(16, 10) for _ in range(5)]
+    for grad in grads[:3]:
+        weights[0].grad = grad.clone()
+        opt.step()
+    weights[1].data.copy_(weights[0].data)
+    resumed = make(weights[1], None)  # the saved groups' beta1 wins, as every saved hyperparameter does
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.param_groups[0]["beta1"] == 0.9
+    for grad in grads[3:]:
+        for w, o in ((weights[0], opt), (weights[1], resumed)):
+            w.grad = grad.clone()
+            o.step()
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=0)
+
+    old = make(weights[2], None)
+    weights[2].grad = grads[0].clone()
+    old.step()
+    saved = old.state_dict()
+    del saved["param_groups"][0]["beta1"]  # written before the first moment existed
+    fresh = make(weights[2], None)
+    fresh.load_state_dict(saved)
+    weights[2].grad = grads[1].clone()
+    fresh.step()
+    assert fresh.param_groups[0]["beta1"] is None and "exp_avg" not in fresh.state[weights[2]]
+
+
+def test_adafactor_beta1_reaches_the_optimizer_through_the_config():
+    model = tiny_llama()
+    config = GaLoreConfig(rank=4, target_modules=LLAMA_TARGETS, optimizer="adafactor", adafactor_beta1=0.9)
+    opt = create_galore_optimizer(model, config, hparams())
+    ids = batches(1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert {g["beta1"] for g in opt.param_groups} == {0.9}
+    assert opt.state[q]["exp_avg"].shape == (32, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"beta1": 1.0}, "beta1"),
+        ({"beta1": -0.1}, "beta1"),
+        ({"clip_threshold": 0.0}, "clip_threshold"),
+        ({"decay_rate": 0.5}, "decay_rate"),
+    ],
+)
+def test_adafactor_rejects_out_of_range_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GaLoreAdafactor([torch.nn.Parameter(torch.zeros(3))], **kwargs)
 
 
 def test_8bit_states_are_uint8_and_track_float32_adam():
@@ -400,6 +606,8 @@ def test_attach_works_on_trainer_subclasses(tmp_path):
         ({"target_modules": []}, "target_modules"),
         ({"target_modules": "(unclosed"}, "target_modules"),
         ({"layerwise": "yes"}, "layerwise"),
+        ({"optimizer": "adafactor", "adafactor_beta1": 1.0}, "adafactor_beta1"),
+        ({"optimizer": "adamw", "adafactor_beta1": 0.9}, "adafactor_beta1"),
     ],
 )
 def test_invalid_config_values_raise_value_error_naming_the_field(kwargs, field):

@@ -105,6 +105,8 @@ def create_galore_optimizer(
     kwargs: dict[str, Any] = {"lr": hparams.lr, "weight_decay": hparams.weight_decay}
     if config.optimizer != "adafactor":
         kwargs.update(betas=hparams.betas, eps=hparams.eps)
+    else:
+        kwargs.update(beta1=config.adafactor_beta1)
     return cls(
         groups,
         layerwise=config.layerwise,

@@ -33,6 +33,12 @@ class GaLoreConfig:
             without projection.
         optimizer: the base optimizer: ``adamw``, ``adamw_8bit`` (bitsandbytes block-wise 8-bit states) or
             ``adafactor``.
+        adafactor_beta1: ``optimizer="adafactor"`` only: None (default) keeps no first moment (the Trainer's
+            Adafactor); a value in [0, 1) adds one, an exponential average of the lr-scaled, clipped updates in the
+            projected space (transformers' and galore-torch's ``Adafactor(beta1=...)``). The paper considers Adafactor
+            with first-order statistics when it applies GaLore to memory-efficient optimizers (Sec. 5, "GaLore with
+            memory-efficient optimizers"; the official ``torchrun_main.py`` takes ``--beta1``). Costs one more r x n
+            tensor per weight.
         layerwise: update each parameter inside backward, as soon as its gradient is complete, and free the gradient
             at once (Sec. 4.3). Supports gradient accumulation (the projected gradient is accumulated).
         svd_method: ``subspace`` (default): a few subspace iterations warm-started from the previous projector
@@ -53,6 +59,13 @@ class GaLoreConfig:
         default="all-linear", metadata={"help": "Module names, a regex, or 'all-linear'."}
     )
     optimizer: str = field(default="adamw", metadata={"help": f"Base optimizer: one of {GALORE_OPTIMIZERS}."})
+    adafactor_beta1: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adafactor's first-moment decay in [0, 1), or None for no first moment (optimizer='adafactor' "
+            "only; the GaLore paper runs Adafactor with first-order statistics, e.g. 0.9)."
+        },
+    )
     layerwise: bool = field(default=False, metadata={"help": "Update inside backward and free each gradient."})
     svd_method: str = field(default="subspace", metadata={"help": f"Projector refresh: one of {SVD_METHODS}."})
     svd_iterations: int = field(default=2, metadata={"help": "Subspace iterations per refresh (>= 1)."})
@@ -67,6 +80,13 @@ class GaLoreConfig:
         self.scale = check_float("scale", self.scale, 0.0, low_inclusive=False)
         check_choice("proj_type", self.proj_type, PROJ_TYPES)
         check_choice("optimizer", self.optimizer, GALORE_OPTIMIZERS)
+        if self.adafactor_beta1 is not None:
+            self.adafactor_beta1 = check_float("adafactor_beta1", self.adafactor_beta1, 0.0, 1.0, high_inclusive=False)
+            if self.optimizer != "adafactor":
+                raise ValueError(
+                    f"adafactor_beta1 applies to optimizer='adafactor' only; got optimizer={self.optimizer!r} with "
+                    f"adafactor_beta1={self.adafactor_beta1} (leave it None)"
+                )
         check_bool("layerwise", self.layerwise)
         check_choice("svd_method", self.svd_method, SVD_METHODS)
         check_int("svd_iterations", self.svd_iterations, 1)

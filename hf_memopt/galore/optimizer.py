@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hf_memopt.adam8bit import adam_8bit_direction, init_8bit_moments
+from hf_memopt.adam8bit import adam_8bit_direction, adam_32bit_direction, init_8bit_moments
 from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
 from hf_memopt.galore.layerwise import LayerwiseUpdates
 from hf_memopt.galore.projector import project, project_back, projection_sides, refresh_projector
@@ -76,7 +76,9 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             if group["rank"] is not None:
                 for p in group["params"]:
                     if p.dim() != 2:
-                        raise ValueError(f"GaLore projects 2-D weights only; {self._name(p)} has shape {tuple(p.shape)}")
+                        raise ValueError(
+                            f"GaLore projects 2-D weights only; {self._name(p)} has shape {tuple(p.shape)}"
+                        )
                     if not 1 <= group["rank"] <= min(p.shape):
                         raise ValueError(
                             f"rank must be in [1, {min(p.shape)}] for {self._name(p)} of shape {tuple(p.shape)}; "
@@ -95,7 +97,12 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
     def _direction(
         self, state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]
     ) -> tuple[torch.Tensor, float]:
-        """``(direction, multiplier)`` with update = -lr * multiplier * direction; ``state["step"]`` is already t."""
+        """``(direction, step_size)`` with update = -step_size * direction; ``state["step"]`` is already t.
+
+        ``grad`` is the projected gradient R (float32, or float64 for float64 weights) or, in groups without ``rank``,
+        the raw gradient. The step size carries the learning rate, so a rule may keep lr-scaled state (Adafactor's
+        first moment averages lr-scaled updates, as in transformers and galore-torch).
+        """
         raise NotImplementedError
 
     # ---- GaLore mechanics ----------------------------------------------------------------------------------------
@@ -144,12 +151,14 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         if state["step"] == 0:
             self._init_rule_state(state, low, group)
         state["step"] += 1
-        direction, multiplier = self._direction(state, low, group)
+        direction, step_size = self._direction(state, low, group)
         if self.is_projected(group):
+            # 8-bit kernels return float32 directions; the projector is float64 for float64 weights
+            direction = direction.to(low.dtype)
             direction = project_back(direction, state.get("proj_left"), state.get("proj_right"), group["scale"])
         if group["weight_decay"] > 0.0:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        p.add_(direction.to(p.dtype), alpha=-group["lr"] * multiplier)
+        p.add_(direction.to(p.dtype), alpha=-step_size)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -178,6 +187,11 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         return self.layerwise.last_grad_norm if self.layerwise is not None else None
 
 
+def _state_dtype(grad: torch.Tensor) -> torch.dtype:
+    """float32 moments for half-precision and float32 gradients; float64 gradients keep float64 moments."""
+    return torch.promote_types(grad.dtype, torch.float32)
+
+
 def _adam_defaults(betas: tuple[float, float], eps: float) -> dict[str, Any]:
     if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
         raise ValueError(f"betas must be in [0, 1); got {betas}")
@@ -186,19 +200,9 @@ def _adam_defaults(betas: tuple[float, float], eps: float) -> dict[str, Any]:
     return {"betas": tuple(betas), "eps": eps}
 
 
-def _adam_direction(state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, float]:
-    """Adam moments update; direction m / (sqrt(v) + eps) with the bias corrections folded into the multiplier."""
-    beta1, beta2 = group["betas"]
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    step = state["step"]
-    return exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-
-
 class GaLoreAdamW(_GaLoreOptimizer):
     """AdamW with GaLore projection (paper Alg. 2). Bias correction as in the reference: step size lr sqrt(1-b2^t) /
-    (1-b1^t), eps added to sqrt(v) before it."""
+    (1-b1^t), eps added to sqrt(v) before it. Moments have the (projected) gradient's dtype."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay=0.0, **kwargs):
         super().__init__(params, lr, _adam_defaults(betas, eps), weight_decay=weight_decay, **kwargs)
@@ -208,58 +212,88 @@ class GaLoreAdamW(_GaLoreOptimizer):
         state["exp_avg_sq"] = torch.zeros_like(grad)
 
     def _direction(self, state, grad, group):
-        return _adam_direction(state, grad, group)
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        step = state["step"]
+        direction = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        return direction, group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
 
 class GaLoreAdamW8bit(_GaLoreOptimizer):
     """AdamW with GaLore projection and bitsandbytes block-wise 8-bit moments (Dettmers et al. 2022).
 
     Tensors (projected or not) with at least ``min_8bit_size`` elements keep uint8 moments with one absmax per
-    256-element block, updated by bitsandbytes' fused kernel (CPU and CUDA); smaller ones keep float32 moments, as
-    bitsandbytes does.
+    256-element block, updated by bitsandbytes' fused kernel (CPU and CUDA). Smaller ones keep full-precision moments
+    (float32; float64 for float64 weights) and take bitsandbytes' own 32-bit Adam update (``optimizer_update_32bit``),
+    whose eps convention differs from GaLoreAdamW's (``hf_memopt.adam8bit.adam_32bit_direction``: eps is added to
+    sqrt(v_hat), not sqrt(v)). Groups without ``rank`` therefore step as ``bitsandbytes.optim.AdamW8bit`` does, large
+    and small tensors alike (tested).
     """
 
     def __init__(
         self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay=0.0,
         *, min_8bit_size: int = 4096, **kwargs,
-    ):
+    ):  # fmt: skip
         super().__init__(params, lr, _adam_defaults(betas, eps), weight_decay=weight_decay, **kwargs)
         self.min_8bit_size = min_8bit_size
 
     def _init_rule_state(self, state, grad, group):
         if grad.numel() < self.min_8bit_size:
-            state["exp_avg"] = torch.zeros_like(grad, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(grad, dtype=_state_dtype(grad))
+            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=_state_dtype(grad))
         else:
             init_8bit_moments(state, grad)
 
     def _direction(self, state, grad, group):
-        if "state1" not in state:
-            return _adam_direction(state, grad.float(), group)
-        return adam_8bit_direction(state, grad, group["betas"], group["eps"], state["step"]), 1.0
+        if "state1" in state:
+            return adam_8bit_direction(state, grad, group["betas"], group["eps"], state["step"]), group["lr"]
+        direction, multiplier = adam_32bit_direction(state, grad, group["betas"], group["eps"], state["step"])
+        return direction, group["lr"] * multiplier
 
 
 class GaLoreAdafactor(_GaLoreOptimizer):
     """Adafactor (Shazeer & Stern 2018) with GaLore projection: factored second moment of the (projected) gradient,
-    update clipping, no first moment, fixed learning rate (``relative_step=False``, ``scale_parameter=False``, as the
-    Trainer configures Adafactor)."""
+    update clipping and a fixed learning rate (``relative_step=False``, ``scale_parameter=False``, as the Trainer
+    configures Adafactor). Statistics are float32 (float64 for float64 weights).
+
+    ``beta1=None`` keeps no first moment (the Trainer's Adafactor). With ``beta1`` set, the first moment is an
+    exponential average of the lr-scaled, clipped updates, in the projected space, and that average is the update, as
+    in transformers' and galore-torch's ``Adafactor(beta1=...)``; the GaLore paper runs Adafactor this way, with
+    first-order statistics, when it combines GaLore with memory-efficient optimizers.
+    """
 
     def __init__(
         self, params, lr: float = 1e-3, eps=(1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
-        weight_decay=0.0, **kwargs,
-    ):
-        defaults = {"eps": tuple(eps), "clip_threshold": clip_threshold, "decay_rate": decay_rate}
+        weight_decay=0.0, *, beta1: float | None = None, **kwargs,
+    ):  # fmt: skip
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"beta1 must be None (no first moment) or in [0, 1); got {beta1}")
+        if not clip_threshold > 0.0:
+            raise ValueError(f"clip_threshold must be > 0; got {clip_threshold}")
+        if not decay_rate <= 0.0:
+            raise ValueError(f"decay_rate must be <= 0 (beta2_t = 1 - t^decay_rate); got {decay_rate}")
+        defaults = {"eps": tuple(eps), "clip_threshold": clip_threshold, "decay_rate": decay_rate, "beta1": beta1}
         super().__init__(params, lr, defaults, weight_decay=weight_decay, **kwargs)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("beta1", None)  # checkpoints written before beta1 existed had no first moment
+
     def _init_rule_state(self, state, grad, group):
+        dtype, device = _state_dtype(grad), grad.device
         if grad.dim() >= 2:
-            state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1], dtype=torch.float32, device=grad.device)
-            state["exp_avg_sq_col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:], dtype=torch.float32, device=grad.device)
+            state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1], dtype=dtype, device=device)
+            state["exp_avg_sq_col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:], dtype=dtype, device=device)
         else:
-            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(grad, dtype=dtype)
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros_like(grad, dtype=dtype)
 
     def _direction(self, state, grad, group):
-        grad = grad.float()
+        grad = grad.to(_state_dtype(grad))
         beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
         squared = grad.square().add_(group["eps"][0])
         if "exp_avg_sq_row" in state:
@@ -274,4 +308,9 @@ class GaLoreAdafactor(_GaLoreOptimizer):
             update = state["exp_avg_sq"].rsqrt().mul_(grad)
         rms = update.norm(2) / math.sqrt(update.numel())
         update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
-        return update, 1.0
+        if group["beta1"] is None:
+            return update, group["lr"]
+        # the average is taken over lr-scaled updates (transformers' Adafactor), so a changing lr enters it per step
+        update.mul_(group["lr"])
+        state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
+        return state["exp_avg"], 1.0
