@@ -2,6 +2,12 @@
 
     python benchmarks/results_table.py run      # trains every missing cell, one fresh process each (resumable)
     python benchmarks/results_table.py render   # writes docs/results.md and the README summary from the cells
+    python benchmarks/results_table.py run --schedule full --seeds 0,1,2 --tasks rte,mrpc --rows adamw,galore
+
+``--schedule short`` (the default) runs 20-40 updates per cell: memory exact, quality indicative only.
+``--schedule full`` runs the recipes' own schedules (GLUE: 3 epochs, SST-2 one epoch over the bundled 20,000 rows, the
+full dev sets; LLaMA 20M 2,000 and 60M 1,000 updates with held-out perplexity every 100 updates), into
+``out/results_full``; a seed other than 0 is the cell ``<row>@seed<N>``.
 
 A cell is one (task, row): the task's recipe (recipes/glue/<task>.yaml, recipes/pretrain/llama_<size>.yaml) with the
 short schedule in ``SCHEDULES``, and a row that is either an hf_memopt method run exactly as ``hf-memopt train
@@ -44,6 +50,16 @@ SCHEDULES: dict[str, list[str]] = {
 }
 
 # The papers' own figures for the nearest setting (never the same setting: RoBERTa-base / full schedules / C4).
+# Full schedules: the recipes' own GLUE schedules; pretraining long enough for held-out perplexity to settle.
+FULL_SCHEDULES: dict[str, list[str]] = {
+    "glue": ["training.logging_steps=10"],
+    "llama-20m": ["training.max_steps=2000", "training.warmup_steps=200", "training.logging_steps=20",
+                  "training.eval_strategy=steps", "training.eval_steps=100"],
+    "llama-60m": ["training.max_steps=1000", "training.warmup_steps=100", "training.logging_steps=20",
+                  "training.eval_strategy=steps", "training.eval_steps=100"],
+}
+SCHEDULE_PROFILES = {"short": (SCHEDULES, OUT), "full": (FULL_SCHEDULES, OUT.with_name("results_full"))}
+
 PAPER = {
     "source_glue": "GaLore (arXiv 2403.03507) Table 4: RoBERTa-base, rank 4, full GLUE schedules; metric x 100",
     "glue": {
@@ -168,18 +184,24 @@ def recipe_path(task: str) -> Path:
     return ROOT / "recipes" / "pretrain" / f"{task.replace('-', '_')}.yaml"
 
 
-def cell_path(task: str, row: str, out: Path = OUT) -> Path:
-    return out / task / f"{row}.json"
+def cell_name(row: str, seed: int = 0) -> str:
+    return row if seed == 0 else f"{row}@seed{seed}"
 
 
-def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, ...] = ()) -> None:
+def cell_path(task: str, row: str, out: Path = OUT, seed: int = 0) -> Path:
+    return out / task / f"{cell_name(row, seed)}.json"
+
+
+def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, ...] = (), *,
+             schedule_name: str = "short", seed: int = 0) -> None:
     """Train one cell in this process and write its JSON (called by ``run`` in a fresh interpreter)."""
     from hf_memopt.recipes.recipe import load_recipe
     from hf_memopt.recipes.run import run_recipe
 
     row = ROWS[row_name]
-    schedule = SCHEDULES["glue" if task in GLUE_TASKS else task]
-    sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else ()), *extra_sets,
+    schedule = SCHEDULE_PROFILES[schedule_name][0]["glue" if task in GLUE_TASKS else task]
+    seeds = [f"training.seed={seed}"] if seed else []
+    sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else ()), *seeds, *extra_sets,
             f"output_dir={out / task / 'runs'}", "training.disable_tqdm=true"]
     if row.lr_of is not None:  # peers of a method run at that method's learning rate from the recipe
         lr = load_recipe(recipe_path(task), sets, row.lr_of).training["learning_rate"]
@@ -187,36 +209,38 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
     recipe = load_recipe(recipe_path(task), sets, row.method)
     prepare = (lambda model: row.prepare(model, recipe)) if row.prepare else None
     optimizers = (lambda model, args: row.optimizers(model, args, recipe)) if row.optimizers else None
-    command = f"python benchmarks/results_table.py cell {task} {row_name}"
+    command = f"python benchmarks/results_table.py cell {task} {row_name} --schedule {schedule_name} --seed {seed}"
     results = run_recipe(recipe, progress=False, command=command, prepare_model=prepare, optimizers=optimizers)
     results.pop("resolved_recipe", None)
-    results["row"], results["kind"] = row_name, row.kind
+    results["row"], results["kind"], results["seed"] = row_name, row.kind, seed
     results["learning_rate"] = recipe.training["learning_rate"]
-    cell_path(task, row_name, out).write_text(json.dumps(results, indent=1, default=str))
+    cell_path(task, row_name, out, seed).write_text(json.dumps(results, indent=1, default=str))
 
 
-def run_all(tasks: list[str], rows: list[str], force: bool, smoke: bool) -> None:
-    out = OUT.with_name("results_table_smoke") if smoke else OUT
-    for task in tasks:
+def run_all(tasks: list[str], rows: list[str], force: bool, smoke: bool, schedule_name: str = "short",
+            seeds: tuple[int, ...] = (0,)) -> None:
+    out = SCHEDULE_PROFILES[schedule_name][1]
+    out = out.with_name(out.name + "_smoke") if smoke else out
+    for task, row, seed in [(t, r, s) for t in tasks for s in seeds for r in rows]:
         (out / task).mkdir(parents=True, exist_ok=True)
-        for row in rows:
-            path = cell_path(task, row, out)
-            if path.exists() and not force:
-                continue
-            log = out / task / f"{row}.log"
-            started = time.perf_counter()
-            print(f"{task} / {row} ...", end=" ", flush=True)
-            command = [sys.executable, __file__, "cell", task, row] + (["--smoke"] if smoke else [])
-            with open(log, "w") as f:
-                proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-            wall = time.perf_counter() - started
-            if proc.returncode == 0:
-                print(f"{wall:.0f} s", flush=True)
-            else:
-                tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
-                failure = {"row": row, "failed": tail[0] if tail else f"exit status {proc.returncode}"}
-                path.write_text(json.dumps(failure))
-                print(f"failed: {failure['failed']}", flush=True)
+        path = cell_path(task, row, out, seed)
+        if path.exists() and not force:
+            continue
+        log = path.with_suffix(".log")
+        started = time.perf_counter()
+        print(f"{task} / {cell_name(row, seed)} ...", end=" ", flush=True)
+        command = [sys.executable, __file__, "cell", task, row, "--schedule", schedule_name, "--seed", str(seed)]
+        command += ["--smoke"] if smoke else []
+        with open(log, "w") as f:
+            proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        wall = time.perf_counter() - started
+        if proc.returncode == 0:
+            print(f"{wall:.0f} s", flush=True)
+        else:
+            tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+            failure = {"row": row, "failed": tail[0] if tail else f"exit status {proc.returncode}"}
+            path.write_text(json.dumps(failure))
+            print(f"failed: {failure['failed']}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,23 +388,29 @@ def main() -> None:
     run.add_argument("--tasks", default=",".join(RUN_ORDER))
     run.add_argument("--rows", default=",".join(ROWS))
     run.add_argument("--force", action="store_true", help="rerun cells that already have results")
-    run.add_argument("--smoke", action="store_true", help="3 updates per cell, into out/results_table_smoke")
+    run.add_argument("--smoke", action="store_true", help="3 updates per cell, into out/results_<schedule>_smoke")
+    run.add_argument("--schedule", choices=sorted(SCHEDULE_PROFILES), default="short")
+    run.add_argument("--seeds", default="0", help="comma-separated training seeds (cells <row>@seed<N> for N > 0)")
     sub.add_parser("render", help="write docs/results.md and the README summary")
     cell = sub.add_parser("cell", help="train one cell in this process")
     cell.add_argument("task", choices=TASKS)
     cell.add_argument("row", choices=list(ROWS))
     cell.add_argument("--smoke", action="store_true")
+    cell.add_argument("--schedule", choices=sorted(SCHEDULE_PROFILES), default="short")
+    cell.add_argument("--seed", type=int, default=0)
     a = parser.parse_args()
     if a.command == "cell":
         smoke = ("training.max_steps=3", "training.logging_steps=1", "training.warmup_steps=0",
                  "data.eval_limit=16" if a.task in GLUE_TASKS else "data.eval_blocks=4")
-        run_cell(a.task, a.row, OUT.with_name("results_table_smoke") if a.smoke else OUT, smoke if a.smoke else ())
+        out = SCHEDULE_PROFILES[a.schedule][1]
+        out = out.with_name(out.name + "_smoke") if a.smoke else out
+        run_cell(a.task, a.row, out, smoke if a.smoke else (), schedule_name=a.schedule, seed=a.seed)
     elif a.command == "run":
         tasks, rows = a.tasks.split(","), a.rows.split(",")
         unknown = [t for t in tasks if t not in TASKS] + [r for r in rows if r not in ROWS]
         if unknown:
             raise SystemExit(f"unknown task or row: {unknown}; tasks {TASKS}, rows {list(ROWS)}")
-        run_all(tasks, rows, a.force, a.smoke)
+        run_all(tasks, rows, a.force, a.smoke, a.schedule, tuple(int(x) for x in a.seeds.split(",")))
     else:
         render()
 

@@ -1,16 +1,31 @@
-"""The GLUE metrics, computed offline (``evaluate.load("glue", ...)`` needs the Hub).
+"""The GLUE metrics, computed offline and served through the ``evaluate`` library.
 
-Same definitions as the GLUE benchmark / ``evaluate``'s glue module: accuracy, binary F1 of the positive class,
-Matthews correlation, Pearson and Spearman correlation (Spearman = Pearson of average ranks).
+``evaluate.load("glue", ...)`` fetches its script from the Hub; :data:`GLUE_METRIC_PATH` is a local ``evaluate`` module
+with the same interface, whose arithmetic is the functions below. Same definitions as the GLUE benchmark and
+``evaluate``'s glue module: accuracy, binary F1 of the positive class, Matthews correlation, Pearson and Spearman
+correlation (Spearman = Pearson of average ranks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["accuracy", "f1", "glue_compute_metrics", "matthews_correlation", "pearson", "spearmanr"]
+__all__ = [
+    "GLUE_METRIC_PATH",
+    "METRIC_FUNCTIONS",
+    "accuracy",
+    "f1",
+    "glue_compute_metrics",
+    "load_glue_metric",
+    "matthews_correlation",
+    "pearson",
+    "spearmanr",
+]
+
+GLUE_METRIC_PATH = str(Path(__file__).resolve().parent / "glue_metric")
 
 
 def accuracy(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -58,7 +73,7 @@ def spearmanr(pred: np.ndarray, ref: np.ndarray) -> float:
     return pearson(_average_ranks(np.asarray(pred)), _average_ranks(np.asarray(ref)))
 
 
-_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy,
     "f1": f1,
     "matthews_correlation": matthews_correlation,
@@ -67,16 +82,28 @@ _METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
+def load_glue_metric(task: str):
+    """``evaluate.load`` of the local GLUE module for ``task`` (works offline; ``evaluate`` is imported on use)."""
+    import evaluate
+
+    from hf_memopt.recipes.data import GLUE_TASKS
+
+    if task not in GLUE_TASKS:
+        raise ValueError(f"task must be one of {tuple(GLUE_TASKS)}; got {task!r}")
+    return evaluate.load(GLUE_METRIC_PATH, task)
+
+
 def glue_compute_metrics(task: str) -> Callable[[object], dict[str, float]]:
     """A ``compute_metrics`` for ``Trainer`` that returns the task's GLUE metrics from an ``EvalPrediction``."""
     from hf_memopt.recipes.data import GLUE_TASKS
 
-    spec = GLUE_TASKS[task]
+    regression = GLUE_TASKS[task].num_labels == 1
+    metric = load_glue_metric(task)
 
     def compute(eval_pred) -> dict[str, float]:
         logits, labels = eval_pred.predictions, eval_pred.label_ids
         logits = logits[0] if isinstance(logits, tuple) else logits
-        pred = logits.squeeze(-1) if spec.num_labels == 1 else logits.argmax(-1)
-        return {name: _METRICS[name](np.asarray(pred), np.asarray(labels)) for name in spec.metrics}
+        pred = logits.squeeze(-1) if regression else logits.argmax(-1)
+        return metric.compute(predictions=np.asarray(pred), references=np.asarray(labels))
 
     return compute

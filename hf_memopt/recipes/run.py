@@ -116,6 +116,14 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = N
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "losses": losses,
+        "loss_steps": [h["step"] for h in result.trainer.state.log_history if "loss" in h],
+        "eval_history": list(  # one entry per step: the final held-out evaluation may repeat the last periodic one
+            {
+                h["step"]: {"step": h["step"], "eval_loss": h["eval_loss"]}
+                for h in result.trainer.state.log_history
+                if "eval_loss" in h
+            }.values()
+        ),
         "wall_seconds": wall,
         "resolved_recipe": recipe.raw,
         "environment": environment(),
