@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -247,13 +248,14 @@ def run_all(tasks: list[str], rows: list[str], force: bool, smoke: bool, schedul
 # rendering
 
 
-def load_cells() -> dict[str, dict[str, dict[str, Any]]]:
+def load_cells(out: Path = OUT) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{task: {cell name: results}}`` for every cell written under ``out`` (seed cells included)."""
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for task in TASKS:
         for row in ROWS:
-            path = cell_path(task, row)
-            if path.exists():
-                cells.setdefault(task, {})[row] = json.loads(path.read_text())
+            for path in sorted((out / task).glob(f"{row}*.json")):
+                if path.stem == row or path.stem.startswith(f"{row}@seed"):
+                    cells.setdefault(task, {})[path.stem] = json.loads(path.read_text())
     return cells
 
 
@@ -315,7 +317,128 @@ def machine_line(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "?"
 
 
+FIGURES = ROOT / "docs" / "figures"
+FULL_START, FULL_END = "<!-- full-schedule -->", "<!-- /full-schedule -->"
+
+
+def _seed_values(task: str, cells: dict[str, dict[str, Any]], row: str) -> list[float]:
+    values = [_metric(task, c) for name, c in cells.items()
+              if (name == row or name.startswith(f"{row}@seed")) and "failed" not in c]
+    return [v for v in values if v is not None]
+
+
+def _mean_spread(values: list[float], digits: int) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f} ({len(values)} seeds)"
+
+
+def full_task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
+    """Per row: the metric (mean and half-range over seeds), its gap to AdamW, memory, CPU time per update."""
+    from hf_memopt.memory import MemoryBreakdown
+
+    digits = 1 if task in GLUE_TASKS else 2
+    base_values = _seed_values(task, cells, "adamw")
+    base_mean = sum(base_values) / len(base_values) if base_values else None
+    base = cells.get("adamw", {})
+    base_total = MemoryBreakdown(**base["memory_bytes"]).tensors_total if "memory_bytes" in base else None
+    base_step = base.get("median_step_cpu_seconds")
+    metric = METRIC_NAMES.get(task, "accuracy")
+    gap_name = "gap to AdamW (points)" if task in GLUE_TASKS else "vs AdamW"
+    header = ["row", metric, gap_name, "updates", "weights MB", "grads MB", "optimizer MB", "activations MB",
+              "tensors vs AdamW", "CPU s / update", "time vs AdamW"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row in ROWS:
+        cell = cells.get(row)
+        if cell is None:
+            continue
+        if "failed" in cell:
+            lines.append(f"| {row} | failed: {cell['failed'].replace('|', '/')[:140]} |" + " |" * (len(header) - 2))
+            continue
+        values = _seed_values(task, cells, row)
+        mean = sum(values) / len(values) if values else None
+        if mean is None or base_mean is None:
+            gap = "-"
+        elif task in GLUE_TASKS:
+            gap = f"{mean - base_mean:+.1f}"
+        else:
+            gap = f"{100 * (mean / base_mean - 1):+.1f}%"
+        b = MemoryBreakdown(**cell["memory_bytes"])
+        step = cell.get("median_step_cpu_seconds")
+        lines.append("| " + " | ".join([
+            row, _mean_spread(values, digits), gap, str(cell.get("steps", "-")),
+            f"{(b.parameters + b.buffers) / MB:.1f}", f"{b.gradients / MB:.1f}", f"{b.optimizer_state / MB:.1f}",
+            f"{b.activations / MB:.1f}", f"{b.tensors_total / base_total:.2f}x" if base_total else "-",
+            "-" if step is None else f"{step:.2f}", f"{step / base_step:.2f}x" if step and base_step else "-",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(task: str, cells: dict[str, dict[str, Any]]) -> Path:
+    """Training loss (and, for pretraining, held-out perplexity) against updates, one line per seed-0 row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pretrain = task in PRETRAIN_TASKS
+    fig, axes = plt.subplots(1, 2 if pretrain else 1, figsize=(11 if pretrain else 6, 4), squeeze=False)
+    for ax in axes[0]:
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[: len(ROWS)])  # one distinct colour per row
+    for row in ROWS:
+        cell = cells.get(row)
+        if not cell or "failed" in cell or not cell.get("losses"):
+            continue
+        steps = cell.get("loss_steps") or list(range(1, len(cell["losses"]) + 1))
+        axes[0][0].plot(steps, cell["losses"], label=row, linewidth=1)
+        if pretrain and cell.get("eval_history"):
+            history = cell["eval_history"]
+            axes[0][1].plot([h["step"] for h in history], [math.exp(min(h["eval_loss"], 50)) for h in history],
+                            label=row, marker=".", linewidth=1)
+    axes[0][0].set(xlabel="update", ylabel="training loss", title=f"{task}: training loss")
+    if pretrain:
+        axes[0][1].set(xlabel="update", ylabel="held-out perplexity", title=f"{task}: held-out perplexity",
+                       yscale="log")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    path = FIGURES / f"results_full_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_full() -> str:
+    """The full-schedule section of docs/results.md (tables and curves), from ``out/results_full``."""
+    cells = load_cells(SCHEDULE_PROFILES["full"][1])
+    parts = [FULL_START, "\n"]
+    if cells:
+        RESULTS_JSON.with_name("results_full.json").write_text(json.dumps(cells, indent=1, default=str))
+        parts.append(f"Machine: {machine_line(cells)}.\n")
+    for task in TASKS:
+        if task not in cells:
+            parts.append(f"\n### {task} (full schedule)\n\nNot run yet (`python benchmarks/results_table.py run "
+                         f"--schedule full --tasks {task}`).\n")
+            continue
+        schedule = ", ".join(FULL_SCHEDULES["glue" if task in GLUE_TASKS else task])
+        figure = os.path.relpath(plot_curves(task, cells[task]), DOC.parent)
+        parts.append(f"\n### {task} (full schedule)\n\nThe recipe `{recipe_path(task).relative_to(ROOT)}` with "
+                     f"`{schedule}`.\n\n{full_task_table(task, cells[task])}\n\n![{task} curves]({figure})\n")
+    parts.append(FULL_END)
+    return "".join(parts)
+
+
 def render() -> None:
+    text = DOC.read_text()
+    if FULL_START in text:
+        before, rest = text.split(FULL_START, 1)
+        DOC.write_text(before + render_full() + rest.split(FULL_END, 1)[1])
     cells = load_cells()
     if not cells:
         raise SystemExit("no cells yet: run `python benchmarks/results_table.py run` first")
