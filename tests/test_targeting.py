@@ -139,7 +139,9 @@ def test_fp16_on_cpu_warns_once_and_trains_exactly_as_float32(tmp_path, caplog, 
     weights = {}
     for fp16 in (False, True):
         model = tiny_llama()
-        trainer = Trainer(model=model, args=training_args(tmp_path, fp16=fp16, max_steps=2), train_dataset=TokenDataset())
+        trainer = Trainer(
+            model=model, args=training_args(tmp_path, fp16=fp16, max_steps=2), train_dataset=TokenDataset()
+        )
         with caplog.at_level(logging.WARNING, logger="hf_memopt.integration"):
             caplog.clear()
             attach(trainer, GaLoreConfig(rank=4))
