@@ -96,10 +96,9 @@ def _adapter_prefixes(name: str, wrapper: nn.Module) -> list[str]:
     return [f"{name}.{a}" for a in wrapper.adapter_layer_names]
 
 
-def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+def _candidates(model: nn.Module, wrappers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """``named_modules`` without the frozen originals kept inside peft's wrappers (``base_layer``,
     ``original_module``): the optimizer never trains them, the adapters stand for them."""
-    wrappers = peft_wrappers(model)
     frozen: set[str] = set()
     for name, wrapper in wrappers.items():
         keep = _adapter_prefixes(name, wrapper)
@@ -155,7 +154,7 @@ def match_target_modules(
     target_modules = validate_target_modules(target_modules, field)
     allowed_names = ", ".join(t.__name__ for t in allowed_types)
     wrappers = peft_wrappers(model)
-    candidates = _candidates(model)
+    candidates = _candidates(model, wrappers)
     found: dict[str, nn.Module] = {}
     if isinstance(target_modules, str):
         if _is_all_linear(target_modules):
@@ -186,18 +185,33 @@ def match_target_modules(
                     f"({', '.join(module.adapter_layer_names)}) hold no {allowed_names} layer; leave it out"
                 )
             if name not in wrappers and not isinstance(module, allowed_types):
-                raise ValueError(_wrong_type_message(field, key, name, module, candidates, allowed_types))
+                raise ValueError(_wrong_type_message(field, key, name, module, candidates, wrappers, allowed_types))
             found.update(expanded)
     return {n: m for n, m in candidates.items() if n in found}
 
 
-def _wrong_type_message(field, key, name, module, candidates, allowed_types) -> str:
+def _wrong_type_message(
+    field: str,
+    key: str,
+    name: str,
+    module: nn.Module,
+    candidates: dict[str, nn.Module],
+    wrappers: dict[str, nn.Module],
+    allowed_types: tuple[type[nn.Module], ...],
+) -> str:
+    """Why a listed name cannot be targeted, and what to write instead."""
     inner = [n for n, m in candidates.items() if n.startswith(name + ".") and isinstance(m, allowed_types)]
     allowed_names = ", ".join(t.__name__ for t in allowed_types)
     message = (
         f"{field} entry {key!r} matches {name!r} of type {type(module).__name__}; only {allowed_names} layers can be "
         "targeted"
     )
+    owner = next((w for w in wrappers if name.startswith(w + ".")), None)
+    if owner is not None:
+        leaf = owner.rsplit(".", 1)[-1]
+        return (
+            f"{message}: it is inside peft's {type(wrappers[owner]).__name__} {owner!r}; write {leaf!r} (its adapters)"
+        )
     if inner:
         leaves = sorted({n[len(name) + 1 :] for n in inner}, key=lambda s: (s.count("."), s))[:4]
         return f"{message}: name the layers inside it instead, e.g. {leaves}, or write a regex"

@@ -167,3 +167,8 @@ def test_docs_snippet_runs_as_shown(tmp_path, one_thread, title, code):
     exec(compile(code, f"{DOC.name}: {title}", "exec"), namespace)
     seen = losses(namespace["trainer"])
     assert len(seen) == 3 and all(math.isfinite(v) for v in seen)
+
+
+def test_a_name_inside_a_peft_layer_says_to_write_the_layer_name():
+    with pytest.raises(ValueError, match=r"entry 'lora_A' .* inside peft's Linear .*query'; write 'query'"):
+        match_target_modules(lora_classifier(), ["lora_A"])
