@@ -21,7 +21,7 @@ from hf_memopt.integration import (
     trainable_parameters,
 )
 from hf_memopt.optim_state import unwrap_optimizer
-from hf_memopt.targeting import ALL_LINEAR, match_target_modules
+from hf_memopt.targeting import match_target_modules
 
 __all__ = ["build_galore", "create_galore_optimizer", "galore_target_parameters"]
 
@@ -38,9 +38,6 @@ _TARGET_TYPES = (nn.Linear, nn.Embedding, Conv1D)
 def galore_target_parameters(model: nn.Module, config: GaLoreConfig) -> dict[str, nn.Parameter]:
     """``{name: weight}`` of the trainable 2-D weights GaLore projects; validates rank against every shape."""
     modules = match_target_modules(model, config.target_modules, allowed_types=_TARGET_TYPES)
-    if isinstance(config.target_modules, str) and config.target_modules.replace("_", "-") == ALL_LINEAR:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        modules = {n: m for n, m in modules.items() if m is not head}  # as peft's "all-linear"
     targets: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for name, module in modules.items():

@@ -28,9 +28,9 @@ class GaLoreConfig:
         scale: the paper's alpha; multiplies the projected-back update, > 0.
         proj_type: ``std`` projects the smaller side (right when m >= n), ``reverse_std`` the larger one, ``left``,
             ``right``, or ``full`` (both sides, R = P^T G Q).
-        target_modules: names, a regex, or ``"all-linear"`` (every Linear except the output embedding). Linear,
-            Embedding and GPT-2 Conv1D weights can be targeted; other trainable parameters get the base optimizer
-            without projection.
+        target_modules: names, a regex, or ``"all-linear"`` (every Linear and Conv1D except the output embedding
+            and the task head, as peft; see ``hf_memopt.targeting``). Linear, Embedding and GPT-2 Conv1D weights can
+            be targeted; other trainable parameters get the base optimizer without projection.
         optimizer: the base optimizer: ``adamw``, ``adamw_8bit`` (bitsandbytes block-wise 8-bit states) or
             ``adafactor``.
         adafactor_beta1: ``optimizer="adafactor"`` only: None (default) keeps no first moment (the Trainer's

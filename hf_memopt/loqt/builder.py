@@ -32,7 +32,7 @@ from hf_memopt.galore.projector import projection_sides
 from hf_memopt.loqt.config import LoQTConfig
 from hf_memopt.loqt.layer import LoQTLinear
 from hf_memopt.optim_state import unwrap_optimizer
-from hf_memopt.targeting import ALL_LINEAR, match_target_modules
+from hf_memopt.targeting import match_target_modules, refuse_peft_model
 from hf_memopt.velora.layer import is_velora_linear
 
 __all__ = [
@@ -52,10 +52,14 @@ _OWN_COUNTER = "_loqt_skip_counter"  # set when LoQT, not the optimizer, checks 
 
 def loqt_target_modules(model: nn.Module, config: LoQTConfig) -> dict[str, nn.Linear]:
     """``{name: nn.Linear}`` that LoQT replaces; validates rank against every shape and refuses shared weights."""
+    refuse_peft_model(
+        model,
+        "LoQT",
+        "LoQT trains its own low-rank factors on a quantized copy of each weight, so it replaces LoRA rather than "
+        "stacking on it. Attach LoQTConfig to the plain model (before get_peft_model), or keep peft and use QLoRA "
+        "(a bitsandbytes 4-bit base model with a LoraConfig)",
+    )
     modules = match_target_modules(model, config.target_modules, allowed_types=(nn.Linear,))
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(config.target_modules, str) and config.target_modules.replace("_", "-") == ALL_LINEAR:
-        modules = {n: m for n, m in modules.items() if m is not head}  # as peft's "all-linear"
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         weight = getattr(module, "weight", None)

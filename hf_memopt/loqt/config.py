@@ -42,7 +42,8 @@ class LoQTConfig:
         scale: the scale s of the adapter product (the official code's ``lora_alpha``, 0.5 there), > 0.
         proj_type: side of the gradient projection, as GaLore: ``std`` puts P on the smaller side of the weight,
             ``reverse_std`` on the larger, ``left`` (P is m x r, B is r x n) or ``right`` (B is m x r, P is r x n).
-        target_modules: names, a regex, or ``"all-linear"`` (every Linear except the output embedding).
+        target_modules: names, a regex, or ``"all-linear"`` (every Linear except the output embedding
+            and the task head, as peft; see ``hf_memopt.targeting``).
         svd_method: how P is found from the gradient: ``exact`` (``torch.linalg.svd``, as the paper) or
             ``subspace`` (randomized subspace iteration, O(m n r); shared with GaLore).
         svd_iterations: subspace iterations for ``svd_method="subspace"``, >= 1.
