@@ -1,0 +1,57 @@
+"""What a user saves loads alone: VeLoRA's ``save_model`` is plain weights, a pretraining folder carries its tokenizer."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from conftest import TokenDataset, tiny_llama, training_args
+from safetensors import safe_open
+from transformers import LlamaForCausalLM, Trainer
+
+from hf_memopt import attach
+from hf_memopt.velora import VeLoRAConfig, apply_velora, without_velora_buffers
+from hf_memopt.velora.layer import BUFFER_NAME
+
+
+def _keys(folder) -> set[str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def test_velora_save_model_loads_in_plain_from_pretrained_without_unexpected_keys(tmp_path, caplog, capsys):
+    args = training_args(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=tiny_llama(seed=3), args=args, train_dataset=TokenDataset(n=16))
+    attach(trainer, VeLoRAConfig(num_groups=8, init="batch_average_once"))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+
+    # the checkpoint keeps v (resume restores it exactly); the user's save does not
+    assert any(k.endswith(BUFFER_NAME) for k in _keys(tmp_path / "run" / "checkpoint-2"))
+    assert not any(k.endswith(BUFFER_NAME) for k in _keys(tmp_path / "final"))
+    assert any(k.endswith(BUFFER_NAME) for k in trainer.model.state_dict())  # the live model still has v
+
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        loaded, info = LlamaForCausalLM.from_pretrained(tmp_path / "final", output_loading_info=True)
+    assert info["unexpected_keys"] == set() or info["unexpected_keys"] == []
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    report = caplog.text + "".join(capsys.readouterr())
+    assert "UNEXPECTED" not in report.upper() and BUFFER_NAME not in report
+
+    ids = TokenDataset(n=4)[0]["input_ids"][None]
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, trainer.model(ids).logits, rtol=0, atol=0)
+
+
+def test_without_velora_buffers_drops_v_from_the_save_and_restores_it_after(tmp_path):
+    model = tiny_llama()
+    apply_velora(model, VeLoRAConfig(num_groups=8, init="random"))
+    type(model).save_pretrained(model, tmp_path / "raw")
+    with without_velora_buffers(model):
+        type(model).save_pretrained(model, tmp_path / "plain")
+    assert any(k.endswith(BUFFER_NAME) for k in _keys(tmp_path / "raw"))
+    assert not any(k.endswith(BUFFER_NAME) for k in _keys(tmp_path / "plain"))
+    assert any(k.endswith(BUFFER_NAME) for k in model.state_dict())  # restored after the save
