@@ -55,3 +55,18 @@ def test_without_velora_buffers_drops_v_from_the_save_and_restores_it_after(tmp_
     assert any(k.endswith(BUFFER_NAME) for k in _keys(tmp_path / "raw"))
     assert not any(k.endswith(BUFFER_NAME) for k in _keys(tmp_path / "plain"))
     assert any(k.endswith(BUFFER_NAME) for k in model.state_dict())  # restored after the save
+
+
+def test_pretraining_save_model_folder_loads_alone_with_its_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_memopt.recipes.pretrain import LMBlocks, run_pretrain
+
+    blocks = LMBlocks(torch.randint(0, 1000, (8 * 16,), generator=torch.Generator().manual_seed(0)), 16)
+    result = run_pretrain(size="20m", steps=1, seq_len=16, batch_size=2, output_dir=str(tmp_path), dataset=blocks)
+    result.trainer.save_model(str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.vocab_size == len(tokenizer)
+    ids = tokenizer("memory efficient training", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))

@@ -101,7 +101,7 @@ def run_pretrain(
     their ``eval_loss`` and ``perplexity`` after training.
     """
 
-    from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
     arguments = measured_run_arguments(
         seed,
@@ -133,8 +133,11 @@ def run_pretrain(
     model = LlamaForCausalLM(llama_config(size, vocab_size=len(tokenizer), max_position_embeddings=seq_len))
     if prepare_model is not None:
         model = prepare_model(model)
+    # processing_class: save_model and checkpoints write the tokenizer next to the weights, so the folder loads alone;
+    # the collator stays the plain stacking one (the Trainer's default for a tokenizer would pad and add a mask).
     trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        data_collator=default_data_collator,
         optimizers=optimizers(model, args) if callable(optimizers) else (optimizers or (None, None)),
     )
     return train_and_measure(trainer, method, extra_methods, held_out_loss if eval_dataset is not None else None)
