@@ -57,13 +57,22 @@ def test_without_velora_buffers_drops_v_from_the_save_and_restores_it_after(tmp_
     assert any(k.endswith(BUFFER_NAME) for k in model.state_dict())  # restored after the save
 
 
-def test_pretraining_save_model_folder_loads_alone_with_its_tokenizer(tmp_path):
+def test_pretraining_save_model_folder_loads_alone_with_its_tokenizer_and_an_adamw_card(tmp_path):
+    from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_memopt.recipes.pretrain import LMBlocks, run_pretrain
+    from hf_memopt.recipes.pretrain import run_pretrain
 
-    blocks = LMBlocks(torch.randint(0, 1000, (8 * 16,), generator=torch.Generator().manual_seed(0)), 16)
-    result = run_pretrain(size="20m", steps=1, seq_len=16, batch_size=2, output_dir=str(tmp_path), dataset=blocks)
+    result = run_pretrain(
+        size="20m", steps=1, seq_len=16, batch_size=2, output_dir=str(tmp_path), sources=("c4_demo",), eval_blocks=2
+    )
+    # no method (the CLI's AdamW row): the runner installs the card; the evaluation after training reaches it
+    card = ModelCard.load(tmp_path / "README.md", ignore_metadata_errors=False)
+    assert card.data.datasets == ["allenai/c4"] and card.data.base_model is None
+    assert card.data.tags == ["hf-memopt", "generated_from_trainer"] and "pretrained from scratch" in card.text
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in card.data.eval_results] == [
+        ("allenai/c4", "loss", result.metrics["loss"])
+    ]
     result.trainer.save_model(str(tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
