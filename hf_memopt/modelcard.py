@@ -145,6 +145,17 @@ def _base_model_card(trainer: Trainer, base_model: str | None):
         return None
 
 
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def _model_class(model: Any) -> str:
+    """The class that loads the saved model: the trained one (``config.architectures`` still names the base model's
+    until the save), under a peft wrapper its base model's."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return type(get_base_model() if callable(get_base_model) else model).__name__
+
+
 def _short(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1]
 
@@ -172,7 +183,7 @@ def _description(
     model_description: str | None,
 ) -> list[str]:
     model = trainer.model
-    architecture = (getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__])[0]
+    architecture = _model_class(model)
     parameters = sum(p.numel() for p in model.parameters())
     links = [f"[{d}](https://huggingface.co/datasets/{d})" if "/" in d else f"`{d}`" for d in datasets]
     on = f" on {', '.join(links)}" + (f" (`{dataset_config}`)" if dataset_config else "") if datasets else ""
@@ -209,14 +220,16 @@ def _description(
 
 
 def _usage(trainer: Trainer, repo: str, task: str) -> list[str]:
-    model = trainer.model
-    cls = (getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__])[0]
-    code = _USAGE.get(task, _GENERIC_USAGE).format(repo=repo, cls=cls)
+    if _is_peft(trainer.model):
+        code = f'from peft import AutoPeftModel\n\nmodel = AutoPeftModel.from_pretrained("{repo}")'
+        saved = "peft adapters on the base model: load them with peft (hf_memopt is not needed)."
+    else:
+        code = _USAGE.get(task, _GENERIC_USAGE).format(repo=repo, cls=_model_class(trainer.model))
+        saved = "a plain transformers model: loading needs neither hf_memopt nor the method's code."
     return [
         "## How to use",
         "",
-        f"`{repo}` is the Hub id, or the folder `trainer.save_model` wrote. The saved weights are a plain "
-        "transformers model: loading needs neither hf_memopt nor the method's code.",
+        f"`{repo}` is the Hub id, or the folder `trainer.save_model` wrote. The saved weights are {saved}",
         "",
         "```python",
         code,
@@ -360,7 +373,7 @@ def build_model_card(
             datasets=dataset_tags or None,
             language=language,
             license=license,
-            library_name="transformers",
+            library_name="peft" if _is_peft(trainer.model) else "transformers",
             model_name=model_name,
             pipeline_tag=task if task in _HUB_TASKS else None,
             tags=list(dict.fromkeys(our_tags)),
