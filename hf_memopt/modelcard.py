@@ -194,9 +194,9 @@ def _description(
             f"**{model_name}** is a fine-tuned version of [{base_model}](https://huggingface.co/{base_model}){on}."
         )
     else:
-        opening = f"**{model_name}** is a `{architecture}` trained{on}."
+        opening = f"**{model_name}** is a `{architecture}` model" + (f" trained{on}." if on else ".")
     size = f"{parameters / 1e6:.1f}M" if parameters >= 1e6 else f"{parameters:,}"
-    lines = [f"{opening} It has {size} parameters (`{architecture}`)."]
+    lines = [f"{opening} It has {size} parameters" + (f" (`{architecture}`)." if base_model else ".")]
     if configs:
         methods = []
         for config in configs:
@@ -403,7 +403,14 @@ def build_model_card(
     if eval_results:
         data.eval_results, data.model_name = eval_results, data.model_name or model_name
     methods = ", ".join(f"**{n}**" for n in names) or "no hf_memopt method (the Trainer's own optimizer)"
-    body = [library_card.text.rstrip(), "", "## Memory-efficient training (hf_memopt)", ""]
+    text = library_card.text.rstrip()
+    # TRL's template prints a missing base model / Hub id as "None" (a local base model, no hub_model_id)
+    if base_model:
+        text = text.replace(
+            "[None](https://huggingface.co/None)", f"[{base_model}](https://huggingface.co/{base_model})"
+        )
+    text = text.replace('model="None"', f'model="{trainer.args.hub_model_id or model_name}"')
+    body = [text, "", "## Memory-efficient training (hf_memopt)", ""]
     body.append(f"Trained with hf_memopt {hf_memopt.__version__} ({methods}).")
     if metrics:
         body += [""] + _eval_section(metrics, dataset_label, "###")
