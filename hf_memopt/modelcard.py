@@ -36,7 +36,14 @@ from hf_memopt.memory import MemoryReportCallback, format_breakdown_table
 from hf_memopt.optim_state import unwrap_optimizer
 from hf_memopt.registry import METHODS, method_name_of
 
-__all__ = ["ModelCardCallback", "build_model_card", "install_model_card", "optimizer_description", "write_model_card"]
+__all__ = [
+    "ModelCardCallback",
+    "build_model_card",
+    "install_model_card",
+    "library_model_card",
+    "optimizer_description",
+    "write_model_card",
+]
 
 logger = logging.getLogger(__name__)
 
