@@ -341,7 +341,10 @@ def build_model_card(
 
     import hf_memopt
 
-    summary = TrainingSummary.from_trainer(trainer, model_name=model_name or "model", finetuned_from=base_model)
+    # license given: transformers skips its Hub lookup of the base model's license tag (online only)
+    summary = TrainingSummary.from_trainer(
+        trainer, model_name=model_name or "model", finetuned_from=base_model, license=license
+    )
     base_model = base_model or summary.finetuned_from or None
     if base_model is not None and (os.path.isabs(base_model) or os.path.isdir(base_model)):
         base_model = None

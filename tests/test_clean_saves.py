@@ -30,6 +30,9 @@ def test_velora_save_model_loads_in_plain_from_pretrained_without_unexpected_key
     assert any(k.endswith(BUFFER_NAME) for k in _keys(tmp_path / "run" / "checkpoint-2"))
     assert not any(k.endswith(BUFFER_NAME) for k in _keys(tmp_path / "final"))
     assert any(k.endswith(BUFFER_NAME) for k in trainer.model.state_dict())  # the live model still has v
+    # a state_dict computed before the save (the Trainer does so under FSDP / DeepSpeed) is filtered too
+    trainer.model.save_pretrained(tmp_path / "given", state_dict=trainer.model.state_dict())
+    assert _keys(tmp_path / "given") == _keys(tmp_path / "final")
 
     caplog.clear()
     capsys.readouterr()
