@@ -82,3 +82,21 @@ def test_pretraining_save_model_folder_loads_alone_with_its_tokenizer_and_an_ada
     assert model.config.vocab_size == len(tokenizer)
     ids = tokenizer("memory efficient training", return_tensors="pt")["input_ids"]
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_velora_with_loqt_saves_one_plain_model_with_both_plain_forms(tmp_path):
+    from hf_memopt.loqt import LoQTConfig
+
+    args = training_args(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=tiny_llama(seed=4), args=args, train_dataset=TokenDataset(n=16))
+    attach(trainer, VeLoRAConfig(num_groups=8, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    attach(trainer, LoQTConfig(rank=4, merge_every=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert any(k.endswith(BUFFER_NAME) for k in _keys(tmp_path / "run" / "checkpoint-2"))  # raw: resumable
+    loaded, info = LlamaForCausalLM.from_pretrained(tmp_path / "final", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    assert set(loaded.state_dict()) == set(tiny_llama().state_dict())
+    ids = TokenDataset(n=4)[1]["input_ids"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, trainer.model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
