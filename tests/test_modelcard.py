@@ -197,3 +197,18 @@ def test_trl_sft_card_is_extended_with_hf_memopt_sections_not_replaced(tmp_path)
         and results["mean_token_accuracy"] == metrics["eval_mean_token_accuracy"]
     )
     assert "num_tokens" not in results  # a token counter, not a metric
+
+
+def test_license_and_language_default_to_the_base_models_card_on_disk(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    ModelCard("---\nlicense: mit\nlanguage: fr\n---\n\n# base\n").save(base / "README.md")
+    args = training_args(tmp_path / "run", max_steps=1)
+    trainer = Trainer(model=LlamaForCausalLM.from_pretrained(base), args=args, train_dataset=TokenDataset(n=8))
+    install_model_card(trainer, datasets="arith-progressions")
+    trainer.train()
+    data = ModelCard.load(tmp_path / "run" / "README.md").data
+    assert (data.license, data.language, data.base_model) == ("mit", "fr", None)  # a local folder is not a Hub id
+    assert build_model_card(trainer, license="apache-2.0").data.license == "apache-2.0"  # given beats inherited
