@@ -4,9 +4,8 @@ Saving: the model's ``state_dict`` is always LoQT's true state (quantized weight
 checkpoint (``_save_checkpoint`` -> ``save_model`` -> ``save_pretrained``, safetensors) resumes exactly through the
 Trainer's own ``load_state_dict``. Everything a *user* saves (``trainer.save_model``, ``model.save_pretrained``,
 ``push_to_hub``) is a plain Hugging Face model instead: the LoQT layers are swapped for ``nn.Linear`` layers holding
-W_q + s P B, dequantized to the model's dtype, for the duration of the save. The switch is one wrapper on the model's
-``save_pretrained`` and one on the trainer's ``_save_checkpoint`` (the only private Trainer name touched here), which
-marks the save as a raw checkpoint.
+W_q + s P B, dequantized to the model's dtype, for the duration of the save (the plain form registered with
+:func:`hf_memopt.saving.register_plain_save`, shared with VeLoRA so both apply when the two are attached).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from hf_memopt.galore.projector import projection_sides
 from hf_memopt.loqt.config import LoQTConfig
 from hf_memopt.loqt.layer import LoQTLinear
 from hf_memopt.optim_state import unwrap_optimizer
+from hf_memopt.saving import register_plain_save
 from hf_memopt.targeting import match_target_modules, refuse_peft_model
 from hf_memopt.velora.layer import is_velora_linear
 
@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_RAW_SAVE = "_loqt_raw_save"
 _OWN_COUNTER = "_loqt_skip_counter"  # set when LoQT, not the optimizer, checks the gradients
 
 
@@ -149,29 +148,12 @@ def save_plain_pretrained(model: nn.Module, save_directory, *args, **kwargs):
         return original(model, save_directory, *args, **kwargs)
 
 
-def _install_save_hooks(trainer: Trainer, model: nn.Module) -> None:
-    if not hasattr(trainer, "_save_checkpoint"):
-        raise ImportError("LoQT needs Trainer._save_checkpoint (transformers 5.x) to keep checkpoints resumable")
-    raw_save = type(model).save_pretrained
-
-    @functools.wraps(raw_save)
-    def save_pretrained(save_directory, *args, **kwargs):
-        if getattr(model, _RAW_SAVE, False):
-            return raw_save(model, save_directory, *args, **kwargs)
-        return save_plain_pretrained(model, save_directory, *args, **kwargs)
-
-    model.save_pretrained = save_pretrained
-    save_checkpoint = trainer._save_checkpoint
-
-    @functools.wraps(save_checkpoint)
-    def _save_checkpoint(*args, **kwargs):
-        object.__setattr__(model, _RAW_SAVE, True)
-        try:
-            return save_checkpoint(*args, **kwargs)
-        finally:
-            object.__setattr__(model, _RAW_SAVE, False)
-
-    trainer._save_checkpoint = _save_checkpoint
+def _plain_form(model: nn.Module, save_kwargs: dict) -> contextlib.AbstractContextManager:
+    """LoQT's plain form for :func:`~hf_memopt.saving.register_plain_save`: merged ``nn.Linear`` layers."""
+    if save_kwargs.get("state_dict") is not None:
+        raise ValueError("a LoQT model saves its merged weights itself; do not pass state_dict to save_pretrained")
+    save_kwargs.pop("state_dict", None)
+    return plain_linear_modules(model)
 
 
 class LoQTCallback(TrainerCallback):
@@ -320,7 +302,7 @@ def build_loqt(trainer: Trainer, config: LoQTConfig) -> None:
     trainer.add_callback(LoQTCallback(config, layers))
     install_fault_reporting(trainer)
     _install_skip_counter_on_creation(trainer, config)
-    _install_save_hooks(trainer, model)
+    register_plain_save(trainer, model, _plain_form)
     frozen = sum(layer.in_features * layer.out_features for layer in layers.values())
     trainable = sum(layer.B.numel() for layer in layers.values())
     logger.info(

@@ -13,7 +13,7 @@ import torch
 
 from hf_memopt.recipes.data import GLUE_TASKS, load_glue
 from hf_memopt.recipes.metrics import glue_compute_metrics
-from hf_memopt.recipes.models import resolve_model
+from hf_memopt.recipes.models import hub_id, resolve_model
 from hf_memopt.recipes.result import RunResult, measured_run_arguments, train_and_measure
 
 __all__ = ["run_glue"]
@@ -112,7 +112,8 @@ def run_glue(
         metrics = {k.removeprefix("eval_"): v for k, v in trained.evaluate().items()}
         return {k: v for k, v in metrics.items() if k in spec.metrics}
 
-    result = train_and_measure(trainer, method, extra_methods, evaluate, task=task)
+    card = {"base_model": hub_id(model), "datasets": "nyu-mll/glue", "dataset_config": task}
+    result = train_and_measure(trainer, method, extra_methods, evaluate, task=task, card=card)
     if print_table:
         from hf_memopt.memory import format_breakdown_table
 

@@ -6,12 +6,13 @@ Each Alpaca record becomes a conversational prompt-completion pair (user: instru
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from hf_memopt.recipes.data import load_alpaca
-from hf_memopt.recipes.models import resolve_model
+from hf_memopt.recipes.models import BASE_LICENSES, hub_id, resolve_model
 from hf_memopt.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
 
 __all__ = ["CHATML_TEMPLATE", "alpaca_to_prompt_completion", "run_instruct"]
@@ -106,4 +107,9 @@ def run_instruct(
         eval_dataset=dev,
         processing_class=tokenizer,
     )
-    return train_and_measure(trainer, method, extra_methods, held_out_loss if dev is not None else None)
+    card = {
+        "base_model": hub_id(model),
+        "license": BASE_LICENSES.get(model),
+        "datasets": data_path if data_path and not os.path.exists(data_path) else None,  # a Hub dataset id
+    }
+    return train_and_measure(trainer, method, extra_methods, held_out_loss if dev is not None else None, card=card)

@@ -12,7 +12,16 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["LLAMA_SIZES", "llama_config", "minilm_path", "resolve_model", "smollm2_path"]
+__all__ = [
+    "BASE_LICENSES",
+    "HUB_IDS",
+    "LLAMA_SIZES",
+    "hub_id",
+    "llama_config",
+    "minilm_path",
+    "resolve_model",
+    "smollm2_path",
+]
 
 # name: (hidden, intermediate, layers, heads) -- GaLore's (arXiv 2403.03507, Table 8) 60M/130M; 20M scaled down.
 LLAMA_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -59,6 +68,17 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
 def resolve_model(name: str) -> str:
     """``minilm`` / ``smollm2`` to their offline folders; anything else (a Hub id or a path) unchanged."""
     return {"minilm": minilm_path, "smollm2": smollm2_path}.get(name, lambda: name)()
+
+
+# For model cards: ``base_model`` must be the Hub id an offline model was copied from, not its local folder.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# SmolLM2's folder is rebuilt from a GGUF file and has no card to read the license from (MiniLM's has one).
+BASE_LICENSES = {"smollm2": "apache-2.0"}
+
+
+def hub_id(name: str) -> str | None:
+    """The Hub id behind a model name: an offline model's source id, a Hub id itself; None for a local folder."""
+    return HUB_IDS.get(name) or (None if os.path.exists(name) else name)
 
 
 def llama_config(size: str, vocab_size: int = 32000, max_position_embeddings: int = 1024):

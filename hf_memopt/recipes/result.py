@@ -13,6 +13,7 @@ from typing import Any
 
 from hf_memopt.integration import attach
 from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback
+from hf_memopt.modelcard import install_model_card
 from hf_memopt.registry import method_name_of
 from hf_memopt.timing import StepTimerCallback
 
@@ -76,13 +77,16 @@ def train_and_measure(
     extra_methods: tuple[Any, ...] = (),
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     task: str | None = None,
+    card: dict[str, Any] | None = None,
 ) -> RunResult:
     """Attach ``extra_methods`` then ``method`` (None = the Trainer's own optimizer), train with a memory report and
-    a step timer, then ``evaluate(trainer)``."""
+    a step timer, then ``evaluate(trainer)``. The model card is installed for every run, with or without a method;
+    ``card`` holds what the runner knows for it (``base_model``, ``datasets`` ...: see ``build_model_card``)."""
     memory = MemoryReportCallback(print_table=False)
     timer = StepTimerCallback()
     trainer.add_callback(memory)
     trainer.add_callback(timer)
+    install_model_card(trainer, **(card or {}))
     for extra in extra_methods:
         attach(trainer, extra)
     if method is not None:
