@@ -76,6 +76,43 @@ class PaddedTokens(torch.utils.data.Dataset):
         return {"input_ids": item["input_ids"], "attention_mask": mask, "labels": labels}
 
 
+def tiny_bart(seed: int = 0):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+    )  # fmt: skip
+    return BartForConditionalGeneration(config)
+
+
+def tiny_t5(seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
+class Seq2SeqTokens(torch.utils.data.Dataset):
+    """Sequence to sequence: the target is the source reversed (padded sources in some rows)."""
+
+    def __init__(self, n: int = 16, seq: int = 10):
+        self.base = PaddedTokens(n=n, seq=seq)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.base[i]
+        return {"input_ids": item["input_ids"], "attention_mask": item["attention_mask"],
+                "labels": item["input_ids"].flip(0)[:6]}  # fmt: skip
+
+
 class LabelledTokens(torch.utils.data.Dataset):
     """Sequence classification: label = whether the first token is in the upper half of the vocabulary."""
 
@@ -235,6 +272,8 @@ FAMILIES = {
     "opt": (tiny_opt, PaddedTokens),
     "bert_cls": (tiny_bert_classifier, LabelledTokens),
     "llama_cls": (tiny_llama_classifier, LabelledTokens),
+    "bart": (tiny_bart, Seq2SeqTokens),
+    "t5": (tiny_t5, Seq2SeqTokens),
 }
 
 
