@@ -215,6 +215,43 @@ class OpaqueLossLM(FunctionalLM):
             return {"loss": loss * 1.0 + 0.0}
 
 
+class WritesIntoViewLM(FunctionalLM):
+    """Accumulates perturbed activations in place into a view of a buffer both streams would share."""
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        h = self.embed(input_ids)
+        total = torch.zeros(2, *h.shape, dtype=h.dtype)
+        for layer in self.layers:
+            h = h + layer(h)
+        total[0].add_(h)
+        logits = total[0] @ self.embed.weight.T
+        return {"loss": nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))}
+
+
+class OutArgumentLM(FunctionalLM):
+    """Writes perturbed activations through ``out=`` into a preallocated buffer."""
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        buffer = torch.empty_like(h)
+        torch.mul(h, 2.0, out=buffer)
+        logits = buffer @ self.embed.weight.T
+        return {"loss": nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))}
+
+
+class ReadsBlockWeightLM(FunctionalLM):
+    """Reads a block's weight outside the block (stored offloaded, its update queued for the next upload)."""
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        logits = (h @ self.layers[0][1].weight) @ self.embed.weight.T
+        return {"loss": nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))}
+
+
 class TiedAcrossBlocksLM(FunctionalLM):
     def __init__(self):
         super().__init__()
@@ -228,6 +265,13 @@ class TiedAcrossBlocksLM(FunctionalLM):
         (UnusedParameterLM, ValueError, "never used the trainable parameter.*unused_scale.*offload='none'"),
         (ReadsOutLM, RuntimeError, "branches on .*perturbed values.*offload='none'"),
         (OpaqueLossLM, RuntimeError, "loss does not depend on the perturbed parameters.*offload='none'"),
+        (WritesIntoViewLM, RuntimeError, "in-place add_ .*view of a tensor both streams share.*offload='none'"),
+        (OutArgumentLM, RuntimeError, r"mul\(out=...\) outside the transformer blocks.*offload='none'"),
+        (
+            ReadsBlockWeightLM,
+            RuntimeError,
+            r"layers\.0\.1\.weight is used outside its transformer block.*offload='none'",
+        ),
     ],
 )
 def test_models_the_offloaded_forward_cannot_follow_are_refused_before_any_update(make, error, words):
@@ -247,3 +291,14 @@ def test_a_block_parameter_tied_outside_the_blocks_is_refused_at_construction():
     model = _model(TiedAcrossBlocksLM)
     with pytest.raises(ValueError, match=r"head\.weight.*tied.*offload='none'"):
         ZO2Engine(model, model.layers, eps=EPS, device=torch.device("cpu"))
+
+
+def test_a_kv_cache_shared_by_both_streams_is_refused():
+    model = tiny_llama().double().eval()
+    model.config.use_cache = True  # the Trainer integration turns it off; a direct caller may not
+    optimizer = ZOSGD(list(model.parameters()), lr=LR, seed=3)
+    engine = ZO2Engine(model, model.model.layers, eps=EPS, device=torch.device("cpu"))
+    engine.bind(optimizer)
+    batch = _batches("lm", 2)[0]
+    with pytest.raises(RuntimeError, match="model.layers.0 received a KV cache.*use_cache=False"):
+        engine.perturbed_losses(lambda: model(**batch, use_cache=True)["loss"], optimizer.sample_seed(0))
