@@ -32,7 +32,6 @@ same cause); operations outside the blocks whose non-tensor result differs betwe
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -47,8 +46,6 @@ from hf_memopt.zo.optimizer import ZOSGD
 from hf_memopt.zo.perturb import perturbation
 
 __all__ = ["ZO2Engine"]
-
-logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -309,14 +306,10 @@ class ZO2Engine:
             if self.world != 0:  # no perturbed pass (evaluation, flush) or nested in a block's stream
                 return self._call(block, self.world or 0, args, kwargs)
             self._refuse_shared_state(block, args, kwargs)
-            zs: dict[int, torch.Tensor] = {}
-            plus = self._stream((args, kwargs), +1, zs)
-            minus = self._stream((args, kwargs), -1, zs)
-            del zs
             recorded = _recorded_outputs()
             marks = {k: len(v) for k, v in recorded.items() if isinstance(v, list)} if recorded else {}
-            out_plus = self._call(block, +1, *plus)
-            del plus
+            out_plus = self._call(block, +1, *self._stream((args, kwargs), +1))
+            minus = self._stream((args, kwargs), -1)
             if marks:  # what the -eps forward records goes to a copy, paired below with the +eps records
                 minus_recorded = {k: list(v[: marks[k]]) if k in marks else v for k, v in recorded.items()}
                 token = _RECORDER.set(minus_recorded)
@@ -346,8 +339,11 @@ class ZO2Engine:
             )
 
     # ---------------------------------------------------------------- operations outside the blocks
-    def _perturbed(self, p: torch.Tensor, sign: int, zs: dict[int, torch.Tensor] | None) -> torch.Tensor:
-        """``p + sign * eps * z`` for a trainable parameter outside the blocks (z reused within one operation)."""
+    def _perturbed(self, p: torch.Tensor, sign: int) -> torch.Tensor:
+        """``p + sign * eps * z`` for a trainable parameter outside the blocks.
+
+        z is regenerated per stream rather than kept for the other one: one perturbed copy of (say) the embedding
+        table alive at a time, as when plain MeZO perturbs it in place."""
         key = id(p)
         if key in self.block_params:
             raise RuntimeError(
@@ -357,23 +353,18 @@ class ZO2Engine:
         if self.seen is not None:
             self.seen.add(key)
         with self._engine_work():
-            z = zs.get(key) if zs is not None else None
-            if z is None:
-                z = perturbation(p.detach(), self.seed, self.index[key])
-                if zs is not None:
-                    zs[key] = z
-            return torch.add(p.detach(), z, alpha=sign * self.eps)
+            return torch.add(p.detach(), perturbation(p.detach(), self.seed, self.index[key]), alpha=sign * self.eps)
 
     def _is_param(self, t: torch.Tensor) -> bool:
         key = id(t)
         return (key in self.resident and self.resident[key] is t) or key in self.block_params
 
-    def _stream(self, obj: Any, sign: int, zs: dict[int, torch.Tensor] | None) -> Any:
+    def _stream(self, obj: Any, sign: int) -> Any:
         """``obj`` as stream ``sign`` sees it: parameters perturbed, stream-1 tensors replaced by their twins."""
 
         def swap(t: torch.Tensor) -> torch.Tensor:
             if self._is_param(t):
-                return self._perturbed(t, sign, zs)
+                return self._perturbed(t, sign)
             if sign < 0:
                 return self.twins.get(t, t)
             return t
@@ -394,7 +385,7 @@ class ZO2Engine:
                 out = func(*args, **kwargs)
                 if not any(True for _ in _tensors(out)):
                     return out
-            args, kwargs = self._stream((args, kwargs), self.world, None)
+            args, kwargs = self._stream((args, kwargs), self.world)
             return func(*args, **kwargs)
         if not self._dual((args, kwargs)):
             return func(*args, **kwargs)
@@ -407,27 +398,28 @@ class ZO2Engine:
                 f"ZO2 offload: {name}(out=...) outside the transformer blocks takes perturbed inputs; the two streams "
                 "cannot share its output. Use ZOConfig(offload='none') for this model"
             )
-        zs: dict[int, torch.Tensor] = {}
-        plus_args, plus_kwargs = self._stream((args, kwargs), +1, zs)
-        minus_args, minus_kwargs = self._stream((args, kwargs), -1, zs)
-        del zs
         inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
         target = args[0] if inplace and args and isinstance(args[0], torch.Tensor) else None
-        if target is not None and minus_args[0] is target:  # writes stream-2 values into a tensor both streams read
+        shared = target is not None and not self._is_param(target) and target not in self.twins
+        if shared:  # writes stream-2 values into a tensor both streams read: stream 2 writes into its own copy
             if target._base is not None:
                 raise RuntimeError(
                     f"ZO2 offload: the in-place {name} outside the transformer blocks writes perturbed values into a "
                     "view of a tensor both streams share; use ZOConfig(offload='none') for this model"
                 )
-            minus_args = (target.clone(), *minus_args[1:])
+            copy = target.clone()
+        plus_args, plus_kwargs = self._stream((args, kwargs), +1)
         out_plus = func(*plus_args, **plus_kwargs)
+        del plus_args, plus_kwargs
+        minus_args, minus_kwargs = self._stream((args, kwargs), -1)
+        if shared:
+            minus_args = (copy, *minus_args[1:])
+            self.twins[target] = copy
         out_minus = func(*minus_args, **minus_kwargs)
         if hasattr(out_plus, "__next__"):  # iterating a tensor
             out_plus, out_minus = list(out_plus), list(out_minus)
             self._pair(out_plus, out_minus, name)
             return iter(out_plus)
-        if target is not None and minus_args[0] is not target:
-            self.twins[target] = minus_args[0]
         self._pair(out_plus, out_minus, name)
         return out_plus
 
