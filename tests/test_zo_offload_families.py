@@ -75,10 +75,19 @@ class _SharedBlock(nn.Module):
         return torch.tanh(self.shared(self.norm(h)))
 
 
+def _lora_llama():
+    """LoRA adapters inside the blocks and on the head (outside them): only adapters trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    return get_peft_model(tiny_llama(), lora)
+
+
 # fmt: off
 FAMILIES = {
     # name: (make the model, kind of batch)
     "llama": (tiny_llama, "lm"),
+    "llama_lora_with_head_adapter": (_lora_llama, "lm"),
     "qwen2": (_decoder(transformers.Qwen2Config, "Qwen2ForCausalLM", num_key_value_heads=2), "lm"),
     "gemma2": (
         _decoder(transformers.Gemma2Config, "Gemma2ForCausalLM", num_key_value_heads=2, head_dim=8, sliding_window=4),

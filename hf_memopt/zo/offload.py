@@ -27,7 +27,8 @@ Refused, never trained wrongly (see ``docs/methods/zo.md``): a trainable block p
 outside its block (``ValueError`` at construction); a trainable parameter the first forward never used (it could
 only reach the loss through an operation the mode cannot see: a custom kernel); a loss with no stream-2 twin (the
 same cause); operations outside the blocks whose non-tensor result differs between the streams (``.item()``,
-``bool()``: data-dependent control flow); in-place writes of stream-2 values into a view or an ``out=`` tensor.
+``bool()``: data-dependent control flow); in-place writes of stream-2 values into a view or an ``out=`` tensor; a
+KV cache handed to a block (both streams would append to it).
 """
 
 from __future__ import annotations
