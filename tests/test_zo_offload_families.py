@@ -261,6 +261,19 @@ class ReadsBlockWeightLM(FunctionalLM):
         return {"loss": nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))}
 
 
+class OpaqueGlueLM(FunctionalLM):
+    """Scales the activations between two blocks where no ``__torch_function__`` mode can see it."""
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        h = self.embed(input_ids) + self.positions[: input_ids.shape[1]]
+        h = h + self.layers[0](h)
+        with torch._C.DisableTorchFunction():
+            h = h * 1.5
+        h = h + self.layers[1](h)
+        logits = h @ self.embed.weight.T
+        return {"loss": nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))}
+
+
 class TiedAcrossBlocksLM(FunctionalLM):
     def __init__(self):
         super().__init__()
@@ -274,6 +287,7 @@ class TiedAcrossBlocksLM(FunctionalLM):
         (UnusedParameterLM, ValueError, "never used the trainable parameter.*unused_scale.*offload='none'"),
         (ReadsOutLM, RuntimeError, "branches on .*perturbed values.*offload='none'"),
         (OpaqueLossLM, RuntimeError, "loss does not depend on the perturbed parameters.*offload='none'"),
+        (OpaqueGlueLM, RuntimeError, "differs from a forward on the -eps parameters alone.*offload='none'"),
         (WritesIntoViewLM, RuntimeError, "in-place add_ .*view of a tensor both streams share.*offload='none'"),
         (OutArgumentLM, RuntimeError, r"mul\(out=...\) outside the transformer blocks.*offload='none'"),
         (

@@ -457,8 +457,9 @@ class ZO2Engine:
     def perturbed_losses(self, loss_fn: Callable[[], torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L(theta + eps z), L(theta - eps z))`` with z from ``seed``; each block uploaded once.
 
-        The first call also checks that the forward used every trainable parameter (an unused one could only
-        reach the loss through an operation the engine cannot see) and raises ``ValueError`` before any update.
+        The first call also checks, before any update, that the forward used every trainable parameter (an unused
+        one could only reach the loss through an operation the engine cannot see; ``ValueError``) and that the
+        -eps stream's loss equals that of a forward run on the -eps stream alone (``RuntimeError`` otherwise).
         """
         self.seed, self.world, self.twins = seed, 0, WeakIdKeyDictionary()
         self.seen = None if self.checked else set()
@@ -466,17 +467,41 @@ class ZO2Engine:
             with _DualMode(self):
                 loss_plus = loss_fn()
             loss_minus = self.twins.get(loss_plus)
+            if loss_minus is None:
+                raise RuntimeError(
+                    "ZO2 offload: the loss does not depend on the perturbed parameters through operations the engine "
+                    "can see (a custom kernel outside the transformer blocks?); use ZOConfig(offload='none') for this "
+                    "model"
+                )
             if not self.checked:
                 self._check_all_parameters_used()
+                self._check_against_one_stream(loss_fn, loss_plus, loss_minus)
                 self.checked = True
         finally:
             self.world, self.twins, self.seen = None, None, None
-        if loss_minus is None:
-            raise RuntimeError(
-                "ZO2 offload: the loss does not depend on the perturbed parameters through operations the engine can "
-                "see (a custom kernel outside the transformer blocks?); use ZOConfig(offload='none') for this model"
-            )
         return loss_plus, loss_minus
+
+    def _check_against_one_stream(self, loss_fn: Callable[[], torch.Tensor], plus: torch.Tensor, minus: torch.Tensor):
+        """Run the forward once more on the -eps stream alone (every parameter read as theta - eps z, nothing to
+        mirror) and compare its loss with the -eps twin of the two-stream pass.
+
+        The two execute the same operations on the same values, so they agree to the bit on deterministic kernels.
+        An operation outside the blocks that the mode cannot see (a custom kernel called directly) or any other side
+        channel between the streams hands stream-1 values to stream 2 and moves the twin towards L+; the tolerance
+        (5% of |L+ - L-|, plus a few ulps of L) separates that from nondeterministic kernels. Costs one forward, once.
+        """
+        self.world, self.seen = -1, None
+        with _DualMode(self):
+            alone = float(loss_fn())
+        lp, lm = float(plus), float(minus)
+        tolerance = 0.05 * abs(lp - lm) + 64 * torch.finfo(minus.dtype).eps * max(abs(lm), 1.0)
+        if not abs(alone - lm) <= tolerance:
+            raise RuntimeError(
+                f"ZO2 offload: the -eps loss of the offloaded forward ({lm!r}) differs from a forward on the -eps "
+                f"parameters alone ({alone!r}; L+ = {lp!r}): an operation outside the transformer blocks passes values "
+                "between the two streams that the engine cannot see (a custom kernel, a side channel). Use "
+                "ZOConfig(offload='none') for this model"
+            )
 
     def _check_all_parameters_used(self) -> None:
         unused = sorted(self.names.get(k, "?") for k in self.index if k not in self.seen)
