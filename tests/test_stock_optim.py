@@ -19,6 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_memopt import GaLoreConfig, attach
 from hf_memopt.compat import TRANSFORMERS_TESTED, optimizer_handlers, target_module_rule
+from hf_memopt.faults import NonFiniteError
 from hf_memopt.galore import stock
 from hf_memopt.galore.optimizer import GaLoreAdamW
 from hf_memopt.galore.stock import STOCK_GALORE_NAMES, reroute_stock_galore_names, stock_target_parameters
@@ -206,8 +207,8 @@ def test_parameter_groups_split_by_decay_only_when_weight_decay_is_set(tmp_path,
 # What the stock path shares with attach(): non-finite skip, the logged grad_norm, distributed refusals
 
 
-def test_stock_optimizer_skips_a_non_finite_update_whole(tmp_path):
-    trainer, optimizer = stock_optimizer(tmp_path, optim_args="rank=8")
+def test_stock_optimizer_skips_a_non_finite_update_whole_and_stops_past_max_consecutive_skips(tmp_path):
+    trainer, optimizer = stock_optimizer(tmp_path, optim_args="rank=8,max_consecutive_skips=1")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     before = [p.detach().clone() for p in params]
     for p in params:
@@ -216,6 +217,8 @@ def test_stock_optimizer_skips_a_non_finite_update_whole(tmp_path):
     optimizer.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert optimizer.nonfinite_skips.total == 1
+    with pytest.raises(NonFiniteError, match="max_consecutive_skips=1"):
+        optimizer.step()
 
 
 def test_stock_and_attach_log_the_same_grad_norm(tmp_path):

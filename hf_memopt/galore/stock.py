@@ -48,7 +48,16 @@ STOCK_GALORE_NAMES: dict[str, tuple[str, bool]] = {
 }
 # what the stock names gave with galore-torch: its exact SVD refresh (attach() defaults to the subspace refresh)
 STOCK_SVD_METHOD = "exact"
-_FROM_OPTIM_ARGS = ("rank", "update_proj_gap", "scale", "proj_type", "svd_method", "svd_iterations", "seed")
+_FROM_OPTIM_ARGS = (
+    "rank",
+    "update_proj_gap",
+    "scale",
+    "proj_type",
+    "svd_method",
+    "svd_iterations",
+    "seed",
+    "max_consecutive_skips",
+)
 _warned_not_rerouted = False
 
 
