@@ -246,3 +246,96 @@ def test_stock_layerwise_is_refused_under_distributed_training(tmp_path, monkeyp
     monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="cannot run under distributed training"):
         Trainer.get_optimizer_cls_and_kwargs(args, tiny_llama())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data-parallel training (gloo, 2 processes; this file's __main__ is the worker, as in test_distributed.py)
+
+WORLD, PER_RANK_BATCH = 2, 4
+DDP_OPTIM = dict(optim_target_modules=[r".*attn.*", r".*mlp.*"], optim_args="rank=4,update_proj_gap=2")
+
+
+def ddp_case_trainer(output_dir, optim: str, batch_factor: int = 1, **overrides) -> Trainer:
+    args = dict(
+        max_steps=3,
+        max_grad_norm=1.0,
+        train_sampling_strategy="sequential",
+        per_device_train_batch_size=PER_RANK_BATCH * batch_factor,
+        optim=optim,
+        **DDP_OPTIM,
+    )
+    args.update(overrides)
+    return Trainer(model=tiny_llama(seed=3), args=training_args(output_dir, **args), train_dataset=TokenDataset(n=48))
+
+
+def _logged(trainer, key: str) -> list[float]:
+    return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
+
+
+def _ddp_worker(out) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    from conftest import refusal_of
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    out, rank = Path(out), int(os.environ["RANK"])
+    trainer = ddp_case_trainer(out / "run", "galore_adamw", ddp_backend="gloo")
+    trainer.train()
+    save_file({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}, str(out / f"rank{rank}.st"))
+    report = {
+        "wrapped": type(trainer.model_wrapped).__name__,
+        "losses": _logged(trainer, "loss"),
+        "grad_norms": _logged(trainer, "grad_norm"),
+        "refused": refusal_of(
+            lambda: ddp_case_trainer(
+                out / "lw", "galore_adamw_layerwise", ddp_backend="gloo", max_grad_norm=0.0
+            ).train()
+        ),
+    }
+    (out / f"report.rank{rank}.json").write_text(json.dumps(report))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    import json
+    from pathlib import Path
+
+    from conftest import launch_ranks
+
+    out = tmp_path_factory.mktemp("stock_ddp")
+    launch_ranks(str(Path(__file__).resolve()), out, WORLD)
+    return out, [json.loads((out / f"report.rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_stock_galore_under_ddp_equals_one_process_with_the_same_global_batch(ddp_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out, reports = ddp_run
+    states = [load_file(str(out / f"rank{r}.st")) for r in range(WORLD)]
+    single = ddp_case_trainer(tmp_path, "galore_adamw", batch_factor=WORLD)
+    initial = {k: v.detach().clone() for k, v in single.model.state_dict().items()}
+    single.train()
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0, msg=key)  # ranks agree exactly
+        # float32, another reduction order (two half-batch means averaged by all-reduce); a wrong split moves 4e-2
+        torch.testing.assert_close(states[0][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    assert any(not torch.equal(initial[k], v) for k, v in single.model.state_dict().items())
+    assert reports[0]["wrapped"] == "DistributedDataParallel"
+    assert reports[0]["losses"] == pytest.approx(_logged(single, "loss"), rel=1e-5)
+    assert reports[0]["grad_norms"] == pytest.approx(_logged(single, "grad_norm"), rel=1e-5)  # the true norm
+
+
+def test_stock_layerwise_under_ddp_is_refused_with_a_pointer_to_attach(ddp_run):
+    for report in ddp_run[1]:
+        assert report["refused"]["type"] == "ValueError"
+        assert "cannot run under distributed training" in report["refused"]["message"]
+        assert "hf_memopt.attach" in report["refused"]["message"]
+
+
+if __name__ == "__main__":
+    _ddp_worker(sys.argv[1])
