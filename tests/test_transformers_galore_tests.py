@@ -13,6 +13,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 from transformers.trainer_utils import check_target_module_exists
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread: several times faster on the shared CPU
+
 ATTN_MLP_TARGET_MODULES = [r".*attn.*", r".*mlp.*"]
 MODULE_NAMES = [
     "model.transformer.h.0.ln_1",
