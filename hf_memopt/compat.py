@@ -14,6 +14,9 @@ transformers (tested range ``TRANSFORMERS_TESTED``):
 * ``transformers.trainer_utils.check_target_module_exists``: the rule by which the stock ``optim_target_modules``
   selects modules. It has no leading underscore but is not documented; the stock path calls it rather than copying
   it, so the selection is transformers' own.
+* ``Trainer.get_decay_parameter_names`` called without a ``Trainer`` (``self=None``): the stock path has no trainer
+  instance, and the method reads no instance state in the tested versions; it decides which parameters (biases,
+  normalisation weights) get no weight decay.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 from packaging.version import Version
 
-__all__ = ["TRANSFORMERS_TESTED", "optimizer_handlers", "target_module_rule"]
+__all__ = ["TRANSFORMERS_TESTED", "decay_rule", "optimizer_handlers", "target_module_rule"]
 
 # [lowest, first untested) version of transformers whose private names below were checked
 TRANSFORMERS_TESTED = (Version("5.0.0"), Version("6.0.0"))
@@ -87,4 +90,28 @@ def target_module_rule() -> tuple[Callable[..., Any] | None, str]:
             return None, "transformers.trainer_utils.check_target_module_exists changed behaviour"
     except TypeError:
         return None, "transformers.trainer_utils.check_target_module_exists changed signature"
+    return rule, ""
+
+
+def decay_rule() -> tuple[Callable[[Any], list[str]] | None, str]:
+    """``model -> names of the parameters that get weight decay``, by the Trainer's rule, without a Trainer.
+
+    Returns ``(function, "")`` or ``(None, reason)``; checked on a Linear + LayerNorm probe (only the Linear weight
+    decays).
+    """
+    problem = _transformers_version_problem()
+    if problem:
+        return None, problem
+    from torch import nn
+    from transformers import Trainer
+
+    def rule(model: Any) -> list[str]:
+        return list(Trainer.get_decay_parameter_names(None, model))
+
+    try:
+        decayed = rule(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
+    except (AttributeError, TypeError) as err:
+        return None, f"Trainer.get_decay_parameter_names needs a Trainer instance now ({err})"
+    if decayed != ["0.weight"]:
+        return None, f"Trainer.get_decay_parameter_names changed behaviour (probe gave {decayed})"
     return rule, ""

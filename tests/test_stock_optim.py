@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from hf_memopt import GaLoreConfig, attach
-from hf_memopt.compat import TRANSFORMERS_TESTED, optimizer_handlers, target_module_rule
+from hf_memopt.compat import TRANSFORMERS_TESTED, decay_rule, optimizer_handlers, target_module_rule
 from hf_memopt.faults import NonFiniteError
 from hf_memopt.galore import stock
 from hf_memopt.galore.optimizer import GaLoreAdamW
@@ -78,6 +78,14 @@ def test_transformers_target_rule_is_equality_substring_or_full_match(targets, n
     rule, reason = target_module_rule()
     assert reason == ""
     assert rule(targets, name, return_is_regex=True)[0] == reference_rule(targets, name)
+
+
+def test_the_trainers_decay_rule_applies_without_a_trainer(tmp_path):
+    rule, reason = decay_rule()
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset())
+    assert reason == "" and rule(model) == trainer.get_decay_parameter_names(model)
+    assert "model.norm.weight" not in rule(model) and "lm_head.weight" in rule(model)
 
 
 # ---------------------------------------------------------------------------------------------------------------

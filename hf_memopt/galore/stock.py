@@ -27,10 +27,10 @@ from typing import Any
 
 from torch import nn
 
-from hf_memopt.compat import optimizer_handlers, target_module_rule
+from hf_memopt.compat import decay_rule, optimizer_handlers, target_module_rule
 from hf_memopt.galore.builder import check_layerwise_supported, create_galore_optimizer
 from hf_memopt.galore.config import GaLoreConfig
-from hf_memopt.integration import OptimizerHyperparameters, _ModelOptimizerFactory, no_decay_parameter_names
+from hf_memopt.integration import OptimizerHyperparameters, _ModelOptimizerFactory
 from hf_memopt.targeting import ALL_LINEAR
 
 __all__ = ["STOCK_GALORE_NAMES", "config_from_optim_args", "reroute_stock_galore_names", "stock_target_parameters"]
@@ -116,6 +116,14 @@ def stock_target_parameters(model: nn.Module, target_modules: str | list[str], o
     return targets
 
 
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Biases and normalisation weights, by the Trainer's rule (through :func:`hf_memopt.compat.decay_rule`)."""
+    rule, reason = decay_rule()
+    if rule is None:
+        raise RuntimeError(f"cannot apply the Trainer's weight-decay rule without a Trainer: {reason}")
+    return {n for n, _ in model.named_parameters()} - set(rule(model))
+
+
 def _galore_handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
     """transformers optimizer handler for the six stock GaLore names."""
     args = ctx.args
@@ -146,9 +154,7 @@ def _galore_handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
 
     def build(model: nn.Module) -> Any:
         targets = selected if model is ctx.model else stock_target_parameters(model, config.target_modules, optim)
-        return create_galore_optimizer(
-            model, config, hparams, no_decay_names=no_decay_parameter_names(model), targets=targets
-        )
+        return create_galore_optimizer(model, config, hparams, no_decay_names=_no_decay_names(model), targets=targets)
 
     return _ModelOptimizerFactory(build), {}
 
@@ -156,13 +162,13 @@ def _galore_handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
 def reroute_stock_galore_names() -> bool:
     """Point the stock GaLore ``optim`` names at hf_memopt; returns whether they were rerouted.
 
-    When transformers' private table or its target rule is missing or changed, the names are left to transformers
-    and one warning (the first time only) says so; ``attach()`` does not depend on either.
+    When transformers' private table, its target rule or its decay rule is missing or changed, the names are left to
+    transformers and one warning (the first time only) says so; ``attach()`` depends on none of them.
     """
     global _warned_not_rerouted
     table, reason = optimizer_handlers(STOCK_GALORE_NAMES)
-    if table is not None:
-        _, reason = target_module_rule()
+    for accessor in (target_module_rule, decay_rule):
+        reason = reason or accessor()[1]
     if table is None or reason:
         if not _warned_not_rerouted:
             _warned_not_rerouted = True
