@@ -1,7 +1,8 @@
 """hf_memopt: memory-efficient training methods for the stock Hugging Face ``Trainer``.
 
 ``attach(trainer, config)`` installs a method; ``METHODS`` is the registry of method names. Importing the package
-also makes the stock ``TrainingArguments(optim="galore_*")`` names use hf_memopt's GaLore.
+also makes the stock ``TrainingArguments(optim="galore_*")`` names use hf_memopt's GaLore, where transformers'
+private handler table has the tested shape (otherwise one warning says they are not rerouted; see ``compat``).
 """
 
 import logging

@@ -6,7 +6,7 @@
     hf-memopt estimate --model CONFIG_OR_ID --method NAME [--rank R] [--batch B] [--seq S] [--set key=value ...]
 
 Bad recipes, unknown methods and bad ``--set`` values end with one line on stderr and exit status 2 (so do a
-method's own checks when it is attached, e.g. a rank larger than a targeted layer). ``HF_MEMOPT_DEBUG=1`` shows the
+method's own checks when it is attached, e.g. a target name that matches no layer). ``HF_MEMOPT_DEBUG=1`` shows the
 traceback instead.
 """
 

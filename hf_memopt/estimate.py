@@ -430,9 +430,10 @@ def _estimate_galore(result, model, config) -> None:
         compute = torch.float64 if p.dtype == torch.float64 else torch.float32  # projection runs in >= float32
         elsize = torch.empty((), dtype=compute).element_size()
         left, right = projection_sides(config.proj_type, (m, n))
-        low_m, low_n = (config.rank if left else m), (config.rank if right else n)
+        rank = min(config.rank, m, n)  # capped at the smaller side, as the optimizer does
+        low_m, low_n = (rank if left else m), (rank if right else n)
         state += _galore_rule_state((low_m, low_n), compute, config.optimizer)
-        state += elsize * ((m * config.rank if left else 0) + (config.rank * n if right else 0))
+        state += elsize * ((m * rank if left else 0) + (rank * n if right else 0))
     result["optimizer_state"] = state
     result["projected_parameters"] = projected
     if config.layerwise:

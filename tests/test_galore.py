@@ -621,7 +621,6 @@ def test_invalid_config_values_raise_value_error_naming_the_field(kwargs, field)
         (GaLoreConfig(rank=4, target_modules=["q_proj", "no_such_layer"]), "'no_such_layer' matches no module"),
         (GaLoreConfig(rank=4, target_modules=["input_layernorm"]), "only Linear, Embedding, Conv1D"),
         (GaLoreConfig(rank=4, target_modules=r".*nothing.*"), "matches no"),
-        (GaLoreConfig(rank=33, target_modules=["q_proj"]), r"rank must be in \[1, 32\]"),
     ],
 )
 def test_bad_targets_are_rejected_at_attach(tmp_path, config, message):

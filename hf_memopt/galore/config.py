@@ -23,7 +23,8 @@ class GaLoreConfig:
     gradient every ``update_proj_gap`` optimizer updates.
 
     Args:
-        rank: rank r of the projection; 1 <= rank <= min(m, n) of every targeted weight.
+        rank: rank r of the projection, >= 1; a weight whose smaller side is below it is projected at that side's
+            size, as galore-torch does (logged once, naming the weights).
         update_proj_gap: optimizer updates between projector refreshes (T in the paper), >= 1.
         scale: the paper's alpha; multiplies the projected-back update, > 0.
         proj_type: ``std`` projects the smaller side (right when m >= n), ``reverse_std`` the larger one, ``left``,
@@ -51,7 +52,9 @@ class GaLoreConfig:
             >= 0 (0: stop at the first). See ``hf_memopt.faults``.
     """
 
-    rank: int = field(default=128, metadata={"help": "Rank of the gradient projection (>= 1, <= min(m, n))."})
+    rank: int = field(
+        default=128, metadata={"help": "Rank of the gradient projection (>= 1; capped at min(m, n) per weight)."}
+    )
     update_proj_gap: int = field(default=200, metadata={"help": "Optimizer updates between projector refreshes."})
     scale: float = field(default=0.25, metadata={"help": "Scale of the projected-back update (alpha)."})
     proj_type: str = field(default="std", metadata={"help": f"Projection side: one of {PROJ_TYPES}."})
