@@ -412,7 +412,7 @@ def _estimate_adamw(result, model, config) -> None:
 
 def _estimate_galore(result, model, config) -> None:
     from hf_memopt.galore.builder import galore_target_parameters
-    from hf_memopt.galore.projector import projection_sides
+    from hf_memopt.shared.projector import projection_sides
 
     params = _unique_parameters(model)
     _common(result, model, params)

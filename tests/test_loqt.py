@@ -315,5 +315,5 @@ def test_layers_compressed_by_velora_are_refused_instead_of_silently_replaced(tm
 
     trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path), train_dataset=TokenDataset())
     attach(trainer, VeLoRAConfig(num_groups=8))
-    with pytest.raises(ValueError, match="target_modules: .* already compressed by VeLoRA"):
+    with pytest.raises(ValueError, match="target_modules: .* already rewritten by VeLoRA"):
         attach(trainer, LoQTConfig(rank=4, target_modules="all-linear"))

@@ -28,12 +28,12 @@ from hf_memopt.faults import (
     out_of_memory_advice,
     skip_counter_of,
 )
-from hf_memopt.galore.projector import projection_sides
 from hf_memopt.loqt.config import LoQTConfig
 from hf_memopt.loqt.layer import LoQTLinear
 from hf_memopt.optim_state import unwrap_optimizer
+from hf_memopt.shared.modules import rewritten_by
+from hf_memopt.shared.projector import projection_sides
 from hf_memopt.targeting import ALL_LINEAR, match_target_modules
-from hf_memopt.velora.layer import is_velora_linear
 
 __all__ = [
     "LoQTCallback",
@@ -83,10 +83,11 @@ def convert_to_loqt(model: nn.Module, config: LoQTConfig) -> dict[str, LoQTLinea
     targets = loqt_target_modules(model, config)
     layers: dict[str, LoQTLinear] = {}
     for index, (name, module) in enumerate(targets.items()):
-        if is_velora_linear(module):
+        owner = rewritten_by(module)
+        if owner is not None:
             raise ValueError(
-                f"target_modules: {name} is already compressed by VeLoRA; LoQT would replace it and drop the "
-                "compression. Leave it out of one of the two methods' target_modules"
+                f"target_modules: {name} is already rewritten by {owner}; LoQT would replace it and drop that. "
+                "Leave it out of one of the two methods' target_modules"
             )
         use_left, _ = projection_sides(config.proj_type, module.weight.shape)
         layer = LoQTLinear(
