@@ -106,8 +106,8 @@ def test_defaults_match_the_official_pretraining_scripts():
         "exponential",
         0.5,
     )
-    assert LoQTConfig(quant=None).quantize_projection is False  # nothing to quantize P with
-    assert LoQTConfig(quantize_projection=False).quantize_projection is False
+    with pytest.raises(ValueError, match="quantize_projection=False"):  # nothing to quantize P with
+        LoQTConfig(quant=None)
 
 
 # ---- quantization and the layer's math ------------------------------------------------------------------------------
@@ -373,6 +373,7 @@ def _layerwise_pair(tmp_path, dtype=torch.float64, quant=None, **overrides):
         config = LoQTConfig(
             rank=3,
             quant=quant,
+            quantize_projection=quant is not None,
             merge_every=2,
             merge_growth=1.5,
             error_compensation_steps=2,

@@ -40,7 +40,7 @@ class LoQTConfig:
         quant: ``"nf4"`` (paper default), ``"fp4"``, ``"int8"`` (bitsandbytes block-wise 8-bit), or ``None`` for the
             unquantized variant LoQT-nq.
         quantize_projection: also store P quantized with ``quant`` (the paper's LoQT and the official scripts quantize
-            P as well); needs a ``quant``. None (default): quantized whenever the weights are (``quant`` is set).
+            P as well); needs a ``quant`` (set it False for LoQT-nq, ``quant=None``).
         quant_block_size: block size of the absmax scaling of the quantized tensors (64 as QLoRA / the paper).
         merge_every: optimizer updates between the initialisation and the first merge (T in the paper), >= 1.
         merge_growth: growth of the merge interval, >= 1 (see ``merge_schedule``).
@@ -78,9 +78,7 @@ class LoQTConfig:
     quant: str | None = field(
         default="nf4", metadata={"help": f"Weight quantization: one of {LOQT_QUANT_TYPES} (None: LoQT-nq)."}
     )
-    quantize_projection: bool | None = field(
-        default=None, metadata={"help": "Also quantize P with `quant` (None: whenever `quant` is set)."}
-    )
+    quantize_projection: bool = field(default=True, metadata={"help": "Also quantize P with `quant`."})
     quant_block_size: int = field(default=64, metadata={"help": f"Quantization block size, one of {_BLOCK_SIZES}."})
     merge_every: int = field(default=100, metadata={"help": "Optimizer updates before the first merge (T)."})
     merge_growth: float = field(default=1.2, metadata={"help": "Growth factor of the merge interval (>= 1)."})
@@ -112,11 +110,11 @@ class LoQTConfig:
     def __post_init__(self) -> None:
         check_int("rank", self.rank, 1)
         check_choice("quant", self.quant, LOQT_QUANT_TYPES)
-        if self.quantize_projection is None:
-            self.quantize_projection = self.quant is not None
         check_bool("quantize_projection", self.quantize_projection)
         if self.quantize_projection and self.quant is None:
-            raise ValueError("quantize_projection=True needs a quant type; got quant=None")
+            raise ValueError(
+                "quantize_projection=True needs a quant type; got quant=None (LoQT-nq: set quantize_projection=False)"
+            )
         check_int("quant_block_size", self.quant_block_size)
         check_choice("quant_block_size", self.quant_block_size, _BLOCK_SIZES)
         check_int("merge_every", self.merge_every, 1)
