@@ -103,7 +103,8 @@ class OptimizerStepRule(LayerwiseRule):
 
     # NOTE: ``param_groups`` is swapped for the duration of the step; keys the step writes into the group are copied
     # back. Optimizers that index per-parameter settings by position (bitsandbytes' ``GlobalOptimManager``
-    # overrides) see position (0, 0).
+    # overrides) see position (0, 0). The class's ``step`` is called, not a wrapper patched onto the instance (the
+    # LR scheduler's step counter, a caller's own end-of-update step): those belong to the once-per-update call.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, name: str):
@@ -118,7 +119,7 @@ class OptimizerStepRule(LayerwiseRule):
         optimizer.param_groups = [single]
         p.grad = grad
         try:
-            optimizer.step()
+            type(optimizer).step(optimizer)
         finally:
             optimizer.param_groups = groups
             p.grad = None
