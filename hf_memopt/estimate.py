@@ -494,6 +494,10 @@ def _estimate_loqt(result, model, config) -> None:
     params = [(n, p) for n, p in _unique_parameters(model) if p.requires_grad]
     _common(result, model, params)
     result["optimizer_state"] = _adamw_state(p for _, p in params)
+    if config.layerwise:
+        # each gradient is consumed by its own hook and freed at once: one parameter's gradient is alive at a time
+        result["gradients"] = max(_nbytes(p) for _, p in params)
+        result["notes"].append("layer-wise: gradients freed inside backward (accumulation keeps every gradient)")
     buffers = 0
     for layer in layers.values():
         numel = layer.in_features * layer.out_features

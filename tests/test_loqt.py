@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 from hf_memopt import MemoryReportCallback, attach
+from hf_memopt.estimate import estimate_memory
 from hf_memopt.loqt import LoQTConfig, LoQTLinear, loqt_layers, quantize_with_error_compensation
 from hf_memopt.loqt.quant import dequantize, quantize
 
@@ -432,6 +433,12 @@ def test_layerwise_holds_no_gradient_at_the_optimizer_step_and_lowers_the_gradie
             assert all(watch.held)  # the check can fail: whole-model updates hold gradients here
     assert len(held) == 4 and held == [[]] * 4  # updates 0 and 2 merge, 1 and 3 train B
     assert peaks[True] < peaks[False] / 2
+    # the peak is one gradient, the largest (embedding or head), as hf-memopt estimate predicts for layer-wise LoQT
+    tiny_llama().config.save_pretrained(tmp_path / "config")
+    estimate = estimate_memory(
+        str(tmp_path / "config"), "loqt", batch=4, seq=16, rank=3, target_modules="all-linear", layerwise=True
+    )
+    assert estimate["gradients"] == peaks[True] == 64 * 32 * 4  # the fp32 embedding (or head), vocab x hidden
 
 
 def test_layerwise_resume_from_checkpoint_is_exact(tmp_path):
