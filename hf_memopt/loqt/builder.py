@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_memopt.ddp import broadcast_from_rank0_, is_distributed
+from hf_memopt.ddp import broadcast_from_rank0_, is_distributed, keep_model_out_of_ddp
 from hf_memopt.faults import (
     all_finite,
     install_fault_reporting,
@@ -333,11 +333,6 @@ def _check_layerwise_supported(args) -> None:
         )
     if args.fp16:
         raise ValueError("LoQT with layerwise=True cannot run with fp16=True (the gradients are loss-scaled); use bf16")
-    if args.world_size > 1:
-        raise ValueError(
-            "LoQT with layerwise=True runs on one process: under distributed training DDP all-reduces the gradients "
-            f"after the hooks have used them (world_size={args.world_size}); set layerwise=False"
-        )
 
 
 def build_loqt(trainer: Trainer, config: LoQTConfig) -> None:
@@ -349,10 +344,14 @@ def build_loqt(trainer: Trainer, config: LoQTConfig) -> None:
         raise ValueError("this model already has LoQT layers")
     if config.layerwise:
         _check_layerwise_supported(trainer.args)
-    if trainer.args.world_size > 1:
+    distributed = trainer.args.world_size > 1
+    if distributed and not config.layerwise:
         _check_ddp_finds_unused_parameters(trainer)
     layers = convert_to_loqt(model, config)
-    if trainer.args.world_size > 1:
+    if distributed and config.layerwise:
+        # the hooks fire on each rank's local gradient, before DDP's all-reduce would: they average it themselves
+        keep_model_out_of_ddp(trainer)
+    elif distributed:
         _keep_frozen_buffers_out_of_ddp(model, layers)
     callback = LoQTCallback(config, layers)
     trainer.add_callback(callback)

@@ -71,7 +71,8 @@ class LoQTConfig:
         layerwise: per-layer gradient updates (the paper's 13B-on-24GB setting): every trainable parameter (B, and
             embeddings, norms, head, biases when they train) is updated by the Trainer's optimizer inside backward
             as soon as its gradient is complete, and the gradient is freed at once (``hf_memopt.shared.layerwise``).
-            Needs ``max_grad_norm=0`` (the global norm is not known before the first update) and no fp16.
+            Needs ``max_grad_norm=0`` (the global norm is not known before the first update) and no fp16; under
+            DDP the model is kept out of DDP and the hooks average each gradient across ranks.
     """
 
     rank: int = field(default=128, metadata={"help": "Rank of P and B (>= 1, <= min(m, n))."})
