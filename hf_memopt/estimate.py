@@ -412,7 +412,7 @@ def _estimate_adamw(result, model, config) -> None:
 
 def _estimate_galore(result, model, config) -> None:
     from hf_memopt.galore.builder import galore_target_parameters
-    from hf_memopt.galore.projector import projection_sides
+    from hf_memopt.shared.projector import projection_sides
 
     params = _unique_parameters(model)
     _common(result, model, params)
@@ -495,6 +495,10 @@ def _estimate_loqt(result, model, config) -> None:
     params = [(n, p) for n, p in _unique_parameters(model) if p.requires_grad]
     _common(result, model, params)
     result["optimizer_state"] = _adamw_state(p for _, p in params)
+    if config.layerwise:
+        # each gradient is consumed by its own hook and freed at once: one parameter's gradient is alive at a time
+        result["gradients"] = max(_nbytes(p) for _, p in params)
+        result["notes"].append("layer-wise: gradients freed inside backward (accumulation keeps every gradient)")
     buffers = 0
     for layer in layers.values():
         numel = layer.in_features * layer.out_features

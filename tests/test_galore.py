@@ -13,9 +13,9 @@ from transformers import Trainer
 import hf_memopt
 from hf_memopt import GaLoreConfig, MemoryReportCallback, attach
 from hf_memopt.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, create_galore_optimizer
-from hf_memopt.galore.projector import low_rank_svd, project, project_back, projection_sides, refresh_projector
 from hf_memopt.integration import OptimizerHyperparameters
 from hf_memopt.memory import optimizer_state_bytes
+from hf_memopt.shared.projector import low_rank_svd, project, project_back, projection_sides, refresh_projector
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -110,7 +110,7 @@ def test_failed_exact_svd_falls_back_and_logs(monkeypatch, caplog):
     g = torch.randn(30, 20)
     with caplog.at_level("WARNING"):
         monkeypatch.undo()  # keep the small SVD inside the fallback working, break only the full one
-        monkeypatch.setattr("hf_memopt.galore.projector._exact_svd", lambda *a: broken_svd())
+        monkeypatch.setattr("hf_memopt.shared.projector._exact_svd", lambda *a: broken_svd())
         left, right = refresh_projector(g, 3, (True, False), method="exact", name="w")
     assert left.shape == (30, 3) and right is None
     assert "exact SVD failed for w" in caplog.text

@@ -19,8 +19,8 @@ import torch
 from hf_memopt.adam8bit import adam_8bit_direction, adam_32bit_direction, init_8bit_moments
 from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
 from hf_memopt.galore.layerwise import LayerwiseUpdates
-from hf_memopt.galore.projector import project, project_back, projection_sides, refresh_projector
 from hf_memopt.optim_state import keep_state_dtypes_on_load
+from hf_memopt.shared.projector import project, project_back, projection_sides, refresh_projector
 
 __all__ = ["GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit"]
 

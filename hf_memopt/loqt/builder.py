@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_memopt.ddp import broadcast_from_rank0_, is_distributed
+from hf_memopt.ddp import broadcast_from_rank0_, is_distributed, keep_model_out_of_ddp
 from hf_memopt.faults import (
     all_finite,
     install_fault_reporting,
@@ -27,13 +27,14 @@ from hf_memopt.faults import (
     out_of_memory_advice,
     skip_counter_of,
 )
-from hf_memopt.galore.projector import projection_sides
 from hf_memopt.loqt.config import LoQTConfig
 from hf_memopt.loqt.layer import LoQTLinear
 from hf_memopt.optim_state import unwrap_optimizer
 from hf_memopt.saving import register_plain_save
+from hf_memopt.shared.layerwise import LayerwiseGradNormCallback, OptimizerStepRule, PerParameterUpdates
+from hf_memopt.shared.modules import rewritten_by
+from hf_memopt.shared.projector import projection_sides
 from hf_memopt.targeting import match_target_modules, refuse_peft_model
-from hf_memopt.velora.layer import is_velora_linear
 
 __all__ = [
     "LoQTCallback",
@@ -86,10 +87,11 @@ def convert_to_loqt(model: nn.Module, config: LoQTConfig) -> dict[str, LoQTLinea
     targets = loqt_target_modules(model, config)
     layers: dict[str, LoQTLinear] = {}
     for index, (name, module) in enumerate(targets.items()):
-        if is_velora_linear(module):
+        owner = rewritten_by(module)
+        if owner is not None:
             raise ValueError(
-                f"target_modules: {name} is already compressed by VeLoRA; LoQT would replace it and drop the "
-                "compression. Leave it out of one of the two methods' target_modules"
+                f"target_modules: {name} is already rewritten by {owner}; LoQT would replace it and drop that. "
+                "Leave it out of one of the two methods' target_modules"
             )
         use_left, _ = projection_sides(config.proj_type, module.weight.shape)
         layer = LoQTLinear(
@@ -172,6 +174,11 @@ class LoQTCallback(TrainerCallback):
       the stock optimizer leaves parameters and moments alone, and a merge due at this update is not done (W_q and P
       never see the non-finite values) but retried at the next update. A retry pending across a checkpoint is not
       saved: the resumed run merges at the next scheduled update instead.
+    * ``layerwise=True``: the parameters were already updated inside backward (``self.layerwise``, installed when the
+      Trainer creates its optimizer), so ``on_pre_optimizer_step`` only ends the update there: the update counts as
+      skipped when a hook saw a non-finite gradient (that parameter was left alone; the others, updated before it
+      was seen, keep their update) or a layer collected one, and the merge then waits as above. The Trainer's own
+      ``optimizer.step()`` finds no gradient and changes nothing; its LR scheduler steps as usual.
     """
 
     def __init__(self, config: LoQTConfig, layers: dict[str, LoQTLinear]):
@@ -180,6 +187,7 @@ class LoQTCallback(TrainerCallback):
         self.collecting = False
         self.merges_done = 0
         self.merge_pending = False
+        self.layerwise: PerParameterUpdates | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         for layer in self.layers.values():
@@ -194,6 +202,9 @@ class LoQTCallback(TrainerCallback):
             layer.collecting = self.collecting
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.layerwise is not None:
+            self.layerwise.finish_step(finite=not self._collected_nonfinite())
+            return
         optimizer = unwrap_optimizer(optimizer)
         counter = getattr(optimizer, _OWN_COUNTER, None)
         if counter is None:  # an hf_memopt optimizer checks its own gradients
@@ -267,12 +278,14 @@ def _broadcast_frozen_state(layers: dict[str, LoQTLinear]) -> None:
     broadcast_from_rank0_(t for layer in layers.values() for t in (*layer.buffers(recurse=False), layer._pending()))
 
 
-def _install_skip_counter_on_creation(trainer: Trainer, config: LoQTConfig) -> None:
-    """Give the optimizer the Trainer creates a skip counter, before a checkpoint is loaded into it.
+def _install_on_optimizer_creation(trainer: Trainer, config: LoQTConfig, callback: LoQTCallback) -> None:
+    """Give the optimizer the Trainer creates a skip counter (and, with ``layerwise=True``, the per-parameter hooks),
+    before a checkpoint is loaded into it.
 
     LoQT trains B with the Trainer's own optimizer; the counter travels in its ``state_dict``, so it must exist
     before ``_load_optimizer_and_scheduler``, which runs before any callback event. An optimizer that already has one
-    (an hf_memopt optimizer) keeps it and checks its own gradients.
+    (an hf_memopt optimizer) keeps it and checks its own gradients; it cannot be stepped per parameter, since its own
+    ``step()`` would then record every update as finite.
     """
     create_optimizer = trainer.create_optimizer
 
@@ -282,9 +295,30 @@ def _install_skip_counter_on_creation(trainer: Trainer, config: LoQTConfig) -> N
         inner = unwrap_optimizer(optimizer)
         if skip_counter_of(inner) is None:
             setattr(inner, _OWN_COUNTER, install_skip_counter(inner, config.max_consecutive_skips))
+        elif config.layerwise:
+            raise ValueError(
+                f"layerwise=True steps the Trainer's optimizer one parameter at a time; {type(inner).__name__} checks "
+                "its own gradients in step() and cannot be stepped so. Use a torch / bitsandbytes optimizer (optim=...)"
+            )
+        if config.layerwise:
+            if callback.layerwise is not None:
+                callback.layerwise.remove()
+            params = [p for group in inner.param_groups for p in group["params"]]
+            callback.layerwise = PerParameterUpdates(OptimizerStepRule(inner, "LoQT"), params)
         return optimizer
 
     trainer.create_optimizer = create
+
+
+def _check_layerwise_supported(args) -> None:
+    """Refuse layer-wise LoQT where it would be silently wrong."""
+    if args.max_grad_norm:
+        raise ValueError(
+            "LoQT with layerwise=True updates each parameter inside backward, before the global gradient norm is "
+            f"known, so it cannot clip: set max_grad_norm=0 (TrainingArguments); got max_grad_norm={args.max_grad_norm}"
+        )
+    if args.fp16:
+        raise ValueError("LoQT with layerwise=True cannot run with fp16=True (the gradients are loss-scaled); use bf16")
 
 
 def build_loqt(trainer: Trainer, config: LoQTConfig) -> None:
@@ -294,14 +328,23 @@ def build_loqt(trainer: Trainer, config: LoQTConfig) -> None:
     model = trainer.model
     if loqt_layers(model):
         raise ValueError("this model already has LoQT layers")
-    if trainer.args.world_size > 1:
+    if config.layerwise:
+        _check_layerwise_supported(trainer.args)
+    distributed = trainer.args.world_size > 1
+    if distributed and not config.layerwise:
         _check_ddp_finds_unused_parameters(trainer)
     layers = convert_to_loqt(model, config)
-    if trainer.args.world_size > 1:
+    if distributed and config.layerwise:
+        # the hooks fire on each rank's local gradient, before DDP's all-reduce would: they average it themselves
+        keep_model_out_of_ddp(trainer)
+    elif distributed:
         _keep_frozen_buffers_out_of_ddp(model, layers)
-    trainer.add_callback(LoQTCallback(config, layers))
+    callback = LoQTCallback(config, layers)
+    trainer.add_callback(callback)
+    if config.layerwise:  # first in line, so the printer and loggers see the norm the hooks measured
+        trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback(lambda: callback.layerwise))
     install_fault_reporting(trainer)
-    _install_skip_counter_on_creation(trainer, config)
+    _install_on_optimizer_creation(trainer, config, callback)
     register_plain_save(trainer, model, _plain_form)
     frozen = sum(layer.in_features * layer.out_features for layer in layers.values())
     trainable = sum(layer.B.numel() for layer in layers.values())
