@@ -767,7 +767,8 @@ def _format_value(key: str, value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-_BYTE_KEYS = {"two_largest_blocks", "largest_block", "outside_blocks", "activations", "bound", "all_blocks"}
+_BYTE_KEYS = {"two_largest_blocks", "largest_block", "outside_blocks", "activations", "bound", "all_blocks",
+              "parameters", "buffers", "gradients", "optimizer_state"}  # fmt: skip
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -53,13 +53,28 @@ def test_zo2_offload_on_cuda_equals_plain_mezo_on_cuda(tmp_path):
     torch.testing.assert_close(runs["cpu"][1], runs["none"][1], rtol=1e-5, atol=1e-5)
 
 
+def _gradient(shape: tuple[int, ...], g: torch.Generator, rank: int = 16) -> torch.Tensor:
+    """A gradient whose top ``rank`` singular values are 16, 15, ..., 1 over a noise floor of spectral norm ~0.4.
+
+    A Gaussian gradient's singular values crowd together, so its singular vectors are ill-conditioned: LAPACK and
+    cuSOLVER return visibly different projectors for the same matrix (seen on an H200: 721 of 131072 elements of a
+    float32 GaLore step apart by up to 1e-4). Separated values make the top-``rank`` vectors well defined.
+    """
+    if len(shape) != 2:
+        return torch.randn(shape, generator=g)
+    u = torch.linalg.qr(torch.randn(shape[0], rank, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(shape[1], rank, generator=g))[0]
+    s = torch.arange(rank, 0, -1, dtype=torch.float32)
+    return u @ torch.diag(s) @ v.T + 0.01 * torch.randn(shape, generator=g)
+
+
 def test_galore_8bit_step_on_cuda_equals_the_cpu_step():
     g = torch.Generator().manual_seed(0)
     # a projected weight whose projected gradient (16 x 512 = 8192 values) takes the 8-bit kernel, a plain weight
     # over bitsandbytes' 4096-value threshold (8-bit) and a small one (32-bit path)
     weights = [torch.randn(256, 512, generator=g) * 0.02, torch.randn(80, 64, generator=g) * 0.02,
                torch.randn(300, generator=g)]  # fmt: skip
-    grads = [[torch.randn(w.shape, generator=g) for w in weights] for _ in range(3)]
+    grads = [[_gradient(w.shape, g) for w in weights] for _ in range(3)]
     lr = 1e-3
 
     def run(device: str) -> list[torch.Tensor]:
@@ -78,9 +93,10 @@ def test_galore_8bit_step_on_cuda_equals_the_cpu_step():
     # three steps moved every tensor by several times the tolerance below (the projected one at GaLore scale 0.25)
     assert min((p - w).abs().max().item() for p, w in zip(cpu, weights)) > lr / 2
     # The exact SVD's singular vectors may differ in sign between LAPACK and cuSOLVER; Adam's update is invariant to
-    # that except where a moment lands next to an 8-bit code boundary, which moves that element by under a tenth of
-    # one step (lr): atol = lr / 10.
-    _assert_all_close(("projected", "plain_8bit", "plain_32bit"), cuda, cpu, atol=lr / 10)
+    # that. The 8-bit kernels agree except where a moment lands on an 8-bit code boundary and rounds the other way on
+    # the other device (seen on an H200: 1 element of 5120 apart by 1.4e-4 after three steps of lr 1e-3): at most
+    # 0.1 % of the elements may be over lr / 10 apart, none over lr / 2.
+    _assert_all_close(("projected", "plain_8bit", "plain_32bit"), cuda, cpu, atol=lr / 10, outliers=(1e-3, lr / 2))
 
 
 def test_galore_32bit_step_on_cuda_equals_the_cpu_step():
@@ -88,7 +104,7 @@ def test_galore_32bit_step_on_cuda_equals_the_cpu_step():
     kernels when the 8-bit test fails."""
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(256, 512, generator=g) * 0.02, torch.randn(300, generator=g)]
-    grads = [[torch.randn(w.shape, generator=g) for w in weights] for _ in range(3)]
+    grads = [[_gradient(w.shape, g) for w in weights] for _ in range(3)]
     lr = 1e-3
 
     def run(device: str) -> list[torch.Tensor]:
@@ -106,14 +122,19 @@ def test_galore_32bit_step_on_cuda_equals_the_cpu_step():
     _assert_all_close(("projected", "plain"), run("cuda"), run("cpu"), atol=lr / 100)
 
 
-def _assert_all_close(names, actual, expected, atol: float) -> None:
-    """assert_close on every pair, reporting all of them (max |diff| and how many elements exceed atol)."""
-    report = []
+def _assert_all_close(names, actual, expected, atol: float, outliers: tuple[float, float] | None = None) -> None:
+    """Every pair within ``atol``, or with ``outliers=(fraction, max_atol)`` at most that fraction of each tensor's
+    elements over ``atol`` and none over ``max_atol``. The message reports every pair (max |diff|, count over atol)."""
+    report, ok = [], True
     for name, a, b in zip(names, actual, expected):
         diff = (a - b).abs()
-        report.append(f"{name}: max |diff| {diff.max().item():.3g}, {(diff > atol).sum().item()} of {diff.numel()} "
-                      f"over {atol:.3g}")  # fmt: skip
-    assert all((a - b).abs().max().item() <= atol for a, b in zip(actual, expected)), "; ".join(report)
+        over = (diff > atol).sum().item()
+        report.append(f"{name}: max |diff| {diff.max().item():.3g}, {over} of {diff.numel()} over {atol:.3g}")
+        if outliers is None:
+            ok &= over == 0
+        else:
+            ok &= over <= outliers[0] * diff.numel() and diff.max().item() <= outliers[1]
+    assert ok, "; ".join(report)
 
 
 def _loqt_with_factors(model):
