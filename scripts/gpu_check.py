@@ -864,6 +864,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-dry-run", action="store_true", help="every section's logic on CPU, tiny shapes")
     parser.add_argument("--only", default=None, help=f"comma-separated sections, of {','.join(SECTIONS)}")
     parser.add_argument("--total-budget", type=float, default=TOTAL_BUDGET_S, help="seconds for all sections")
+    parser.add_argument("--inline", action="store_true",
+                        help="run the sections in this process (no per-section process or time limit; for tests)")  # fmt: skip
     parser.add_argument("--stage-packages", metavar="DIR", default=None,
                         help="copy bitsandbytes + galore-torch from this interpreter into DIR and exit")  # fmt: skip
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: one section, in-process
@@ -897,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
         json_path, md_path = write_report(report, out_dir)
         print(f"[gpu_check] {torch_message}\n[gpu_check] report: {json_path}", file=sys.stderr)
         return EXIT_NO_TORCH
-    report["sections"] = run_sections([SECTIONS[n] for n in names], ctx, total_budget_s=args.total_budget)
+    sections = [SECTIONS[n] for n in names]
+    report["sections"] = run_sections(sections, ctx, isolate=not args.inline, total_budget_s=args.total_budget)
     report["exit_status"] = exit_status(report["sections"])
     report["seconds"] = round(time.perf_counter() - t0, 2)
     json_path, md_path = write_report(report, out_dir)
