@@ -165,6 +165,46 @@ def test_cpu_dry_run_runs_every_single_process_section_on_cpu_with_labelled_memo
     print(f"dry run of {names}: {seconds:.1f} s")
 
 
+RECIPE = """
+defaults: {defaults}
+model: HuggingFaceTB/SmolLM2-135M-Instruct
+training:
+  bf16: {bf16}
+  gradient_checkpointing: true
+method:
+  name: velora+loqt
+methods:
+  velora: {{target_modules: [down_proj], num_groups: 16}}
+  loqt: {{rank: 32, quant: nf4, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj]}}
+"""
+
+
+@pytest.mark.parametrize(("bf16", "trl_missing", "note"), [
+    (False, False, "validated by load_recipe"),
+    (False, True, "without training validation (ModuleNotFoundError: No module named 'trl')"),
+    (True, False, "without training validation (RecipeError: training: Your setup doesn't support bf16/gpu"),
+])  # fmt: skip
+def test_the_composed_section_takes_the_min_memory_recipe_when_it_exists(tmp_path, monkeypatch, bf16, trl_missing,
+                                                                          note):  # fmt: skip
+    recipe = tmp_path / "smollm2_min_memory.yaml"
+    defaults = SCRIPT.parent.parent / "recipes" / "instruct" / "defaults.yaml"
+    recipe.write_text(RECIPE.format(defaults=defaults, bf16=str(bf16).lower()))
+    monkeypatch.setattr(gpu_check, "COMPOSED_RECIPE", recipe)
+    if trl_missing:  # the GPU image has no TRL: load_recipe cannot validate the SFTConfig fields there
+
+        def no_trl(*args, **kwargs):
+            raise ModuleNotFoundError("No module named 'trl'")
+
+        monkeypatch.setattr("hf_memopt.recipes.recipe.load_recipe", no_trl)
+    setup = gpu_check.composed_setup(_ctx(tmp_path))
+    velora, loqt = setup["configs"]
+    assert type(velora).__name__ == "VeLoRAConfig" and velora.target_modules == ["down_proj"]
+    assert velora.num_groups == 16 and loqt.rank == 32 and loqt.quant == "nf4" and "o_proj" in loqt.target_modules
+    assert setup["overrides"] == {"bf16": bf16, "gradient_checkpointing": True}
+    assert setup["model"] is None and "not available offline here" in setup["note"]
+    assert note in setup["note"]
+
+
 @pytest.mark.slow
 def test_cpu_dry_run_of_the_ddp_section_trains_two_gloo_ranks_to_identical_weights(tmp_path):
     record = gpu_check.run_section_inline(gpu_check.SECTIONS["nccl_ddp"], _ctx(tmp_path))
