@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_memopt.integration import attach
-from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback
+from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback, add_memory_report
 from hf_memopt.registry import method_name_of
 from hf_memopt.timing import StepTimerCallback
 
@@ -79,9 +79,8 @@ def train_and_measure(
 ) -> RunResult:
     """Attach ``extra_methods`` then ``method`` (None = the Trainer's own optimizer), train with a memory report and
     a step timer, then ``evaluate(trainer)``."""
-    memory = MemoryReportCallback(print_table=False)
+    memory = add_memory_report(trainer, MemoryReportCallback(print_table=False))  # first: its figures reach the logs
     timer = StepTimerCallback()
-    trainer.add_callback(memory)
     trainer.add_callback(timer)
     for extra in extra_methods:
         attach(trainer, extra)
