@@ -9,6 +9,8 @@ import logging
 # bitsandbytes warns on import on CPU-only machines about optional 4-bit CPU kernels it cannot load; the 8-bit and
 # 4-bit functions hf_memopt uses work without them.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# ... and, looking for those kernels with the Hub offline, the `kernels` package warns it skips their trust check.
+logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
 
 from hf_memopt.blockllm import BlockLLMConfig  # noqa: E402
 from hf_memopt.checkpoints import last_complete_checkpoint  # noqa: E402

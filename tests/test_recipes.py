@@ -39,6 +39,23 @@ def test_every_recipe_validates_with_every_method(path):
         assert recipe.run_dir.endswith(name)
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_recipe_checkpoints_by_default_for_resume(path):
+    training = load_recipe(path).training
+    assert training["save_strategy"] == "steps" and 0 < training["save_steps"] <= 100
+    assert training["save_total_limit"] >= 2  # a kill while writing the newest leaves the one before complete
+
+
+def test_report_to_a_logger_that_is_not_installed_is_refused_at_load(tmp_path, monkeypatch):
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    path = write(tmp_path, "r.yaml", "task: glue\n")
+    with pytest.raises(RecipeError, match=r"^training\.report_to: 'wandb' is not installed; pip install wandb"):
+        load_recipe(path, ["training.report_to=[tensorboard,wandb]"])
+    assert load_recipe(path, ["training.report_to=tensorboard"]).training["report_to"] == "tensorboard"
+
+
 def test_yaml_number_strings_are_typed_by_their_field(tmp_path):
     # PyYAML reads 1e-4 (no dot) as a string; the field type makes it a float.
     path = write(tmp_path, "r.yaml", "task: glue\ntraining: {learning_rate: 1e-4}\nmethod: {name: zo, eps: 1e-3}\n")
@@ -110,6 +127,13 @@ def test_composite_method_takes_settings_from_the_table(tmp_path):
         ("task: glue\nmethod_training: {zo: {learning_rate: x}}\n", [], None,
          r"^method_training\.zo\.learning_rate: expected float"),
         ("task: glue\n  bad: [\n", [], None, r"not valid YAML"),
+        ("task: glue\n", ["training.resume_from_checkpoint=out/x/checkpoint-4"], None,
+         r"^training\.resume_from_checkpoint: the Trainer does not read it; resume with `hf-memopt train RECIPE --resume"),
+        ("task: glue\n", ["training.do_eval=true"], None, r"^training\.do_eval: the Trainer does not read it"),
+        ("task: glue\nmethod_training: {galore: {do_predict: true}}\n", [], None,
+         r"^method_training\.galore\.do_predict: the Trainer does not read it"),
+        ("task: instruct\n", ["training.max_length=64"], None, r"^training\.max_length: set data\.max_length"),
+        ("task: glue\n", ["training.report_to=[nope]"], None, r"^training\.report_to: unknown logger 'nope'"),
     ],
 )
 def test_bad_recipes_raise_one_line_naming_the_key(tmp_path, text, sets, method, match):

@@ -57,6 +57,7 @@ def run_glue(
     data_dir: str | None = None,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     optimizers: Callable[[torch.nn.Module, Any], tuple[Any, Any]] | None = None,
+    resume_from_checkpoint: str | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` on ``task`` with ``method`` (a registered config; None = the Trainer's AdamW).
 
@@ -65,6 +66,7 @@ def run_glue(
     pass their whole ``training:`` section here). ``source`` / ``data_dir``: see :func:`load_glue`.
     ``prepare_model(model)`` wraps the loaded model (e.g. peft's ``get_peft_model`` for a LoRA baseline);
     ``optimizers(model, args)`` returns the Trainer's ``(optimizer, scheduler)`` pair (peer optimizers in benchmarks).
+    ``resume_from_checkpoint``: a checkpoint folder to continue from (``Trainer.train``'s argument).
     """
     from transformers import (
         AutoModelForSequenceClassification,
@@ -112,7 +114,9 @@ def run_glue(
         metrics = {k.removeprefix("eval_"): v for k, v in trained.evaluate().items()}
         return {k: v for k, v in metrics.items() if k in spec.metrics}
 
-    result = train_and_measure(trainer, method, extra_methods, evaluate, task=task)
+    result = train_and_measure(
+        trainer, method, extra_methods, evaluate, task=task, resume_from_checkpoint=resume_from_checkpoint
+    )
     if print_table:
         from hf_memopt.memory import format_breakdown_table
 

@@ -90,6 +90,7 @@ def run_pretrain(
     dataset: LMBlocks | None = None,
     sources: tuple[str, ...] = ("wikitext2_valid", "c4_demo"),
     eval_blocks: int = 0,
+    resume_from_checkpoint: str | None = None,
 ) -> RunResult:
     """Train a ``size`` LLaMA from scratch for ``steps`` updates with ``method`` (None = the Trainer's AdamW).
 
@@ -98,7 +99,8 @@ def run_pretrain(
     step.
     ``training_overrides`` are ``TrainingArguments`` fields that take precedence over the arguments above.
     ``sources``: see :func:`lm_blocks`. ``eval_blocks`` > 0 holds out that many blocks (the last ones) and reports
-    their ``eval_loss`` and ``perplexity`` after training.
+    their ``eval_loss`` and ``perplexity`` after training. ``resume_from_checkpoint``: a checkpoint folder to continue
+    from (``Trainer.train``'s argument).
     """
 
     from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
@@ -137,4 +139,5 @@ def run_pretrain(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
         optimizers=optimizers(model, args) if callable(optimizers) else (optimizers or (None, None)),
     )
-    return train_and_measure(trainer, method, extra_methods, held_out_loss if eval_dataset is not None else None)
+    evaluate = held_out_loss if eval_dataset is not None else None
+    return train_and_measure(trainer, method, extra_methods, evaluate, resume_from_checkpoint=resume_from_checkpoint)

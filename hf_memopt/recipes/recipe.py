@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "apply_set",
+    "check_runnable",
     "coerce",
     "load_recipe",
     "method_configs",
@@ -400,15 +402,21 @@ def _validate_training(task: str, training: Any) -> dict[str, Any]:
     for key, value in training.items():
         if key not in fields_:
             raise RecipeError(f"training.{key}: not a {cls.__name__} field")
-        if key == "output_dir":
-            raise RecipeError("training.output_dir: set the recipe's top-level output_dir instead")
+        if key in _NOT_USED_BY_THE_RUNNERS:
+            raise RecipeError(f"training.{key}: {_NOT_USED_BY_THE_RUNNERS[key]}")
+        if task == "instruct" and key == "max_length":
+            raise RecipeError("training.max_length: set data.max_length (the recipe's one name for the truncation length)")
         hint = hints.get(key, Any)
         converted = coerce(value, hint)
         if isinstance(converted, str) and hint in (int, float, bool):
             raise RecipeError(f"training.{key}: expected {_describe(hint)}; got {value!r}")
         out[key] = converted
-    import tempfile
-
+    _check_reporters(out.get("report_to"))
+    if out.get("push_to_hub") and _hub_offline():
+        raise RecipeError(
+            "training.push_to_hub: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set); set push_to_hub: false, "
+            "or unset HF_HUB_OFFLINE and log in (hf auth login)"
+        )
     try:  # the class's own checks (conflicting strategies, bad enum strings) before anything is loaded
         with tempfile.TemporaryDirectory() as tmp:
             base = {"bf16": False, "fp16": False} if task == "instruct" else {}  # as run_instruct's defaults
@@ -418,8 +426,91 @@ def _validate_training(task: str, training: Any) -> dict[str, Any]:
     return out
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
+def _check_reporters(report_to: Any) -> None:
+    """Every logger ``report_to`` names is installed (the Trainer would fail on it only after loading everything)."""
+    if report_to is None or report_to in ("all", "none"):
+        return
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name in ("all", "none"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise RecipeError(f"training.report_to: unknown logger {name!r}; known: {', '.join(INTEGRATION_TO_CALLBACK)}")
+        if name not in installed:
+            package = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "kubeflow": "kubeflow-trainer"}.get(name, name)
+            raise RecipeError(
+                f"training.report_to: {name!r} is not installed; pip install {package}, or leave it out of report_to"
+            )
+
+
+# TrainingArguments fields the Trainer does not read ("intended for training/evaluation scripts") or that the recipe
+# names elsewhere: accepted, they would change nothing, so they are refused with what to do instead.
+_NOT_USED_BY_THE_RUNNERS = {
+    "output_dir": "set the recipe's top-level output_dir instead",
+    "resume_from_checkpoint": "the Trainer does not read it; resume with `hf-memopt train RECIPE --resume [CHECKPOINT]` "
+    "(run_recipe(..., resume_from_checkpoint=...) from Python)",
+    "do_train": "the Trainer does not read it; a recipe always trains",
+    "do_eval": "the Trainer does not read it; a recipe evaluates on its held-out data after training (eval_strategy "
+    "evaluates during training)",
+    "do_predict": "the Trainer does not read it; recipes do not predict on a test set",
+}
+
 # settings that only make sense with what the runner adds (an eval set): checked when the run starts
 _NOT_IN_VALIDATION = ("eval_strategy", "load_best_model_at_end", "metric_for_best_model", "eval_steps")
+
+
+def check_runnable(recipe: Recipe) -> None:
+    """Checks of the environment that can fail a run only after minutes of loading: the run folder can be written, and
+    every model the recipe names as a Hub id is reachable (or cached) when the Hub is offline."""
+    run_dir = Path(recipe.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise RecipeError(
+            f"output_dir: cannot write to {run_dir} ({reason}); choose a writable folder, e.g. --set output_dir=out/try"
+        ) from None
+    if recipe.task == "pretrain":
+        _check_hub_model("data.tokenizer", recipe.data.tokenizer, "tokenizer_config.json")
+    else:
+        _check_hub_model("model", recipe.model, "config.json")
+
+
+def _check_hub_model(key: str, name: str, filename: str) -> None:
+    from hf_memopt.recipes.models import OFFLINE_MODELS, offline_package_dir
+
+    if name in OFFLINE_MODELS:
+        try:
+            offline_package_dir(name)
+        except FileNotFoundError as err:
+            raise RecipeError(f"{key}: {err}") from None
+        return
+    if Path(name).exists() or not _hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, filename)
+    except ValueError:  # not a valid repository id either (HFValidationError)
+        raise RecipeError(f"{key}: {name!r} is neither an offline name ({', '.join(OFFLINE_MODELS)}), a folder nor a "
+                          "Hub id") from None
+    if not isinstance(cached, str):
+        raise RecipeError(
+            f"{key}: {name!r} is a Hub id, the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) and it is not in the "
+            f"local cache; use an offline name ({', '.join(OFFLINE_MODELS)}) or a local folder, or unset HF_HUB_OFFLINE"
+        )
 
 
 def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (), method: str | None = None,
