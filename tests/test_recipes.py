@@ -69,6 +69,8 @@ def test_yaml_number_strings_are_typed_by_their_field(tmp_path):
     assert coerce("a,b", list[str]) == ["a", "b"]
     assert coerce(["a"], list[str] | str) == ["a"]
     assert coerce("abc", int) == "abc"  # left for validation to reject
+    assert load_recipe(path, ["training.save_strategy=no"]).training["save_strategy"] == "no"  # YAML: no -> False
+    assert coerce(False, bool) is False and coerce(False, str | None) == "no"
 
 
 def test_defaults_merge_and_per_method_settings(tmp_path):

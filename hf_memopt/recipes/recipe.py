@@ -172,6 +172,8 @@ def coerce(value: Any, annotation: Any) -> Any:
     """
     if annotation is Any or annotation is None:
         return value
+    if value is False and _is_string_setting(annotation):
+        return "no"  # YAML 1.1 reads `no` as False; for a string setting (save_strategy: no) it is the string
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -217,6 +219,15 @@ def coerce(value: Any, annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return value  # the owning class converts strings to its enums
     return value
+
+
+def _is_string_setting(annotation: Any) -> bool:
+    """Whether ``annotation`` takes strings (or string enums) and no bools."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    options = options or (annotation,)
+    if bool in options:
+        return False
+    return any(o is str or (isinstance(o, type) and issubclass(o, enum.Enum)) for o in options)
 
 
 def _is_instance(value: Any, annotation: Any) -> bool:
