@@ -86,6 +86,37 @@ def test_version_is_the_package_version(capsys):
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"hf-memopt {hf_memopt.__version__}"
 
 
+def run_python(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_help_and_version_import_no_heavy_library():
+    code = (
+        "import sys\nfrom hf_memopt.cli import main\nfor argv in (['--help'], ['--version'], ['train', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print([m for m in ('torch', 'transformers', 'datasets', 'bitsandbytes') if m in sys.modules])"
+    )
+    assert run_python(code).splitlines()[-1] == "[]"
+
+
+def test_stock_galore_names_reach_hf_memopt_whatever_is_imported_first():
+    check = (
+        "from transformers import trainer_optimizer\nfrom transformers.training_args import OptimizerNames\n"
+        "from hf_memopt.galore.stock import _galore_handler\n"
+        "from transformers import Trainer, TrainingArguments\n"
+        "args = TrainingArguments(output_dir='unused', optim='galore_adamw', optim_target_modules='all-linear')\n"
+        "handler = trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames('galore_adamw')]\n"
+        "handler(trainer_optimizer.OptimizerContext(args=args, model=None, optimizer_kwargs={}, "
+        "adam_kwargs={}, optim_args={}))\n"
+        "print(trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames('galore_adamw')] is _galore_handler)"
+    )
+    assert run_python("import sys, hf_memopt\nassert 'torch' not in sys.modules\n" + check) == "True"
+    assert run_python("import transformers.trainer, hf_memopt\n" + check) == "True"
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_shows_the_traceback_instead_of_one_line(where):
     argv = ["train", RTE, "--set", "training.do_eval=true"]
@@ -106,11 +137,13 @@ def hub_offline(monkeypatch):
 
 
 def one_error_line(capsys) -> str:
+    """The error line: the last on stderr and the only one of hf-memopt's (what ran before, such as transformers'
+    load report of a model loaded before the data failed, may precede it), with no traceback anywhere."""
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hf-memopt: error: "), captured.err
-    assert "Traceback" not in captured.err + captured.out
-    return lines[0]
+    assert [line for line in lines if line.startswith("hf-memopt:")] == lines[-1:], captured.err
+    assert lines[-1].startswith("hf-memopt: error: ") and "Traceback" not in captured.err + captured.out
+    return lines[-1]
 
 
 @pytest.mark.parametrize(
