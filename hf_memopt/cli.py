@@ -54,36 +54,64 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     # --debug is accepted after the subcommand too; SUPPRESS keeps the subcommand from resetting it to False
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="run a recipe with one method", parents=[common])
     train.add_argument("recipe", help="recipe YAML file (see recipes/)")
     train.add_argument("--method", help="method to run (adamw, a registered name, or a+b); replaces method.name")
-    train.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe value, e.g. --set method.rank=64 --set training.max_steps=10")
-    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                       help="continue this run: from its last complete checkpoint, or from the CHECKPOINT folder given")
+    train.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set method.rank=64 --set training.max_steps=10",
+    )
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue this run: from its last complete checkpoint, or from the CHECKPOINT folder given",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    compare = sub.add_parser("compare", parents=[common],
-                             help="run a recipe once per method, each in a fresh process; table + chart")
+    compare = sub.add_parser(
+        "compare", parents=[common], help="run a recipe once per method, each in a fresh process; table + chart"
+    )
     compare.add_argument("recipe", help="recipe YAML file")
     compare.add_argument("--methods", required=True, help="comma-separated methods, e.g. adamw,galore,blockllm")
-    compare.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a recipe value for every run (per method: methods.<name>.<field>=...)")
+    compare.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value for every run (per method: methods.<name>.<field>=...)",
+    )
 
     sub.add_parser("methods", help="list the registered methods", parents=[common])
 
-    estimate = sub.add_parser("estimate", help="predicted memory of a method from the model config alone",
-                              parents=[common])
+    estimate = sub.add_parser(
+        "estimate", help="predicted memory of a method from the model config alone", parents=[common]
+    )
     estimate.add_argument("--model", required=True, help="a config.json path, a model folder or a Hub id")
     estimate.add_argument("--method", required=True, help="adamw or a registered method name")
     estimate.add_argument("--rank", type=int, default=None, help="rank of low-rank methods")
     estimate.add_argument("--batch", type=int, default=1, help="micro-batch size")
     estimate.add_argument("--seq", type=int, default=512, help="sequence length")
-    estimate.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                          help="other method settings passed to the estimator, e.g. --set sparsity=0.9")
+    estimate.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="other method settings passed to the estimator, e.g. --set sparsity=0.9",
+    )
     return parser
 
 
@@ -192,8 +220,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
     where = getattr(recipe.data, "name", None) or recipe.task
     start = f" (resuming from {resume})" if resume else ""
-    print(f"hf-memopt: {recipe.task} ({where}) on {recipe.model} with {recipe.method} -> {recipe.run_dir}{start}",
-          flush=True)
+    print(
+        f"hf-memopt: {recipe.task} ({where}) on {recipe.model} with {recipe.method} -> {recipe.run_dir}{start}",
+        flush=True,
+    )
     command = shlex.join(["hf-memopt", *argv])
     results = run_recipe(recipe, progress=not args.no_progress, command=command, resume_from_checkpoint=resume)
     memory = MemoryBreakdown(**results["memory_bytes"])
@@ -201,8 +231,12 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     print(format_breakdown_table({recipe.method: memory}))
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items()) or "none (no evaluation set)"
     loss = results["final_loss"]
-    print(f"\nFinal: {results['steps']} steps, {results['median_step_seconds']:.3f} s/step (median), "
-          f"final train loss {loss:.4f}" if loss is not None else "\nFinal: no loss logged")
+    print(
+        f"\nFinal: {results['steps']} steps, {results['median_step_seconds']:.3f} s/step (median), "
+        f"final train loss {loss:.4f}"
+        if loss is not None
+        else "\nFinal: no loss logged"
+    )
     print(f"Eval metrics: {metrics}")
     print(f"Results: {Path(recipe.run_dir) / 'results.json'}")
     return 0
@@ -216,18 +250,24 @@ def _checkpoint_to_resume(run_dir: str, resume: str | bool | None) -> str | None
     if resume is True:
         found = last_complete_checkpoint(run_dir)
         if found is None:
-            raise CLIError(f"--resume: no complete checkpoint in {run_dir} (recipes save one every training.save_steps "
-                           "updates); run without --resume to start")
+            raise CLIError(
+                f"--resume: no complete checkpoint in {run_dir} (recipes save one every training.save_steps "
+                "updates); run without --resume to start"
+            )
         return found
     if resume is not None:
         if not is_complete_checkpoint(resume):
-            raise CLIError(f"--resume {resume}: not a complete checkpoint-<step> folder (its trainer_state.json is "
-                           "missing or does not match); give another, or --resume alone for the last complete one")
+            raise CLIError(
+                f"--resume {resume}: not a complete checkpoint-<step> folder (its trainer_state.json is "
+                "missing or does not match); give another, or --resume alone for the last complete one"
+            )
         return str(resume)
     earlier = sorted(p.name for p in Path(run_dir).glob("checkpoint-*") if p.is_dir())
     if earlier:
-        raise CLIError(f"{run_dir} holds checkpoints of an earlier run ({', '.join(earlier)}): continue it with "
-                       "--resume, or delete them (or --set output_dir=...) to start over")
+        raise CLIError(
+            f"{run_dir} holds checkpoints of an earlier run ({', '.join(earlier)}): continue it with "
+            "--resume, or delete them (or --set output_dir=...) to start over"
+        )
     return None
 
 
@@ -280,21 +320,26 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
     command = shlex.join(["hf-memopt", *argv])
     table = comparison_table(results, failures, recipe=first, command=command)
     (out / "comparison.md").write_text(table)
-    (out / "comparison.json").write_text(json.dumps({"command": command, "results": results, "failures": failures},
-                                                    indent=2, default=str))
+    (out / "comparison.json").write_text(
+        json.dumps({"command": command, "results": results, "failures": failures}, indent=2, default=str)
+    )
     if results:
         from hf_memopt.memory import MemoryBreakdown, plot_memory_breakdown
 
         stem = Path(args.recipe).stem
-        plot_memory_breakdown({n: MemoryBreakdown(**r["memory_bytes"]) for n, r in results.items()},
-                              str(out / "memory.png"), title=f"{stem}: measured memory by method")
+        plot_memory_breakdown(
+            {n: MemoryBreakdown(**r["memory_bytes"]) for n, r in results.items()},
+            str(out / "memory.png"),
+            title=f"{stem}: measured memory by method",
+        )
     print("\n" + table)
-    print(f"Written: {out / 'comparison.md'}, {out / 'comparison.json'}" + (f", {out / 'memory.png'}" if results else ""))
+    print(
+        f"Written: {out / 'comparison.md'}, {out / 'comparison.json'}" + (f", {out / 'memory.png'}" if results else "")
+    )
     return 0 if not failures else 1
 
 
-def comparison_table(results: dict[str, dict[str, Any]], failures: dict[str, str], *, recipe: Any,
-                     command: str) -> str:
+def comparison_table(results: dict[str, dict[str, Any]], failures: dict[str, str], *, recipe: Any, command: str) -> str:
     """The Markdown comparison: memory breakdown (MB), ratio of tensor memory to adamw, time per step, loss, metrics."""
     from hf_memopt.memory import MemoryBreakdown
 
@@ -313,15 +358,25 @@ def comparison_table(results: dict[str, dict[str, Any]], failures: dict[str, str
         cells.append(f"{b.tensors_total / MB:.1f}")
         if base_total:
             cells.append(f"{b.tensors_total / base_total:.2f}x")
-        cells += [f"{b.peak_process / MB:.0f}", f"{r['median_step_seconds']:.3f}", str(r["steps"]),
-                  "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"]
+        cells += [
+            f"{b.peak_process / MB:.0f}",
+            f"{r['median_step_seconds']:.3f}",
+            str(r["steps"]),
+            "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}",
+        ]
         cells += [f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-" for m in metric_names]
         lines.append("| " + " | ".join(cells) + " |")
     for name, reason in failures.items():
         lines.append(f"| {name} | failed: {reason.replace('|', '/')} |" + " |" * (len(header) - 2))
     env = next(iter(results.values()))["environment"] if results else {}
-    machine = f"{env.get('device', '?')}, {env.get('cpu_count', '?')} CPUs ({env.get('processor', '?')})" if env else "?"
-    load = f"; 1-min load average at the end of the first run {env['load_average_1m']:.1f}" if "load_average_1m" in env else ""
+    machine = (
+        f"{env.get('device', '?')}, {env.get('cpu_count', '?')} CPUs ({env.get('processor', '?')})" if env else "?"
+    )
+    load = (
+        f"; 1-min load average at the end of the first run {env['load_average_1m']:.1f}"
+        if "load_average_1m" in env
+        else ""
+    )
     note = (
         f"\n\nMB = 2^20 bytes. Tensor parts are measured by `hf_memopt.memory` (peaks over the run); peak RSS / GPU is "
         f"the process peak ({'CUDA max allocated' if env.get('device', 'cpu') != 'cpu' else 'resident set size'}), "

@@ -48,7 +48,13 @@ class MethodSpec:
 
 
 # the packages that register hf_memopt's own methods; reading METHODS imports them
-BUILTIN_METHOD_PACKAGES = ("hf_memopt.blockllm", "hf_memopt.galore", "hf_memopt.loqt", "hf_memopt.velora", "hf_memopt.zo")
+BUILTIN_METHOD_PACKAGES = (
+    "hf_memopt.blockllm",
+    "hf_memopt.galore",
+    "hf_memopt.loqt",
+    "hf_memopt.velora",
+    "hf_memopt.zo",
+)
 
 
 class _Registry(Mapping[str, MethodSpec]):

@@ -34,9 +34,17 @@ def small_text(tmp_path_factory) -> str:
 
 def tiny_pretrain_sets(text: str, out: Path) -> list[str]:
     return [
-        "training.max_steps=4", "training.per_device_train_batch_size=2", "training.warmup_steps=0",
-        "training.logging_steps=1", f"data.sources={text}", "data.seq_len=32", "data.eval_blocks=4",
-        "methods.galore.rank=8", "methods.galore.update_proj_gap=2", f"output_dir={out}", "training.save_strategy=no",
+        "training.max_steps=4",
+        "training.per_device_train_batch_size=2",
+        "training.warmup_steps=0",
+        "training.logging_steps=1",
+        f"data.sources={text}",
+        "data.seq_len=32",
+        "data.eval_blocks=4",
+        "methods.galore.rank=8",
+        "methods.galore.update_proj_gap=2",
+        f"output_dir={out}",
+        "training.save_strategy=no",
     ]
 
 
@@ -151,10 +159,18 @@ def one_error_line(capsys) -> str:
     [
         (RTE, ["model=roberta-base"], 2, "model: 'roberta-base' is a Hub id, the Hugging Face Hub is offline"),
         (PRETRAIN, ["data.tokenizer=t5-base"], 2, "data.tokenizer: 't5-base' is a Hub id, the Hugging Face Hub is off"),
-        (INSTRUCT, ["data.path=tatsu-lab/alpaca"], 1,
-         "data.path: 'tatsu-lab/alpaca' is read from the Hugging Face Hub, which cannot be reached"),
-        (RTE, ["data.source=hub", "data.train_limit=4"], 1,
-         "data.source: 'nyu-mll/glue' is read from the Hugging Face Hub, which cannot be reached"),
+        (
+            INSTRUCT,
+            ["data.path=tatsu-lab/alpaca"],
+            1,
+            "data.path: 'tatsu-lab/alpaca' is read from the Hugging Face Hub, which cannot be reached",
+        ),
+        (
+            RTE,
+            ["data.source=hub", "data.train_limit=4"],
+            1,
+            "data.source: 'nyu-mll/glue' is read from the Hugging Face Hub, which cannot be reached",
+        ),
         (RTE, ["training.push_to_hub=true"], 2, "training.push_to_hub: the Hugging Face Hub is offline"),
         (RTE, ["training.report_to=[wandb]"], 2, "training.report_to: 'wandb' is not installed; pip install wandb"),
     ],
@@ -218,8 +234,19 @@ def test_estimate_calls_the_estimator_or_says_it_is_missing(monkeypatch, capsys)
     module.estimate_memory = estimate_memory
     module.format_estimate = lambda result: f"estimate {result}"
     monkeypatch.setitem(sys.modules, "hf_memopt.estimate", module)
-    argv = ["estimate", "--model", "cfg.json", "--method", "blockllm", "--batch", "2", "--seq", "64", "--set",
-            "sparsity=0.9"]
+    argv = [
+        "estimate",
+        "--model",
+        "cfg.json",
+        "--method",
+        "blockllm",
+        "--batch",
+        "2",
+        "--seq",
+        "64",
+        "--set",
+        "sparsity=0.9",
+    ]
     assert main(argv) == 0
     assert calls == [("cfg.json", "blockllm", None, 2, 64, {"sparsity": 0.9})]
     assert capsys.readouterr().out.strip() == "estimate {'total': 1}"
@@ -234,9 +261,16 @@ def test_estimate_calls_the_estimator_or_says_it_is_missing(monkeypatch, capsys)
 
 def test_train_glue_recipe_end_to_end(tmp_path, capsys):
     sets = [
-        "training.max_steps=3", "training.per_device_train_batch_size=4", "training.logging_steps=1",
-        "data.train_limit=12", "data.eval_limit=8", "data.max_length=16", "methods.galore.rank=4",
-        "methods.galore.update_proj_gap=2", f"output_dir={tmp_path}", "training.save_strategy=no",
+        "training.max_steps=3",
+        "training.per_device_train_batch_size=4",
+        "training.logging_steps=1",
+        "data.train_limit=12",
+        "data.eval_limit=8",
+        "data.max_length=16",
+        "methods.galore.rank=4",
+        "methods.galore.update_proj_gap=2",
+        f"output_dir={tmp_path}",
+        "training.save_strategy=no",
     ]
     assert main(["train", RTE, "--method", "galore", "--no-progress", *as_args(sets)]) == 0
     out = capsys.readouterr().out
@@ -294,20 +328,34 @@ def test_resume_continues_a_killed_run_from_its_last_complete_checkpoint(tmp_pat
 
 def test_train_prints_memory_beside_the_losses_without_library_noise(tmp_path):
     sets = [
-        "training.max_steps=2", "training.per_device_train_batch_size=4", "training.logging_steps=1",
-        "data.train_limit=8", "data.eval_limit=8", "data.max_length=16", f"output_dir={tmp_path}",
+        "training.max_steps=2",
+        "training.per_device_train_batch_size=4",
+        "training.logging_steps=1",
+        "data.train_limit=8",
+        "data.eval_limit=8",
+        "data.max_length=16",
+        f"output_dir={tmp_path}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "hf_memopt.cli", "train", RTE, "--no-progress", *as_args(sets)],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr
     logged = [line for line in proc.stdout.splitlines() if "'loss'" in line]
     assert len(logged) == 2 and all("'mem/optimizer_state_mb'" in line for line in logged)
     output = proc.stdout + proc.stderr
-    for noise in ("Skipping publisher trust check", "Setting accelerator to CPU", "pin_memory", "examples/s",
-                  "Loading weights", "Writing model shards"):
+    for noise in (
+        "Skipping publisher trust check",
+        "Setting accelerator to CPU",
+        "pin_memory",
+        "examples/s",
+        "Loading weights",
+        "Writing model shards",
+    ):
         assert noise not in output
     assert (tmp_path / "adamw" / "checkpoint-2" / "trainer_state.json").is_file()  # recipes checkpoint by default
 
@@ -323,9 +371,16 @@ def test_train_instruct_recipe_with_a_tiny_llama(tmp_path, capsys):
     tiny_llama(vocab=len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     sets = [
-        f"model={model_dir}", "data.train_limit=8", "data.eval_limit=4", "data.max_length=48",
-        "training.max_steps=2", "training.gradient_accumulation_steps=1", "training.logging_steps=1",
-        "training.learning_rate=1e-3", "methods.blockllm.sparsity=0.5", f"output_dir={tmp_path / 'out'}",
+        f"model={model_dir}",
+        "data.train_limit=8",
+        "data.eval_limit=4",
+        "data.max_length=48",
+        "training.max_steps=2",
+        "training.gradient_accumulation_steps=1",
+        "training.logging_steps=1",
+        "training.learning_rate=1e-3",
+        "methods.blockllm.sparsity=0.5",
+        f"output_dir={tmp_path / 'out'}",
         "training.save_strategy=no",
     ]
     assert main(["train", INSTRUCT, "--method", "blockllm", "--no-progress", *as_args(sets)]) == 0
@@ -354,8 +409,14 @@ def test_compare_two_methods_writes_table_and_chart(tmp_path, small_text, capsys
 
 @pytest.mark.slow
 def test_train_instruct_recipe_with_smollm2(tmp_path):
-    sets = ["data.train_limit=8", "data.eval_limit=4", "data.max_length=64", "training.max_steps=2",
-            "training.gradient_accumulation_steps=1", f"output_dir={tmp_path}"]
+    sets = [
+        "data.train_limit=8",
+        "data.eval_limit=4",
+        "data.max_length=64",
+        "training.max_steps=2",
+        "training.gradient_accumulation_steps=1",
+        f"output_dir={tmp_path}",
+    ]
     assert main(["train", INSTRUCT, "--method", "galore", "--no-progress", *as_args(sets)]) == 0
     results = json.loads((tmp_path / "galore" / "results.json").read_text())
     assert results["steps"] == 2 and results["metrics"]["loss"] < 10

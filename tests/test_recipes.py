@@ -74,7 +74,10 @@ def test_yaml_number_strings_are_typed_by_their_field(tmp_path):
 
 
 def test_defaults_merge_and_per_method_settings(tmp_path):
-    write(tmp_path, "base.yaml", """
+    write(
+        tmp_path,
+        "base.yaml",
+        """
 task: pretrain
 model: llama-20m
 training: {learning_rate: 1e-3, max_steps: 100}
@@ -84,7 +87,8 @@ methods:
   blockllm: {sparsity: 0.9}
 method_training:
   blockllm: {learning_rate: 5e-4}
-""")
+""",
+    )
     child = write(tmp_path, "child.yaml", "defaults: base.yaml\ntraining: {max_steps: 7}\n")
     recipe = load_recipe(child)
     assert recipe.training["learning_rate"] == 1e-3 and recipe.training["max_steps"] == 7
@@ -124,16 +128,33 @@ def test_composite_method_takes_settings_from_the_table(tmp_path):
         ("task: glue\nfoo: 1\n", [], None, r"unknown key 'foo'"),
         ("task: glue\ntraining: [1, 2]\n", [], None, r"^training: expected a mapping"),
         ("task: pretrain\nmodel: llama-7b\n", [], None, r"^model: pretraining builds a LLaMA"),
-        ("task: glue\nmethod: {name: adamw, rank: 4}\n", [], None, r"^method\.rank: the adamw baseline has no settings"),
+        (
+            "task: glue\nmethod: {name: adamw, rank: 4}\n",
+            [],
+            None,
+            r"^method\.rank: the adamw baseline has no settings",
+        ),
         ("task: glue\nmethods: {galore: {rank: -1}}\n", [], None, r"^methods\.galore: rank must be"),
-        ("task: glue\nmethod_training: {zo: {learning_rate: x}}\n", [], None,
-         r"^method_training\.zo\.learning_rate: expected float"),
+        (
+            "task: glue\nmethod_training: {zo: {learning_rate: x}}\n",
+            [],
+            None,
+            r"^method_training\.zo\.learning_rate: expected float",
+        ),
         ("task: glue\n  bad: [\n", [], None, r"not valid YAML"),
-        ("task: glue\n", ["training.resume_from_checkpoint=out/x/checkpoint-4"], None,
-         r"^training\.resume_from_checkpoint: the Trainer does not read it; resume with `hf-memopt train RECIPE --resume"),
+        (
+            "task: glue\n",
+            ["training.resume_from_checkpoint=out/x/checkpoint-4"],
+            None,
+            r"^training\.resume_from_checkpoint: the Trainer does not read it; resume with `hf-memopt train RECIPE --resume",
+        ),
         ("task: glue\n", ["training.do_eval=true"], None, r"^training\.do_eval: the Trainer does not read it"),
-        ("task: glue\nmethod_training: {galore: {do_predict: true}}\n", [], None,
-         r"^method_training\.galore\.do_predict: the Trainer does not read it"),
+        (
+            "task: glue\nmethod_training: {galore: {do_predict: true}}\n",
+            [],
+            None,
+            r"^method_training\.galore\.do_predict: the Trainer does not read it",
+        ),
         ("task: instruct\n", ["training.max_length=64"], None, r"^training\.max_length: set data\.max_length"),
         ("task: glue\n", ["training.report_to=[nope]"], None, r"^training\.report_to: unknown logger 'nope'"),
     ],

@@ -114,8 +114,11 @@ def load_glue(
             rows = rows[:limit]
         return datasets.Dataset.from_list(rows)
     hub = load_hub_dataset(
-        "data.source", "use the bundled TSVs (source: auto or bundled) or a data_dir",
-        "nyu-mll/glue", task, split="validation" if split == "dev" else "train",
+        "data.source",
+        "use the bundled TSVs (source: auto or bundled) or a data_dir",
+        "nyu-mll/glue",
+        task,
+        split="validation" if split == "dev" else "train",
     )
     keys = {"rte": ("sentence1", "sentence2"), "mrpc": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2")}
     a, b = keys.get(task, ("sentence", None))
@@ -172,7 +175,11 @@ def stream_c4_text(max_chars: int, name: str = "allenai/c4", config: str = "en")
     """
     total = 0
     rows = load_hub_dataset(
-        "data.sources", "use the bundled sources (wikitext2_valid, c4_demo) or text files", name, config, split="train",
+        "data.sources",
+        "use the bundled sources (wikitext2_valid, c4_demo) or text files",
+        name,
+        config,
+        split="train",
         streaming=True,
     )
     for row in rows:

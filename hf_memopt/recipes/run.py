@@ -50,10 +50,15 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = None,
-               prepare_model: Callable[[Any], Any] | None = None,
-               optimizers: Callable[[Any, Any], tuple[Any, Any]] | None = None,
-               resume_from_checkpoint: str | None = None) -> dict[str, Any]:
+def run_recipe(
+    recipe: Recipe,
+    *,
+    progress: bool = True,
+    command: str | None = None,
+    prepare_model: Callable[[Any], Any] | None = None,
+    optimizers: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+    resume_from_checkpoint: str | None = None,
+) -> dict[str, Any]:
     """Train (and evaluate) ``recipe``; returns the results dictionary, also written to ``<run_dir>/results.json``.
 
     ``resume_from_checkpoint``: a ``checkpoint-<step>`` folder of this run to continue from (the CLI's ``--resume``
@@ -77,10 +82,21 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = N
         from hf_memopt.recipes.glue import run_glue
 
         result = run_glue(
-            data.name, None, model=recipe.model, output_dir=run_dir, train_limit=data.train_limit,
-            eval_limit=data.eval_limit, max_length=data.max_length, extra_methods=tuple(configs),
-            training_overrides=training, print_table=False, source=data.source, data_dir=data.data_dir,
-            prepare_model=prepare_model, optimizers=optimizers, resume_from_checkpoint=resume_from_checkpoint,
+            data.name,
+            None,
+            model=recipe.model,
+            output_dir=run_dir,
+            train_limit=data.train_limit,
+            eval_limit=data.eval_limit,
+            max_length=data.max_length,
+            extra_methods=tuple(configs),
+            training_overrides=training,
+            print_table=False,
+            source=data.source,
+            data_dir=data.data_dir,
+            prepare_model=prepare_model,
+            optimizers=optimizers,
+            resume_from_checkpoint=resume_from_checkpoint,
         )
     elif recipe.task == "instruct":
         from hf_memopt.recipes.instruct import run_instruct
@@ -89,17 +105,32 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = N
             raise NotImplementedError("prepare_model / optimizers are not supported by the instruct runner")
 
         result = run_instruct(
-            None, model=recipe.model, data_path=data.path, train_limit=data.train_limit, eval_limit=data.eval_limit,
-            max_length=data.max_length, output_dir=run_dir, extra_methods=tuple(configs), training_overrides=training,
+            None,
+            model=recipe.model,
+            data_path=data.path,
+            train_limit=data.train_limit,
+            eval_limit=data.eval_limit,
+            max_length=data.max_length,
+            output_dir=run_dir,
+            extra_methods=tuple(configs),
+            training_overrides=training,
             resume_from_checkpoint=resume_from_checkpoint,
         )
     else:
         from hf_memopt.recipes.pretrain import run_pretrain
 
         result = run_pretrain(
-            None, size=recipe.model.removeprefix("llama-"), seq_len=data.seq_len, output_dir=run_dir,
-            tokenizer_path=data.tokenizer, extra_methods=tuple(configs), training_overrides=training,
-            sources=tuple(data.sources), eval_blocks=data.eval_blocks, prepare_model=prepare_model, optimizers=optimizers,
+            None,
+            size=recipe.model.removeprefix("llama-"),
+            seq_len=data.seq_len,
+            output_dir=run_dir,
+            tokenizer_path=data.tokenizer,
+            extra_methods=tuple(configs),
+            training_overrides=training,
+            sources=tuple(data.sources),
+            eval_blocks=data.eval_blocks,
+            prepare_model=prepare_model,
+            optimizers=optimizers,
             resume_from_checkpoint=resume_from_checkpoint,
         )
     wall = time.perf_counter() - started
