@@ -156,6 +156,12 @@ def test_composite_method_takes_settings_from_the_table(tmp_path):
             r"^method_training\.galore\.do_predict: the Trainer does not read it",
         ),
         ("task: instruct\n", ["training.max_length=64"], None, r"^training\.max_length: set data\.max_length"),
+        (
+            "task: glue\n",
+            ["training.hub_model_id=me/model"],
+            None,
+            r"^training\.hub_model_id: used only to push to the Hub; set training\.push_to_hub: true too",
+        ),
         ("task: glue\n", ["training.report_to=[nope]"], None, r"^training\.report_to: unknown logger 'nope'"),
     ],
 )

@@ -630,6 +630,9 @@ def load_recipe(
             raise RecipeError(text) from None
     for part in parts or [BASELINE]:
         training.update(_validate_training(task, per_method.get(part)))
+    hub_only = [key for key in training if key.startswith("hub_")]
+    if hub_only and not training.get("push_to_hub"):  # the Trainer reads hub_* only to push
+        raise RecipeError(f"training.{hub_only[0]}: used only to push to the Hub; set training.push_to_hub: true too")
 
     stem = Path(path).stem if path is not None else task
     output_dir = raw.get("output_dir") or str(Path("out") / stem)
