@@ -184,7 +184,6 @@ def _quiet_loading() -> None:
 
     datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # for the processes `compare` starts
 
 
 # ---------------------------------------------------------------------------------------------------------------
