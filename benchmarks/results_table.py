@@ -180,7 +180,7 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
     row = ROWS[row_name]
     schedule = SCHEDULES["glue" if task in GLUE_TASKS else task]
     sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else ()), *extra_sets,
-            f"output_dir={out / task / 'runs'}", "training.disable_tqdm=true"]
+            f"output_dir={out / task / 'runs'}", "training.disable_tqdm=true", "training.save_strategy=no"]
     if row.lr_of is not None:  # peers of a method run at that method's learning rate from the recipe
         lr = load_recipe(recipe_path(task), sets, row.lr_of).training["learning_rate"]
         sets.append(f"training.learning_rate={lr}")

@@ -296,7 +296,9 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         raw = dict(recipe.raw)
         raw["output_dir"] = str(out)
-        raw["training"] = {"disable_tqdm": True, **(raw.get("training") or {})}
+        # no checkpoints: writing one would count in the peak memory of the method that writes it (and a comparison
+        # starts every method afresh, so it would never resume from them)
+        raw["training"] = {"disable_tqdm": True, **(raw.get("training") or {}), "save_strategy": "no"}
         recipe_file = run_dir / "recipe.yaml"
         recipe_file.write_text(yaml.safe_dump(raw, sort_keys=False))
         (run_dir / "results.json").unlink(missing_ok=True)

@@ -404,7 +404,7 @@ def test_train_instruct_recipe_with_a_tiny_llama(tmp_path, capsys):
 
 
 def test_compare_two_methods_writes_table_and_chart(tmp_path, small_text, capsys):
-    sets = tiny_pretrain_sets(small_text, tmp_path)
+    sets = [s for s in tiny_pretrain_sets(small_text, tmp_path) if not s.startswith("training.save_strategy")]
     assert main(["compare", PRETRAIN, "--methods", "adamw,galore", *as_args(sets)]) == 0
     table = (tmp_path / "comparison.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| adamw") or line.startswith("| galore")]
@@ -418,7 +418,10 @@ def test_compare_two_methods_writes_table_and_chart(tmp_path, small_text, capsys
     galore, adamw = data["results"]["galore"], data["results"]["adamw"]
     assert galore["steps"] == adamw["steps"] == 4  # same steps, same data
     assert galore["memory_bytes"]["optimizer_state"] < adamw["memory_bytes"]["optimizer_state"]
-    assert (tmp_path / "galore" / "recipe.yaml").is_file()
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "galore" / "recipe.yaml").read_text())["training"]["save_strategy"] == "no"
+    assert not list(tmp_path.glob("*/checkpoint-*"))  # a checkpoint write would count in that method's peak memory
 
 
 @pytest.mark.slow
