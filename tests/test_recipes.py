@@ -239,3 +239,16 @@ def test_alpaca_records_become_prompt_completion_pairs(tmp_path):
     bad = write(tmp_path, "bad.jsonl", '{"question": "x"}\n')
     with pytest.raises(ValueError, match="not Alpaca-format"):
         load_alpaca(bad)
+
+
+def test_pretraining_blocks_tokenize_long_text_without_a_length_warning(tmp_path, capfd):
+    from transformers import AutoTokenizer
+
+    from hf_memopt.recipes.data import load_text
+    from hf_memopt.recipes.models import minilm_path
+    from hf_memopt.recipes.pretrain import lm_blocks
+
+    text = write(tmp_path, "long.txt", load_text("wikitext2_valid")[:8_000])  # ~2,000 tokens: over MiniLM's 512
+    blocks = lm_blocks(AutoTokenizer.from_pretrained(minilm_path()), 32, (str(text),))
+    assert len(blocks) > 512 // 32
+    assert "Token indices sequence length" not in capfd.readouterr().err

@@ -54,15 +54,17 @@ def lm_blocks(
                 raise ValueError("the streamed 'c4' source needs max_tokens (it is unbounded)")
             # ~4 characters per token for English text; the stream stops at twice that to be safe.
             for text in stream_c4_text(max_chars=8 * max_tokens):
-                ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+                ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
                 if tokenizer.eos_token_id is not None:
                     ids.append(tokenizer.eos_token_id)
                 if full():
                     break
             continue
         text = load_text(source)
-        for start in range(0, len(text), 200_000):  # chunked: tokenizers are slow on one huge string
-            ids.extend(tokenizer(text[start : start + 200_000], add_special_tokens=False)["input_ids"])
+        # chunked: tokenizers are slow on one huge string. verbose=False: no warning that a chunk is longer than the
+        # tokenizer's model_max_length; chunks are cut into seq_len blocks, never fed to a model whole
+        for start in range(0, len(text), 200_000):
+            ids.extend(tokenizer(text[start : start + 200_000], add_special_tokens=False, verbose=False)["input_ids"])
             if full():
                 break
         if full():
