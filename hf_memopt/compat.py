@@ -21,12 +21,31 @@ transformers (tested range ``TRANSFORMERS_TESTED``):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from packaging.version import Version
 
-__all__ = ["TRANSFORMERS_TESTED", "decay_rule", "optimizer_handlers", "target_module_rule"]
+__all__ = [
+    "STOCK_GALORE_NAMES",
+    "TRANSFORMERS_TESTED",
+    "decay_rule",
+    "optimizer_handlers",
+    "reroute_stock_galore_names",
+    "target_module_rule",
+]
+
+# transformers' stock GaLore ``optim`` names -> (GaLoreConfig.optimizer, layerwise)
+STOCK_GALORE_NAMES: dict[str, tuple[str, bool]] = {
+    "galore_adamw": ("adamw", False),
+    "galore_adamw_8bit": ("adamw_8bit", False),
+    "galore_adafactor": ("adafactor", False),
+    "galore_adamw_layerwise": ("adamw", True),
+    "galore_adamw_8bit_layerwise": ("adamw_8bit", True),
+    "galore_adafactor_layerwise": ("adafactor", True),
+}
+_warned_not_rerouted = False
 
 # [lowest, first untested) version of transformers whose private names below were checked
 TRANSFORMERS_TESTED = (Version("5.0.0"), Version("6.0.0"))
@@ -115,3 +134,29 @@ def decay_rule() -> tuple[Callable[[Any], list[str]] | None, str]:
     if decayed != ["0.weight"]:
         return None, f"Trainer.get_decay_parameter_names changed behaviour (probe gave {decayed})"
     return rule, ""
+
+
+def reroute_stock_galore_names(handler: Callable[[Any], Any]) -> bool:
+    """Point the six stock GaLore names of transformers' handler table at ``handler``; returns whether it did.
+
+    When the table, the target rule or the decay rule the handler relies on is missing or changed, the names are
+    left to transformers and one warning (the first time only, in this process) says so.
+    """
+    global _warned_not_rerouted
+    table, reason = optimizer_handlers(STOCK_GALORE_NAMES)
+    for accessor in (target_module_rule, decay_rule):
+        reason = reason or accessor()[1]
+    if table is None or reason:
+        if not _warned_not_rerouted:
+            _warned_not_rerouted = True
+            logging.getLogger("hf_memopt.galore.stock").warning(
+                "hf_memopt: TrainingArguments(optim='galore_*') is NOT rerouted to hf_memopt (%s); those names use "
+                "transformers' own GaLore handler. hf_memopt.attach(trainer, GaLoreConfig(...)) works as usual",
+                reason,
+            )
+        return False
+    from transformers.training_args import OptimizerNames
+
+    for name in STOCK_GALORE_NAMES:
+        table[OptimizerNames(name)] = handler
+    return True

@@ -60,6 +60,10 @@ def attach(trainer: Trainer, config: Any) -> Trainer:
     if not attached:
         _warn_ignored_fp16(trainer.args)
     spec.builder(trainer, config)
+    from hf_memopt.memory import MemoryReportCallback, add_memory_report
+
+    if any(isinstance(cb, MemoryReportCallback) for cb in trainer.callback_handler.callbacks):
+        add_memory_report(trainer)  # its mem/*_mb figures must reach the reporters (they read the logs first)
     attached.append(config)
     from hf_memopt.modelcard import install_model_card  # imported here: modelcard imports this module
 

@@ -27,7 +27,8 @@ from typing import Any
 
 from torch import nn
 
-from hf_memopt.compat import decay_rule, optimizer_handlers, target_module_rule
+from hf_memopt import compat
+from hf_memopt.compat import STOCK_GALORE_NAMES, decay_rule, target_module_rule
 from hf_memopt.galore.builder import check_layerwise_supported, create_galore_optimizer
 from hf_memopt.galore.config import GaLoreConfig
 from hf_memopt.integration import OptimizerHyperparameters, _ModelOptimizerFactory
@@ -37,15 +38,6 @@ __all__ = ["STOCK_GALORE_NAMES", "config_from_optim_args", "reroute_stock_galore
 
 logger = logging.getLogger(__name__)
 
-# stock name -> (GaLoreConfig.optimizer, layerwise)
-STOCK_GALORE_NAMES: dict[str, tuple[str, bool]] = {
-    "galore_adamw": ("adamw", False),
-    "galore_adamw_8bit": ("adamw_8bit", False),
-    "galore_adafactor": ("adafactor", False),
-    "galore_adamw_layerwise": ("adamw", True),
-    "galore_adamw_8bit_layerwise": ("adamw_8bit", True),
-    "galore_adafactor_layerwise": ("adafactor", True),
-}
 # what the stock names gave with galore-torch: its exact SVD refresh (attach() defaults to the subspace refresh)
 STOCK_SVD_METHOD = "exact"
 _FROM_OPTIM_ARGS = (
@@ -58,7 +50,6 @@ _FROM_OPTIM_ARGS = (
     "seed",
     "max_consecutive_skips",
 )
-_warned_not_rerouted = False
 
 
 def config_from_optim_args(optim_args: dict[str, str], **fields: Any) -> GaLoreConfig:
@@ -165,21 +156,4 @@ def reroute_stock_galore_names() -> bool:
     When transformers' private table, its target rule or its decay rule is missing or changed, the names are left to
     transformers and one warning (the first time only) says so; ``attach()`` depends on none of them.
     """
-    global _warned_not_rerouted
-    table, reason = optimizer_handlers(STOCK_GALORE_NAMES)
-    for accessor in (target_module_rule, decay_rule):
-        reason = reason or accessor()[1]
-    if table is None or reason:
-        if not _warned_not_rerouted:
-            _warned_not_rerouted = True
-            logger.warning(
-                "hf_memopt: TrainingArguments(optim='galore_*') is NOT rerouted to hf_memopt (%s); those names use "
-                "transformers' own GaLore handler. hf_memopt.attach(trainer, GaLoreConfig(...)) works as usual",
-                reason,
-            )
-        return False
-    from transformers.training_args import OptimizerNames
-
-    for name in STOCK_GALORE_NAMES:
-        table[OptimizerNames(name)] = _galore_handler
-    return True
+    return compat.reroute_stock_galore_names(_galore_handler)

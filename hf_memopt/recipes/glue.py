@@ -20,7 +20,13 @@ __all__ = ["run_glue"]
 
 
 def tokenized_glue(
-    task: str, tokenizer, split: str, limit: int | None, max_length: int, source: str = "auto", data_dir: str | None = None
+    task: str,
+    tokenizer,
+    split: str,
+    limit: int | None,
+    max_length: int,
+    source: str = "auto",
+    data_dir: str | None = None,
 ):
     """The task's split tokenized to ``input_ids``/``attention_mask``/``labels`` (dynamic padding later)."""
     dataset = load_glue(task, split, limit, data_dir=data_dir, source=source)
@@ -57,6 +63,7 @@ def run_glue(
     data_dir: str | None = None,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     optimizers: Callable[[torch.nn.Module, Any], tuple[Any, Any]] | None = None,
+    resume_from_checkpoint: str | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` on ``task`` with ``method`` (a registered config; None = the Trainer's AdamW).
 
@@ -65,6 +72,7 @@ def run_glue(
     pass their whole ``training:`` section here). ``source`` / ``data_dir``: see :func:`load_glue`.
     ``prepare_model(model)`` wraps the loaded model (e.g. peft's ``get_peft_model`` for a LoRA baseline);
     ``optimizers(model, args)`` returns the Trainer's ``(optimizer, scheduler)`` pair (peer optimizers in benchmarks).
+    ``resume_from_checkpoint``: a checkpoint folder to continue from (``Trainer.train``'s argument).
     """
     from transformers import (
         AutoModelForSequenceClassification,
@@ -113,7 +121,9 @@ def run_glue(
         return {k: v for k, v in metrics.items() if k in spec.metrics}
 
     card = {"base_model": hub_id(model), "datasets": "nyu-mll/glue", "dataset_config": task}
-    result = train_and_measure(trainer, method, extra_methods, evaluate, task=task, card=card)
+    result = train_and_measure(
+        trainer, method, extra_methods, evaluate, task=task, card=card, resume_from_checkpoint=resume_from_checkpoint
+    )
     if print_table:
         from hf_memopt.memory import format_breakdown_table
 

@@ -57,15 +57,17 @@ def lm_blocks(
                 raise ValueError("the streamed 'c4' source needs max_tokens (it is unbounded)")
             # ~4 characters per token for English text; the stream stops at twice that to be safe.
             for text in stream_c4_text(max_chars=8 * max_tokens):
-                ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+                ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
                 if tokenizer.eos_token_id is not None:
                     ids.append(tokenizer.eos_token_id)
                 if full():
                     break
             continue
         text = load_text(source)
-        for start in range(0, len(text), 200_000):  # chunked: tokenizers are slow on one huge string
-            ids.extend(tokenizer(text[start : start + 200_000], add_special_tokens=False)["input_ids"])
+        # chunked: tokenizers are slow on one huge string. verbose=False: no warning that a chunk is longer than the
+        # tokenizer's model_max_length; chunks are cut into seq_len blocks, never fed to a model whole
+        for start in range(0, len(text), 200_000):
+            ids.extend(tokenizer(text[start : start + 200_000], add_special_tokens=False, verbose=False)["input_ids"])
             if full():
                 break
         if full():
@@ -93,6 +95,7 @@ def run_pretrain(
     dataset: LMBlocks | None = None,
     sources: tuple[str, ...] = ("wikitext2_valid", "c4_demo"),
     eval_blocks: int = 0,
+    resume_from_checkpoint: str | None = None,
 ) -> RunResult:
     """Train a ``size`` LLaMA from scratch for ``steps`` updates with ``method`` (None = the Trainer's AdamW).
 
@@ -101,7 +104,8 @@ def run_pretrain(
     step.
     ``training_overrides`` are ``TrainingArguments`` fields that take precedence over the arguments above.
     ``sources``: see :func:`lm_blocks`. ``eval_blocks`` > 0 holds out that many blocks (the last ones) and reports
-    their ``eval_loss`` and ``perplexity`` after training.
+    their ``eval_loss`` and ``perplexity`` after training. ``resume_from_checkpoint``: a checkpoint folder to continue
+    from (``Trainer.train``'s argument).
     """
 
     from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
@@ -159,4 +163,6 @@ def run_pretrain(
         f"pretrained from scratch for {args.max_steps} updates of {seq_len}-token blocks",
     }
     evaluate = held_out_loss if eval_dataset is not None else None
-    return train_and_measure(trainer, method, extra_methods, evaluate, card=card)
+    return train_and_measure(
+        trainer, method, extra_methods, evaluate, card=card, resume_from_checkpoint=resume_from_checkpoint
+    )
