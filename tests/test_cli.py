@@ -115,9 +115,11 @@ def test_stock_galore_names_reach_hf_memopt_whatever_is_imported_first():
         "from transformers import trainer_optimizer\nfrom transformers.training_args import OptimizerNames\n"
         "from hf_memopt.galore.stock import _galore_handler\n"
         "from transformers import Trainer, TrainingArguments\n"
-        "args = TrainingArguments(output_dir='unused', optim='galore_adamw', optim_target_modules='all-linear')\n"
+        "import torch\n"
+        "args = TrainingArguments(output_dir='unused', optim='galore_adamw', optim_target_modules=['0'])\n"
         "handler = trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames('galore_adamw')]\n"
-        "handler(trainer_optimizer.OptimizerContext(args=args, model=None, optimizer_kwargs={}, "
+        "model = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
+        "handler(trainer_optimizer.OptimizerContext(args=args, model=model, optimizer_kwargs={}, "
         "adam_kwargs={}, optim_args={}))\n"
         "print(trainer_optimizer._OPTIMIZER_HANDLERS[OptimizerNames('galore_adamw')] is _galore_handler)"
     )
