@@ -135,7 +135,7 @@ def refresh_timings(shapes=((512, 1376), (1024, 2752), (2048, 2048)), repeats: i
 
     import torch
 
-    from hf_memopt.galore.projector import refresh_projector
+    from hf_memopt.shared.projector import refresh_projector
 
     torch.manual_seed(0)
     lines = ["| gradient shape | rank | exact SVD s | subspace cold s | subspace warm s | speed-up (warm) | energy kept |",

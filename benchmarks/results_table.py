@@ -203,7 +203,7 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
     schedule = SCHEDULE_PROFILES[schedule_name][0]["glue" if task in GLUE_TASKS else task]
     seeds = [f"training.seed={seed}"] if seed else []
     sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else ()), *seeds, *extra_sets,
-            f"output_dir={out / task / 'runs'}", "training.disable_tqdm=true"]
+            f"output_dir={out / task / 'runs'}", "training.disable_tqdm=true", "training.save_strategy=no"]
     if row.lr_of is not None:  # peers of a method run at that method's learning rate from the recipe
         lr = load_recipe(recipe_path(task), sets, row.lr_of).training["learning_rate"]
         sets.append(f"training.learning_rate={lr}")

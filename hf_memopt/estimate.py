@@ -412,7 +412,7 @@ def _estimate_adamw(result, model, config) -> None:
 
 def _estimate_galore(result, model, config) -> None:
     from hf_memopt.galore.builder import galore_target_parameters
-    from hf_memopt.galore.projector import projection_sides
+    from hf_memopt.shared.projector import projection_sides
 
     params = _unique_parameters(model)
     _common(result, model, params)
@@ -430,9 +430,10 @@ def _estimate_galore(result, model, config) -> None:
         compute = torch.float64 if p.dtype == torch.float64 else torch.float32  # projection runs in >= float32
         elsize = torch.empty((), dtype=compute).element_size()
         left, right = projection_sides(config.proj_type, (m, n))
-        low_m, low_n = (config.rank if left else m), (config.rank if right else n)
+        rank = min(config.rank, m, n)  # capped at the smaller side, as the optimizer does
+        low_m, low_n = (rank if left else m), (rank if right else n)
         state += _galore_rule_state((low_m, low_n), compute, config.optimizer)
-        state += elsize * ((m * config.rank if left else 0) + (config.rank * n if right else 0))
+        state += elsize * ((m * rank if left else 0) + (rank * n if right else 0))
     result["optimizer_state"] = state
     result["projected_parameters"] = projected
     if config.layerwise:
@@ -494,6 +495,10 @@ def _estimate_loqt(result, model, config) -> None:
     params = [(n, p) for n, p in _unique_parameters(model) if p.requires_grad]
     _common(result, model, params)
     result["optimizer_state"] = _adamw_state(p for _, p in params)
+    if config.layerwise:
+        # each gradient is consumed by its own hook and freed at once: one parameter's gradient is alive at a time
+        result["gradients"] = max(_nbytes(p) for _, p in params)
+        result["notes"].append("layer-wise: gradients freed inside backward (accumulation keeps every gradient)")
     buffers = 0
     for layer in layers.values():
         numel = layer.in_features * layer.out_features

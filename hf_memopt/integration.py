@@ -57,13 +57,35 @@ def attach(trainer: Trainer, config: Any) -> Trainer:
                 f"{spec.name} supplies the optimizer, and {other[0]} already does; attach at most one optimizer method"
             )
     check_engine_supported(trainer, spec, config)
+    if not attached:
+        _warn_ignored_fp16(trainer.args)
     spec.builder(trainer, config)
+    from hf_memopt.memory import MemoryReportCallback, add_memory_report
+
+    if any(isinstance(cb, MemoryReportCallback) for cb in trainer.callback_handler.callbacks):
+        add_memory_report(trainer)  # its mem/*_mb figures must reach the reporters (they read the logs first)
     attached.append(config)
     from hf_memopt.modelcard import install_model_card  # imported here: modelcard imports this module
 
     install_model_card(trainer)
     logger.info("hf_memopt: attached %s", spec.name)
     return trainer
+
+
+def _warn_ignored_fp16(args: Any) -> bool:
+    """Warn (once per trainer, at the first ``attach``) that ``fp16=True`` does nothing on CPU; returns whether it did.
+
+    transformers accepts ``fp16=True`` on CPU but accelerate then runs without autocast or loss scaling: the weights,
+    losses and checkpoints are bit for bit those of float32 training. ``bf16=True`` does run CPU autocast, and
+    transformers itself refuses it on a machine without a GPU unless ``use_cpu=True`` is set.
+    """
+    if args.fp16 and args.device.type == "cpu":
+        logger.warning(
+            "fp16=True has no effect on CPU (transformers trains in float32 there); for mixed precision on CPU set "
+            "bf16=True with use_cpu=True"
+        )
+        return True
+    return False
 
 
 def attached_configs(trainer: Trainer) -> list[Any]:

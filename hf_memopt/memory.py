@@ -14,8 +14,9 @@ double counted), plus the process peak:
   ``torch.autograd.graph.saved_tensors_hooks`` (parameters saved by ops are excluded; they are counted above);
 * ``peak_process``: ``torch.cuda.max_memory_allocated`` on CUDA, otherwise the peak resident set size (VmHWM).
 
-``MemoryReportCallback`` records these during ``Trainer.train()``, logs them as ``mem/*_mb`` and prints a table at the
-end; ``plot_memory_breakdown`` draws several runs as stacked bars.
+``MemoryReportCallback`` records these during ``Trainer.train()``, logs them as ``mem/*_mb`` beside the loss and prints
+a table at the end; ``add_memory_report(trainer)`` puts it where the reporters (``report_to``) and the printed logs see
+those figures. ``plot_memory_breakdown`` draws several runs as stacked bars.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "MemoryBreakdown",
     "MemoryReportCallback",
     "SavedActivationMeter",
+    "add_memory_report",
     "format_breakdown_table",
     "buffer_bytes",
     "gradient_bytes",
@@ -262,7 +264,9 @@ class GradientMeter:
         self.peak = 0
         self._live: dict[int, tuple[nn.Parameter, int]] = {}
         self._handles = [
-            p.register_hook(self._make_hook(p)) for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad
+            p.register_hook(self._make_hook(p))
+            for p in {id(p): p for p in model.parameters()}.values()
+            if p.requires_grad
         ]
 
     def _make_hook(self, param: nn.Parameter):
@@ -296,6 +300,11 @@ class MemoryReportCallback(TrainerCallback):
     * ``on_substep_end`` / ``on_step_end``: a micro-batch is over; close its activation count and record the
       optimizer state (after the step, so lazily created state is included);
     * ``on_log``: add ``mem/*_mb`` figures; ``on_train_end``: print the table and keep it as ``self.breakdown``.
+
+    The Trainer hands one ``logs`` dict to its callbacks in order, and the reporting callbacks of ``report_to``
+    (TensorBoard, Weights & Biases ...) and the progress printer write it as soon as they see it; callbacks given to
+    ``Trainer(callbacks=...)`` or ``add_callback`` come after them. Use :func:`add_memory_report` (``attach`` also
+    moves one already given) so the figures are added first and reach every reporter beside the loss.
     """
 
     def __init__(self, track_activations: bool = True, track_gradients: bool = True, print_table: bool = True):
@@ -366,6 +375,25 @@ class MemoryReportCallback(TrainerCallback):
         self._model = self._optimizer = None
         if self.print_table and state.is_world_process_zero:
             print(format_breakdown_table({"this run": self.breakdown}))
+
+
+def add_memory_report(trainer: Any, callback: MemoryReportCallback | None = None) -> MemoryReportCallback:
+    """Put a :class:`MemoryReportCallback` first among ``trainer``'s callbacks and return it.
+
+    ``on_log`` is called on the callbacks in list order with one ``logs`` dict (``CallbackHandler.call_event``), so
+    the callback that adds ``mem/*_mb`` must come before the reporting callbacks and the printer, which write the
+    dict when they see it. ``callback=None`` moves the ``MemoryReportCallback`` the trainer already has (given to
+    ``Trainer(callbacks=...)``), or adds a new one when it has none; a given ``callback`` is added (or moved).
+    """
+    callbacks = trainer.callback_handler.callbacks
+    if callback is None:
+        callback = (
+            next((cb for cb in callbacks if isinstance(cb, MemoryReportCallback)), None) or MemoryReportCallback()
+        )
+    if any(cb is callback for cb in callbacks):
+        callbacks.remove(callback)
+    callbacks.insert(0, callback)
+    return callback
 
 
 def format_breakdown_table(runs: Mapping[str, MemoryBreakdown]) -> str:

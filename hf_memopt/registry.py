@@ -10,7 +10,8 @@ written exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,54 @@ class MethodSpec:
     engine_requirement: str = ""
 
 
-METHODS: dict[str, MethodSpec] = {}
+# the packages that register hf_memopt's own methods; reading METHODS imports them
+BUILTIN_METHOD_PACKAGES = (
+    "hf_memopt.blockllm",
+    "hf_memopt.galore",
+    "hf_memopt.loqt",
+    "hf_memopt.velora",
+    "hf_memopt.zo",
+)
+
+
+class _Registry(Mapping[str, MethodSpec]):
+    """The read-only view of the registered methods. The first read imports :data:`BUILTIN_METHOD_PACKAGES` (which
+    register themselves), so ``import hf_memopt`` loads no method, and so no torch, until one is looked up."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, MethodSpec] = {}
+        self._state = "unloaded"  # -> "loading" -> "loaded"
+
+    def _load(self) -> None:
+        if self._state != "unloaded":
+            return
+        self._state = "loading"
+        try:
+            for package in BUILTIN_METHOD_PACKAGES:
+                importlib.import_module(package)
+        except BaseException:
+            self._state = "unloaded"
+            raise
+        self._state = "loaded"
+
+    def __getitem__(self, name: str) -> MethodSpec:
+        self._load()
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._specs)
+
+    def __repr__(self) -> str:
+        self._load()
+        return f"METHODS({self._specs!r})"
+
+
+METHODS = _Registry()
 
 
 def register_method(
@@ -60,16 +108,17 @@ def register_method(
     engine_requirement: str = "",
 ) -> MethodSpec:
     """Add a method to :data:`METHODS`; a name or config class may be registered only once."""
-    if name in METHODS:
+    specs = METHODS._specs  # not the public view: reading that would import the packages registering now
+    if name in specs:
         raise ValueError(f"method {name!r} is already registered")
-    for spec in METHODS.values():
+    for spec in specs.values():
         if spec.config_cls is config_cls:
             raise ValueError(f"{config_cls.__name__} is already registered as {spec.name!r}")
     unknown = set() if callable(engines) else set(engines) - set(ENGINES)
     if unknown:
         raise ValueError(f"engines: unknown engine(s) {sorted(unknown)} for {name!r}; known: {sorted(ENGINES)}")
     spec = MethodSpec(name, config_cls, builder, summary, sets_optimizer, engines, engine_requirement)
-    METHODS[name] = spec
+    specs[name] = spec
     return spec
 
 

@@ -10,6 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# transformers makes its log handler once, on the sys.stderr of its first import; imported here, that is the real
+# stream, not the capture of whichever test happens to import it first (closed when that test ends).
+import transformers  # noqa: E402, F401
 
 
 def tiny_llama(seed: int = 0, vocab: int = 64, hidden: int = 32, layers: int = 2, dtype=torch.float32):

@@ -96,6 +96,7 @@ RANGES: dict[str, dict[str, Any]] = {
         "quant_block_size": Choice((64, 128, 256, 512, 1024, 2048, 4096)),
         "merge_every": Int(1),
         "merge_growth": Float(1.0),
+        "merge_schedule": Choice(("exponential", "static", "geometric")),
         "max_merge_interval": Int(1),  # or None
         "error_compensation_steps": Int(0),
         "scale": Float(0.0, low_inclusive=False),
@@ -106,6 +107,7 @@ RANGES: dict[str, dict[str, Any]] = {
         "optimizer_state_on_merge": Choice(("reset", "keep")),
         "seed": SEED,
         "max_consecutive_skips": Int(0),
+        "layerwise": Bool(),
     },
     "velora": {
         "target_modules": Targets(auto=True),

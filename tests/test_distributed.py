@@ -46,6 +46,7 @@ def _configs(case: str) -> list:
     velora = VeLoRAConfig(num_groups=8)
     # merges at updates 0 (the initialisation from a gradient) and 2
     loqt = LoQTConfig(rank=RANK, target_modules="all-linear", merge_every=2)
+    loqt_layerwise = LoQTConfig(rank=RANK, target_modules="all-linear", merge_every=2, layerwise=True)
     velora_mlp = VeLoRAConfig(num_groups=8, target_modules=["gate_proj", "up_proj", "down_proj"])
     loqt_attention = LoQTConfig(rank=RANK, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], merge_every=2)
     # patience 1 (with BLOCKLLM_ARGS): selection 1 at update 1, the loss stalls at update 4, re-selection at update 5;
@@ -63,6 +64,7 @@ def _configs(case: str) -> list:
         "galore_layerwise_accumulation": [layerwise],
         "velora+galore_layerwise": [velora, layerwise],
         "loqt": [loqt],
+        "loqt_layerwise": [loqt_layerwise],
         "velora+loqt": [velora_mlp, loqt_attention],
         "zo": [ZOConfig(n_samples=2, eps=1e-2)],  # a larger eps: (L+ - L-) / 2 eps loses fewer float32 digits
         "blockllm": [blockllm],
@@ -92,15 +94,18 @@ CASE_ARGS = {
         "max_grad_norm": 0.0, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
     },
     "galore_layerwise_clipping": {"max_grad_norm": 1.0},
+    "loqt_layerwise": {"max_grad_norm": 0.0},
     "loqt_without_find_unused_parameters": {"ddp_find_unused_parameters": False},
 }  # fmt: skip
 TRAINED = [
     "adamw", "galore", "velora", "velora+galore",
-    "galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "loqt", "velora+loqt", "zo",
-    *BLOCKLLM,
+    "galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "loqt", "loqt_layerwise", "velora+loqt",
+    "zo", *BLOCKLLM,
 ]  # fmt: skip
 # averaging their own gradients, so never wrapped in DDP
-SELF_REDUCED = {"galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "zo", *BLOCKLLM}
+SELF_REDUCED = {
+    "galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "loqt_layerwise", "zo", *BLOCKLLM,
+}  # fmt: skip
 # the negative control of the rank check: these cases again with their own averaging switched off
 UNAVERAGED = ["galore_layerwise", "zo", "blockllm"]
 # case -> (exception type, words its message must contain: what fails and why)

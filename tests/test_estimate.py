@@ -58,6 +58,7 @@ TEST_CASES = [
     ("galore-llama", "galore", tiny_llama, {"rank": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}, None),
     ("galore_8bit-llama", "galore", lambda: tiny_llama(hidden=64), {"rank": 8, "optimizer": "adamw_8bit"}, None),
     ("galore_layerwise-llama", "galore", tiny_llama, {"rank": 4, "layerwise": True}, None),
+    ("galore_capped_rank-llama", "galore", tiny_llama, {"rank": 64, "target_modules": ["k_proj", "down_proj"]}, None),
     ("blockllm-llama", "blockllm", tiny_llama, {"sparsity": 0.5, "patience": 2}, None),
     ("loqt_nf4-llama", "loqt", tiny_llama, {"rank": 4, "merge_every": 2}, None),
     ("velora-llama", "velora", tiny_llama, {"num_groups": 4}, None),

@@ -52,6 +52,7 @@ CASES = {
     "galore_layerwise_clipped": Case(GaLoreConfig(rank=4, update_proj_gap=2, target_modules=TARGETS, layerwise=True)),
     "blockllm": Case(BlockLLMConfig(sparsity=0.8, patience=1, mask_fraction=0.5), {"learning_rate": 3e-2}),
     "loqt": Case(_loqt(), {"learning_rate": 1e-2}),
+    "loqt_layerwise": Case(_loqt(layerwise=True), {"learning_rate": 1e-2, "max_grad_norm": 0.0}),
     "zo": Case(ZOConfig(eps=1e-2), {"learning_rate": 3e-2}, loss_drops=False),
 }
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import TokenDataset, tiny_bert_classifier, tiny_llama, training_args
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 from hf_memopt import MemoryReportCallback, attach
+from hf_memopt.estimate import estimate_memory
 from hf_memopt.loqt import LoQTConfig, LoQTLinear, loqt_layers, quantize_with_error_compensation
 from hf_memopt.loqt.quant import dequantize, quantize
 
@@ -28,8 +29,9 @@ def _layer(quant="nf4", side="right", rank=3, m=12, n=20, bias=True, quantize_pr
 def _set_factors(layer: LoQTLinear, seed=1):
     g = torch.Generator().manual_seed(seed)
     shape = layer.proj.shape if not layer.quantize_projection else None
-    p = torch.linalg.qr(torch.randn(layer.out_features if layer.side == "left" else layer.in_features, layer.rank,
-                                    generator=g))[0]
+    p = torch.linalg.qr(
+        torch.randn(layer.out_features if layer.side == "left" else layer.in_features, layer.rank, generator=g)
+    )[0]
     p = p if layer.side == "left" else p.t()
     with torch.no_grad():
         if layer.quantize_projection:
@@ -61,6 +63,8 @@ def _set_factors(layer: LoQTLinear, seed=1):
         ({"quant": None, "quantize_projection": True}, "quantize_projection"),
         ({"quant_block_size": 100}, "quant_block_size"),
         ({"optimizer_state_on_merge": "rotate"}, "optimizer_state_on_merge"),
+        ({"merge_schedule": "linear"}, "merge_schedule"),
+        ({"layerwise": "yes"}, "layerwise"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, field):
@@ -74,14 +78,37 @@ def test_attach_rejects_rank_above_a_target_shape(tmp_path):
         attach(trainer, LoQTConfig(rank=33, target_modules=["q_proj"]))
 
 
-def test_merge_schedule_grows_exponentially_with_cap():
-    config = LoQTConfig(merge_every=4, merge_growth=1.5)
+def test_default_merge_schedule_is_the_official_exponential_rule():
+    config = LoQTConfig(merge_every=100, merge_growth=1.2)
+    # official get_proj_update_steps: 0, then gap, then + gap + int(1.2**k) for k = 1, 2, ...
+    assert config.merge_steps(506) == [0, 100, 201, 302, 403, 505]
+    assert len(config.merge_steps(10_000)) == 40
+    assert [u for u in range(506) if config.is_merge_step(u)] == [0, 100, 201, 302, 403, 505]
+    # gap 4, growth 1.5: int(1.5) = 1, int(2.25) = 2, int(3.375) = 3
+    assert LoQTConfig(merge_every=4, merge_growth=1.5).merge_steps(30) == [0, 4, 9, 15, 22]
+
+
+def test_geometric_and_static_schedules_and_the_interval_cap():
+    geometric = LoQTConfig(merge_every=4, merge_growth=1.5, merge_schedule="geometric")
     # intervals: 4, 6, 9, round(13.5) = 14, round(20.25) = 20
-    assert config.merge_steps(60) == [0, 4, 10, 19, 33, 53]
-    capped = LoQTConfig(merge_every=4, merge_growth=1.5, max_merge_interval=8)
+    assert geometric.merge_steps(60) == [0, 4, 10, 19, 33, 53]
+    assert len(LoQTConfig(merge_every=100, merge_growth=1.2, merge_schedule="geometric").merge_steps(10_000)) == 17
+    capped = LoQTConfig(merge_every=4, merge_growth=1.5, merge_schedule="geometric", max_merge_interval=8)
     assert capped.merge_steps(40) == [0, 4, 10, 18, 26, 34]
-    assert LoQTConfig(merge_every=3, merge_growth=1.0).merge_steps(10) == [0, 3, 6, 9]
-    assert [u for u in range(20) if config.is_merge_step(u)] == [0, 4, 10, 19]
+    assert LoQTConfig(merge_every=3, merge_schedule="static").merge_steps(10) == [0, 3, 6, 9]
+
+
+def test_defaults_match_the_official_pretraining_scripts():
+    config = LoQTConfig()
+    assert (config.quant, config.quantize_projection, config.error_compensation_steps) == ("nf4", True, 5)
+    assert (config.merge_every, config.merge_growth, config.merge_schedule, config.scale) == (
+        100,
+        1.2,
+        "exponential",
+        0.5,
+    )
+    with pytest.raises(ValueError, match="quantize_projection=False"):  # nothing to quantize P with
+        LoQTConfig(quant=None)
 
 
 # ---- quantization and the layer's math ------------------------------------------------------------------------------
@@ -183,8 +210,9 @@ def test_model_outputs_move_only_by_quantization_error_at_a_merge():
         for name, layer in layers.items():
             w = layer.effective_weight()
             ref_state[f"{name}.weight"] = dequantize(*quantize(w, "nf4", 64), "nf4", tuple(w.shape), 64)
-        reference.load_state_dict({**{k: v for k, v in model.state_dict().items() if "." in k}, **ref_state},
-                                  strict=False)
+        reference.load_state_dict(
+            {**{k: v for k, v in model.state_dict().items() if "." in k}, **ref_state}, strict=False
+        )
         for layer in layers.values():
             layer.merge(0)
         after = model(ids).logits
@@ -224,7 +252,7 @@ def _trainer(tmp_path, config, model=None, dataset=None, **overrides):
 
 def test_trainer_pretraining_loss_goes_down_and_merges_on_schedule(tmp_path):
     config = LoQTConfig(
-        rank=4, merge_every=3, merge_growth=1.0, error_compensation_steps=2, target_modules="all-linear"
+        rank=4, merge_every=3, merge_schedule="static", error_compensation_steps=2, target_modules="all-linear"
     )
     trainer = _trainer(tmp_path, config, max_steps=10, learning_rate=1e-2)
     memory = MemoryReportCallback(print_table=False)  # its gradient hooks must cope with merge steps
@@ -237,7 +265,7 @@ def test_trainer_pretraining_loss_goes_down_and_merges_on_schedule(tmp_path):
 
 
 def test_merges_count_optimizer_updates_under_gradient_accumulation(tmp_path):
-    config = LoQTConfig(rank=2, merge_every=2, merge_growth=1.0, target_modules=["q_proj", "down_proj"])
+    config = LoQTConfig(rank=2, merge_every=2, merge_schedule="static", target_modules=["q_proj", "down_proj"])
     trainer = _trainer(tmp_path, config, max_steps=5, gradient_accumulation_steps=2, per_device_train_batch_size=2)
     trainer.train()
     assert {int(layer.merges) for layer in loqt_layers(trainer.model).values()} == {3}  # updates 0, 2, 4
@@ -246,7 +274,7 @@ def test_merges_count_optimizer_updates_under_gradient_accumulation(tmp_path):
 @pytest.mark.parametrize("policy, expected_step", [("reset", 1), ("keep", 2)])
 def test_B_optimizer_state_at_a_merge(tmp_path, policy, expected_step):
     config = LoQTConfig(
-        rank=2, merge_every=2, merge_growth=1.0, target_modules=["q_proj"], optimizer_state_on_merge=policy
+        rank=2, merge_every=2, merge_schedule="static", target_modules=["q_proj"], optimizer_state_on_merge=policy
     )
     trainer = _trainer(tmp_path, config, max_steps=4)
     trainer.train()
@@ -257,7 +285,7 @@ def test_B_optimizer_state_at_a_merge(tmp_path, policy, expected_step):
 
 
 def test_save_model_writes_a_plain_model_that_loads_without_hf_memopt(tmp_path):
-    config = LoQTConfig(rank=4, merge_every=2, merge_growth=1.0, target_modules="all-linear")
+    config = LoQTConfig(rank=4, merge_every=2, merge_schedule="static", target_modules="all-linear")
     trainer = _trainer(tmp_path, config, max_steps=3)
     trainer.train()
     trainer.save_model(tmp_path / "out")
@@ -288,9 +316,16 @@ def test_fine_tuning_a_classifier_saves_a_plain_classifier(tmp_path):
 
 @pytest.mark.parametrize("quant, quantize_projection", [("nf4", True), (None, False)])
 def test_resume_from_checkpoint_is_exact(tmp_path, quant, quantize_projection):
-    config = dict(rank=3, quant=quant, quantize_projection=quantize_projection, merge_every=2, merge_growth=1.5,
-                  error_compensation_steps=2, target_modules="all-linear")
-    # merges at updates 0, 2, 5: one before the checkpoint at 4, one after it
+    config = dict(
+        rank=3,
+        quant=quant,
+        quantize_projection=quantize_projection,
+        merge_every=2,
+        merge_growth=1.5,
+        error_compensation_steps=2,
+        target_modules="all-linear",
+    )
+    # merges at updates 0, 2, 5 (intervals 2, 2 + int(1.5)): one before the checkpoint at 4, one after it
     straight = _trainer(tmp_path / "a", LoQTConfig(**config), max_steps=8)
     straight.train()
     first = _trainer(tmp_path / "b", LoQTConfig(**config), max_steps=8, save_strategy="steps", save_steps=4)
@@ -315,5 +350,125 @@ def test_layers_compressed_by_velora_are_refused_instead_of_silently_replaced(tm
 
     trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path), train_dataset=TokenDataset())
     attach(trainer, VeLoRAConfig(num_groups=8))
-    with pytest.raises(ValueError, match="target_modules: .* already compressed by VeLoRA"):
+    with pytest.raises(ValueError, match="target_modules: .* already rewritten by VeLoRA"):
         attach(trainer, LoQTConfig(rank=4, target_modules="all-linear"))
+
+
+# ---- layer-wise (per-parameter) updates -------------------------------------------------------------------------
+
+
+class _GradientsAtStep(TrainerCallback):
+    """Records, at every ``on_pre_optimizer_step``, the names of trainable parameters still holding a ``.grad``."""
+
+    def __init__(self):
+        self.held: list[list[str]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.held.append([n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None])
+
+
+def _layerwise_pair(tmp_path, dtype=torch.float64, quant=None, **overrides):
+    """The same LoQT run (a merge at updates 0, 2 and 5) whole-model and layer-wise; returns both trainers."""
+    runs = []
+    for layerwise in (False, True):
+        config = LoQTConfig(
+            rank=3,
+            quant=quant,
+            quantize_projection=quant is not None,
+            merge_every=2,
+            merge_growth=1.5,
+            error_compensation_steps=2,
+            target_modules="all-linear",
+            layerwise=layerwise,
+        )
+        args = dict(max_steps=6, max_grad_norm=0.0, lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.1)
+        trainer = _trainer(
+            tmp_path / str(layerwise), config, model=tiny_llama(seed=3, dtype=dtype), **{**args, **overrides}
+        )
+        trainer.train()
+        runs.append(trainer)
+    return runs
+
+
+@pytest.mark.parametrize("quant, accumulation", [(None, 2), ("nf4", 1)])
+def test_layerwise_equals_whole_model_updates_with_accumulation_and_merges(tmp_path, quant, accumulation):
+    whole, layerwise = _layerwise_pair(
+        tmp_path, quant=quant, gradient_accumulation_steps=accumulation, per_device_train_batch_size=4 // accumulation
+    )
+    a, b = whole.model.state_dict(), layerwise.model.state_dict()
+    assert {int(layer.merges) for layer in loqt_layers(layerwise.model).values()} == {3}  # updates 0, 2, 5
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], msg=key)  # float64 defaults: rtol 1e-7, atol 1e-7
+    opt_a, opt_b = whole.optimizer.optimizer, layerwise.optimizer.optimizer
+    for pa, pb in zip(whole.model.parameters(), layerwise.model.parameters()):
+        for key, value in opt_a.state.get(pa, {}).items():
+            torch.testing.assert_close(opt_b.state[pb][key], value)
+    # the LR scheduler is honoured: the same warm-up + linear decay, one step per update
+    lrs = [[h["learning_rate"] for h in t.state.log_history if "learning_rate" in h] for t in (whole, layerwise)]
+    assert lrs[0] == lrs[1] and len(set(lrs[1])) == 5  # 0, rising, falling
+    # the logged gradient norm is the one the hooks measured, equal to the whole-model one (not the 0 of freed .grad)
+    norms = [[h["grad_norm"] for h in t.state.log_history if "grad_norm" in h] for t in (whole, layerwise)]
+    torch.testing.assert_close(torch.tensor(norms[1]), torch.tensor(norms[0]))
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (whole, layerwise)]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]))
+    assert not torch.equal(
+        a["model.embed_tokens.weight"],
+        tiny_llama(seed=3, dtype=torch.float64).state_dict()["model.embed_tokens.weight"],
+    )  # the embedding trained (inside backward in the layer-wise run)
+
+
+def test_layerwise_holds_no_gradient_at_the_optimizer_step_and_lowers_the_gradient_peak(tmp_path):
+    peaks, held = {}, None
+    for layerwise in (False, True):
+        config = LoQTConfig(rank=3, merge_every=2, target_modules="all-linear", layerwise=layerwise)
+        trainer = _trainer(tmp_path / str(layerwise), config, max_steps=4, max_grad_norm=0.0)
+        watch, memory = _GradientsAtStep(), MemoryReportCallback(print_table=False, track_activations=False)
+        trainer.add_callback(watch)
+        trainer.add_callback(memory)
+        trainer.train()
+        peaks[layerwise] = memory.breakdown.gradients
+        if layerwise:
+            held = watch.held
+        else:
+            assert all(watch.held)  # the check can fail: whole-model updates hold gradients here
+    assert len(held) == 4 and held == [[]] * 4  # updates 0 and 2 merge, 1 and 3 train B
+    assert peaks[True] < peaks[False] / 2
+    # the peak is one gradient, the largest (embedding or head), as hf-memopt estimate predicts for layer-wise LoQT
+    tiny_llama().config.save_pretrained(tmp_path / "config")
+    estimate = estimate_memory(
+        str(tmp_path / "config"), "loqt", batch=4, seq=16, rank=3, target_modules="all-linear", layerwise=True
+    )
+    assert estimate["gradients"] == peaks[True] == 64 * 32 * 4  # the fp32 embedding (or head), vocab x hidden
+
+
+def test_layerwise_resume_from_checkpoint_is_exact(tmp_path):
+    config = dict(rank=3, quant="nf4", merge_every=2, merge_growth=1.5, target_modules="all-linear", layerwise=True)
+    overrides = dict(max_steps=8, max_grad_norm=0.0, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    straight = _trainer(tmp_path / "a", LoQTConfig(**config), **overrides)
+    straight.train()
+    first = _trainer(tmp_path / "b", LoQTConfig(**config), save_strategy="steps", save_steps=4, **overrides)
+    first.train()
+    resumed = _trainer(tmp_path / "b", LoQTConfig(**config), **overrides)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-4"))
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    opt_a, opt_b = straight.optimizer.optimizer, resumed.optimizer.optimizer
+    for pa, pb in zip(straight.model.parameters(), resumed.model.parameters()):
+        for key in opt_a.state.get(pa, {}):
+            torch.testing.assert_close(opt_b.state[pb][key], opt_a.state[pa][key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"max_grad_norm": 1.0}, "max_grad_norm=0"),
+        ({"max_grad_norm": 0.0, "fp16": True}, "fp16"),
+    ],
+)
+def test_layerwise_refuses_what_it_cannot_do_exactly(tmp_path, overrides, message):
+    args = training_args(tmp_path, **{"use_cpu": "fp16" not in overrides, **overrides})  # fp16 is refused on CPU
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match=message):
+        attach(trainer, LoQTConfig(rank=4, layerwise=True))
+    assert not loqt_layers(trainer.model)  # refused before the model was converted

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import TokenDataset, tiny_llama, training_args
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from hf_memopt.memory import (
     GradientMeter,
     MemoryBreakdown,
     MemoryReportCallback,
     SavedActivationMeter,
+    add_memory_report,
     format_breakdown_table,
     optimizer_state_bytes,
     parameter_bytes,
@@ -107,8 +109,12 @@ def test_gradient_meter_sees_the_full_gradient_of_a_normal_backward():
 
 def test_memory_report_callback_logs_and_prints_a_breakdown(tmp_path, capsys):
     callback = MemoryReportCallback()
-    trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path, max_steps=3), train_dataset=TokenDataset(),
-                      callbacks=[callback])
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=training_args(tmp_path, max_steps=3),
+        train_dataset=TokenDataset(),
+        callbacks=[callback],
+    )
     trainer.train()
     params = sum(p.numel() * 4 for p in trainer.model.parameters())
     b = callback.breakdown
@@ -117,6 +123,70 @@ def test_memory_report_callback_logs_and_prints_a_breakdown(tmp_path, capsys):
     assert b.activations > 0 and b.peak_process > 0
     assert "mem/optimizer_state_mb" in trainer.state.log_history[0]
     assert "| this run |" in capsys.readouterr().out
+
+
+class RecordingReporter(TrainerCallback):
+    """Stands in for a ``report_to`` reporter: keeps a copy of each ``logs`` dict as it is handed over."""
+
+    def __init__(self):
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+def test_memory_figures_reach_a_reporter_that_comes_first_in_the_callbacks(tmp_path):
+    reporter = RecordingReporter()
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=training_args(tmp_path, max_steps=2),
+        train_dataset=TokenDataset(),
+        callbacks=[reporter, MemoryReportCallback(print_table=False)],
+    )
+    callback = add_memory_report(trainer)
+    assert trainer.callback_handler.callbacks[0] is callback
+    assert sum(isinstance(cb, MemoryReportCallback) for cb in trainer.callback_handler.callbacks) == 1
+    trainer.train()
+    losses = [logs for logs in reporter.seen if "loss" in logs]
+    assert len(losses) == 2
+    for logs in losses:
+        assert logs["mem/optimizer_state_mb"] > 0 and logs["mem/parameters_mb"] > 0
+
+
+def test_attach_moves_a_given_memory_callback_ahead_of_the_reporters(tmp_path):
+    from hf_memopt import GaLoreConfig, attach
+
+    reporter = RecordingReporter()
+    callback = MemoryReportCallback(print_table=False)
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=TokenDataset(),
+        callbacks=[reporter, callback],
+    )
+    attach(trainer, GaLoreConfig(rank=4, target_modules="all-linear"))
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    assert "mem/optimizer_state_mb" in next(logs for logs in reporter.seen if "loss" in logs)
+
+
+def test_memory_figures_arrive_in_tensorboard_beside_the_loss(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "runs"  # TensorBoardCallback writes under output_dir/runs/
+    args = training_args(tmp_path, max_steps=2, report_to=["tensorboard"])
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset())
+    add_memory_report(trainer, MemoryReportCallback(print_table=False))
+    trainer.train()
+    trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)  # flush the writer
+    (events,) = {p.parent for p in logs.rglob("events.out.tfevents.*")}
+    scalars = EventAccumulator(str(events)).Reload()
+    tags = scalars.Tags()["scalars"]
+    assert "train/loss" in tags and "train/mem/optimizer_state_mb" in tags
+    values = scalars.Scalars("train/mem/optimizer_state_mb")
+    assert [v.step for v in values] == [s.step for s in scalars.Scalars("train/loss")] == [1, 2]
+    assert all(v.value > 0 for v in values)
 
 
 def test_breakdown_table_and_chart(tmp_path):

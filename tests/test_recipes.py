@@ -39,6 +39,23 @@ def test_every_recipe_validates_with_every_method(path):
         assert recipe.run_dir.endswith(name)
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_recipe_checkpoints_by_default_for_resume(path):
+    training = load_recipe(path).training
+    assert training["save_strategy"] == "steps" and 0 < training["save_steps"] <= 100
+    assert training["save_total_limit"] >= 2  # a kill while writing the newest leaves the one before complete
+
+
+def test_report_to_a_logger_that_is_not_installed_is_refused_at_load(tmp_path, monkeypatch):
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    path = write(tmp_path, "r.yaml", "task: glue\n")
+    with pytest.raises(RecipeError, match=r"^training\.report_to: 'wandb' is not installed; pip install wandb"):
+        load_recipe(path, ["training.report_to=[tensorboard,wandb]"])
+    assert load_recipe(path, ["training.report_to=tensorboard"]).training["report_to"] == "tensorboard"
+
+
 def test_yaml_number_strings_are_typed_by_their_field(tmp_path):
     # PyYAML reads 1e-4 (no dot) as a string; the field type makes it a float.
     path = write(tmp_path, "r.yaml", "task: glue\ntraining: {learning_rate: 1e-4}\nmethod: {name: zo, eps: 1e-3}\n")
@@ -52,10 +69,15 @@ def test_yaml_number_strings_are_typed_by_their_field(tmp_path):
     assert coerce("a,b", list[str]) == ["a", "b"]
     assert coerce(["a"], list[str] | str) == ["a"]
     assert coerce("abc", int) == "abc"  # left for validation to reject
+    assert load_recipe(path, ["training.save_strategy=no"]).training["save_strategy"] == "no"  # YAML: no -> False
+    assert coerce(False, bool) is False and coerce(False, str | None) == "no"
 
 
 def test_defaults_merge_and_per_method_settings(tmp_path):
-    write(tmp_path, "base.yaml", """
+    write(
+        tmp_path,
+        "base.yaml",
+        """
 task: pretrain
 model: llama-20m
 training: {learning_rate: 1e-3, max_steps: 100}
@@ -65,7 +87,8 @@ methods:
   blockllm: {sparsity: 0.9}
 method_training:
   blockllm: {learning_rate: 5e-4}
-""")
+""",
+    )
     child = write(tmp_path, "child.yaml", "defaults: base.yaml\ntraining: {max_steps: 7}\n")
     recipe = load_recipe(child)
     assert recipe.training["learning_rate"] == 1e-3 and recipe.training["max_steps"] == 7
@@ -105,11 +128,41 @@ def test_composite_method_takes_settings_from_the_table(tmp_path):
         ("task: glue\nfoo: 1\n", [], None, r"unknown key 'foo'"),
         ("task: glue\ntraining: [1, 2]\n", [], None, r"^training: expected a mapping"),
         ("task: pretrain\nmodel: llama-7b\n", [], None, r"^model: pretraining builds a LLaMA"),
-        ("task: glue\nmethod: {name: adamw, rank: 4}\n", [], None, r"^method\.rank: the adamw baseline has no settings"),
+        (
+            "task: glue\nmethod: {name: adamw, rank: 4}\n",
+            [],
+            None,
+            r"^method\.rank: the adamw baseline has no settings",
+        ),
         ("task: glue\nmethods: {galore: {rank: -1}}\n", [], None, r"^methods\.galore: rank must be"),
-        ("task: glue\nmethod_training: {zo: {learning_rate: x}}\n", [], None,
-         r"^method_training\.zo\.learning_rate: expected float"),
+        (
+            "task: glue\nmethod_training: {zo: {learning_rate: x}}\n",
+            [],
+            None,
+            r"^method_training\.zo\.learning_rate: expected float",
+        ),
         ("task: glue\n  bad: [\n", [], None, r"not valid YAML"),
+        (
+            "task: glue\n",
+            ["training.resume_from_checkpoint=out/x/checkpoint-4"],
+            None,
+            r"^training\.resume_from_checkpoint: the Trainer does not read it; resume with `hf-memopt train RECIPE --resume",
+        ),
+        ("task: glue\n", ["training.do_eval=true"], None, r"^training\.do_eval: the Trainer does not read it"),
+        (
+            "task: glue\nmethod_training: {galore: {do_predict: true}}\n",
+            [],
+            None,
+            r"^method_training\.galore\.do_predict: the Trainer does not read it",
+        ),
+        ("task: instruct\n", ["training.max_length=64"], None, r"^training\.max_length: set data\.max_length"),
+        (
+            "task: glue\n",
+            ["training.hub_model_id=me/model"],
+            None,
+            r"^training\.hub_model_id: used only to push to the Hub; set training\.push_to_hub: true too",
+        ),
+        ("task: glue\n", ["training.report_to=[nope]"], None, r"^training\.report_to: unknown logger 'nope'"),
     ],
 )
 def test_bad_recipes_raise_one_line_naming_the_key(tmp_path, text, sets, method, match):
@@ -186,3 +239,37 @@ def test_alpaca_records_become_prompt_completion_pairs(tmp_path):
     bad = write(tmp_path, "bad.jsonl", '{"question": "x"}\n')
     with pytest.raises(ValueError, match="not Alpaca-format"):
         load_alpaca(bad)
+
+
+def test_pretraining_blocks_tokenize_long_text_without_a_length_warning(tmp_path):
+    import logging
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from hf_memopt.recipes.data import load_text
+    from hf_memopt.recipes.models import minilm_path
+    from hf_memopt.recipes.pretrain import lm_blocks
+
+    class Record(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    text = write(tmp_path, "long.txt", load_text("wikitext2_valid")[:8_000])  # ~2,000 tokens: over MiniLM's 512
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    record = Record()
+    root = transformers_logging.get_logger()
+    root.addHandler(record)
+    try:
+        blocks = lm_blocks(tokenizer, 32, (str(text),))
+        during_blocks = list(record.messages)
+        tokenizer(load_text("wikitext2_valid")[:8_000])  # the same text straight through: the (once) warning is on
+    finally:
+        root.removeHandler(record)
+    assert len(blocks) > 512 // 32
+    assert not any("Token indices sequence length" in m for m in during_blocks)
+    assert any("Token indices sequence length" in m for m in record.messages)

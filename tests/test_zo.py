@@ -29,8 +29,13 @@ def tiny_opt(seed: int = 0):
 
     torch.manual_seed(seed)
     config = OPTConfig(
-        vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, word_embed_proj_dim=32,
+        vocab_size=64,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
     )
     return OPTForCausalLM(config)
 
@@ -40,8 +45,15 @@ def tiny_llama_classifier(seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, num_labels=2, pad_token_id=0,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=2,
+        pad_token_id=0,
     )
     return LlamaForSequenceClassification(config)
 
@@ -62,6 +74,43 @@ class PaddedTokens(torch.utils.data.Dataset):
         labels = item["labels"].clone()
         labels[: i % 4] = -100
         return {"input_ids": item["input_ids"], "attention_mask": mask, "labels": labels}
+
+
+def tiny_bart(seed: int = 0):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+    )  # fmt: skip
+    return BartForConditionalGeneration(config)
+
+
+def tiny_t5(seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
+class Seq2SeqTokens(torch.utils.data.Dataset):
+    """Sequence to sequence: the target is the source reversed (padded sources in some rows)."""
+
+    def __init__(self, n: int = 16, seq: int = 10):
+        self.base = PaddedTokens(n=n, seq=seq)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.base[i]
+        return {"input_ids": item["input_ids"], "attention_mask": item["attention_mask"],
+                "labels": item["input_ids"].flip(0)[:6]}  # fmt: skip
 
 
 class LabelledTokens(torch.utils.data.Dataset):
@@ -133,8 +182,9 @@ def test_zosgd_matches_float64_reference_with_accumulation_and_no_decay_group(n_
         return float(((x @ w_.T + b_) ** 2).mean() + w_.sum().sin())
 
     lr, wd, eps = 0.05, 0.1, 1e-3
-    opt = ZOSGD([{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], lr=lr, n_samples=n_samples,
-                seed=11)
+    opt = ZOSGD(
+        [{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], lr=lr, n_samples=n_samples, seed=11
+    )
     seeds = []
     start = [w.detach().clone(), b.detach().clone()]
     for _ in range(3):
@@ -189,8 +239,16 @@ def test_trainer_zo_lowers_the_loss_without_gradients(tmp_path):
     data = LabelledTokens(n=32)
     model = tiny_bert_classifier()
     before = _eval_loss(model, data)
-    trainer = _trainer(model, data, tmp_path, ZOConfig(eps=1e-3, n_samples=2), learning_rate=3e-2, max_steps=20,
-                       per_device_train_batch_size=32, lr_scheduler_type="constant")
+    trainer = _trainer(
+        model,
+        data,
+        tmp_path,
+        ZOConfig(eps=1e-3, n_samples=2),
+        learning_rate=3e-2,
+        max_steps=20,
+        per_device_train_batch_size=32,
+        lr_scheduler_type="constant",
+    )
     trainer.train()
     after = _eval_loss(model, data)
     # measured 0.6922 -> 0.6854 (ZO progress per step shrinks with the parameter count; this is 20 steps)
@@ -214,6 +272,8 @@ FAMILIES = {
     "opt": (tiny_opt, PaddedTokens),
     "bert_cls": (tiny_bert_classifier, LabelledTokens),
     "llama_cls": (tiny_llama_classifier, LabelledTokens),
+    "bart": (tiny_bart, Seq2SeqTokens),
+    "t5": (tiny_t5, Seq2SeqTokens),
 }
 
 
@@ -223,8 +283,9 @@ def test_offloaded_and_plain_runs_give_the_same_parameters(tmp_path, family):
     runs = {}
     for offload in ("none", "cpu"):
         model = make()
-        trainer = _trainer(model, data(), tmp_path / offload, ZOConfig(eps=1e-2, offload=offload), learning_rate=5e-3,
-                           max_steps=3)
+        trainer = _trainer(
+            model, data(), tmp_path / offload, ZOConfig(eps=1e-2, offload=offload), learning_rate=5e-3, max_steps=3
+        )
         trainer.train()
         runs[offload] = (model, [h["loss"] for h in trainer.state.log_history if "loss" in h])
     initial = make()
@@ -241,8 +302,15 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     results = []
     for bs, ga in ((4, 1), (2, 2)):
         model = tiny_llama()
-        trainer = _trainer(model, TokenDataset(n=16), tmp_path / f"ga{ga}", ZOConfig(), max_steps=3,
-                           per_device_train_batch_size=bs, gradient_accumulation_steps=ga)
+        trainer = _trainer(
+            model,
+            TokenDataset(n=16),
+            tmp_path / f"ga{ga}",
+            ZOConfig(),
+            max_steps=3,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+        )
         trainer.train()
         results.append(model)
     initial = tiny_llama()
@@ -269,8 +337,14 @@ def test_resume_is_exact(tmp_path, offload):
 
 def test_offload_bfloat16_storage_keeps_blocks_in_bfloat16_and_trains(tmp_path):
     model = tiny_llama()
-    trainer = _trainer(model, TokenDataset(), tmp_path, ZOConfig(offload="cpu", offload_dtype="bfloat16"),
-                       learning_rate=5e-2, max_steps=2)
+    trainer = _trainer(
+        model,
+        TokenDataset(),
+        tmp_path,
+        ZOConfig(offload="cpu", offload_dtype="bfloat16"),
+        learning_rate=5e-2,
+        max_steps=2,
+    )
     trainer.train()
     assert all(p.dtype == torch.bfloat16 for p in model.model.layers.parameters())
     assert model.model.embed_tokens.weight.dtype == torch.float32
@@ -287,8 +361,14 @@ def test_peft_lora_perturbs_and_updates_only_adapters(tmp_path):
         model = get_peft_model(tiny_llama(), lora)
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
         adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        _trainer(model, TokenDataset(), tmp_path / offload, ZOConfig(eps=1e-2, offload=offload), learning_rate=5e-2,
-                 max_steps=2).train()
+        _trainer(
+            model,
+            TokenDataset(),
+            tmp_path / offload,
+            ZOConfig(eps=1e-2, offload=offload),
+            learning_rate=5e-2,
+            max_steps=2,
+        ).train()
         params = dict(model.named_parameters())
         for n, before in frozen.items():
             torch.testing.assert_close(params[n].detach(), before, rtol=0, atol=0, msg=n)
@@ -301,8 +381,12 @@ def test_peft_lora_perturbs_and_updates_only_adapters(tmp_path):
 def test_evaluation_during_offloaded_training_sees_the_updated_weights(tmp_path):
     data = TokenDataset()
     model = tiny_llama()
-    trainer = Trainer(model=model, args=training_args(tmp_path, learning_rate=5e-2, max_steps=2, eval_strategy="steps",
-                                                      eval_steps=2), train_dataset=data, eval_dataset=data)
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, learning_rate=5e-2, max_steps=2, eval_strategy="steps", eval_steps=2),
+        train_dataset=data,
+        eval_dataset=data,
+    )
     attach(trainer, ZOConfig(offload="cpu"))
     trainer.train()
     logged = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h][-1]
@@ -312,8 +396,12 @@ def test_evaluation_during_offloaded_training_sees_the_updated_weights(tmp_path)
 # ---------------------------------------------------------------- blocks and bad input
 @pytest.mark.parametrize(
     ("make", "expected"),
-    [(tiny_llama, "model.layers"), (tiny_gpt2, "transformer.h"), (tiny_opt, "model.decoder.layers"),
-     (tiny_bert_classifier, "bert.encoder.layer")],
+    [
+        (tiny_llama, "model.layers"),
+        (tiny_gpt2, "transformer.h"),
+        (tiny_opt, "model.decoder.layers"),
+        (tiny_bert_classifier, "bert.encoder.layer"),
+    ],
 )
 def test_block_list_is_found_generically(make, expected):
     assert find_block_list(make())[0] == expected
@@ -321,9 +409,16 @@ def test_block_list_is_found_generically(make, expected):
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"eps": 0.0}, "eps"), ({"eps": -1e-3}, "eps"), ({"n_samples": 0}, "n_samples"), ({"offload": "gpu"}, "offload"),
-     ({"offload_dtype": "int8", "offload": "cpu"}, "offload_dtype"), ({"offload_dtype": "bfloat16"}, "offload_dtype"),
-     ({"weight_decay": -0.1}, "weight_decay"), ({"blocks_attr": ""}, "blocks_attr")],
+    [
+        ({"eps": 0.0}, "eps"),
+        ({"eps": -1e-3}, "eps"),
+        ({"n_samples": 0}, "n_samples"),
+        ({"offload": "gpu"}, "offload"),
+        ({"offload_dtype": "int8", "offload": "cpu"}, "offload_dtype"),
+        ({"offload_dtype": "bfloat16"}, "offload_dtype"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"blocks_attr": ""}, "blocks_attr"),
+    ],
 )
 def test_bad_config_raises_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -21,9 +21,9 @@ from hf_memopt.integration import (
     trainable_parameters,
 )
 from hf_memopt.optim_state import unwrap_optimizer
-from hf_memopt.targeting import ALL_LINEAR, match_target_modules
+from hf_memopt.targeting import match_target_modules
 
-__all__ = ["build_galore", "create_galore_optimizer", "galore_target_parameters"]
+__all__ = ["build_galore", "capped_ranks", "create_galore_optimizer", "galore_target_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,8 @@ _TARGET_TYPES = (nn.Linear, nn.Embedding, Conv1D)
 
 
 def galore_target_parameters(model: nn.Module, config: GaLoreConfig) -> dict[str, nn.Parameter]:
-    """``{name: weight}`` of the trainable 2-D weights GaLore projects; validates rank against every shape."""
+    """``{name: weight}`` of the trainable 2-D weights GaLore projects (``attach()``'s selection, see targeting)."""
     modules = match_target_modules(model, config.target_modules, allowed_types=_TARGET_TYPES)
-    if isinstance(config.target_modules, str) and config.target_modules.replace("_", "-") == ALL_LINEAR:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        modules = {n: m for n, m in modules.items() if m is not head}  # as peft's "all-linear"
     targets: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for name, module in modules.items():
@@ -50,15 +47,27 @@ def galore_target_parameters(model: nn.Module, config: GaLoreConfig) -> dict[str
         seen.add(id(weight))
         if weight.dim() != 2:
             raise ValueError(f"target_modules: {name} has a {weight.dim()}-D weight; GaLore projects 2-D weights only")
-        if config.rank > min(weight.shape):
-            raise ValueError(
-                f"rank must be in [1, {min(weight.shape)}] for {name}.weight of shape {tuple(weight.shape)}; got "
-                f"{config.rank}. Lower rank or leave this module out of target_modules"
-            )
         targets[f"{name}.weight"] = weight
     if not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matches no trainable weight")
     return targets
+
+
+def capped_ranks(targets: Mapping[str, nn.Parameter], rank: int) -> dict[str, int]:
+    """The rank each target is projected to: ``rank``, capped at the weight's smaller side.
+
+    galore-torch does the same implicitly (``U[:, :rank]`` of a matrix with fewer columns keeps them all), so a rank
+    tuned for a large model runs unchanged on a small one; a capped weight is projected onto its whole column/row
+    space (no memory saved on it). The capped weights are logged in one line, so the cap is never silent.
+    """
+    ranks = {name: min(rank, *p.shape) for name, p in targets.items()}
+    capped = [f"{name} {tuple(targets[name].shape)}" for name, r in ranks.items() if r < rank]
+    if capped:
+        logger.warning(
+            "GaLore rank=%d exceeds the smaller side of %d weight(s); each is projected at that side's size: %s",
+            rank, len(capped), ", ".join(capped),
+        )  # fmt: skip
+    return ranks
 
 
 def create_galore_optimizer(
@@ -68,10 +77,15 @@ def create_galore_optimizer(
     *,
     no_decay_names: set[str] | None = None,
     is_accumulation_boundary: Callable[[], bool] | None = None,
+    targets: Mapping[str, nn.Parameter] | None = None,
 ) -> _GaLoreOptimizer:
     """The GaLore optimizer for ``model``: projected groups for the targets, the same base rule for the rest.
 
-    Biases and normalisation weights (``no_decay_names``) get no weight decay, as in the Trainer's default optimizer.
+    ``targets`` (``{name: weight}``) are the weights to project; by default :func:`galore_target_parameters` selects
+    them from ``config.target_modules`` (the stock ``optim=`` path passes transformers' own selection). A rank above
+    a weight's smaller side is capped there (:func:`capped_ranks`), so projected weights are grouped by rank. Biases
+    and normalisation weights (``no_decay_names``) get no weight decay, as in the Trainer's default optimizer; with
+    ``weight_decay=0`` decaying and non-decaying weights share a group.
     """
     if config.layerwise and hparams.max_grad_norm > 0 and hparams.gradient_accumulation_steps > 1:
         raise ValueError(
@@ -80,9 +94,9 @@ def create_galore_optimizer(
             "gradient_accumulation_steps=1"
         )
     no_decay_names = no_decay_parameter_names(model) if no_decay_names is None else no_decay_names
-    targets = {id(p) for p in galore_target_parameters(model, config).values()}
+    targets = galore_target_parameters(model, config) if targets is None else targets
+    ranks = {id(targets[name]): r for name, r in capped_ranks(targets, config.rank).items()}
     projection = {
-        "rank": config.rank,
         "update_proj_gap": config.update_proj_gap,
         "scale": config.scale,
         "proj_type": config.proj_type,
@@ -90,16 +104,17 @@ def create_galore_optimizer(
         "svd_iterations": config.svd_iterations,
         "seed": config.seed,
     }
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    split_decay = hparams.weight_decay != 0
+    buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}  # (rank or 0 for unprojected, decay) -> parameters
     names: dict[nn.Parameter, str] = {}
     for name, p in trainable_parameters(model):
         names[p] = name
-        buckets.setdefault((id(p) in targets, name not in no_decay_names), []).append(p)
+        buckets.setdefault((ranks.get(id(p), 0), split_decay and name not in no_decay_names), []).append(p)
     groups: list[dict[str, Any]] = []
-    for (projected, decay), params in sorted(buckets.items(), reverse=True):
+    for (rank, decay), params in sorted(buckets.items(), reverse=True):
         group: dict[str, Any] = {"params": params, "weight_decay": hparams.weight_decay if decay else 0.0}
-        if projected:
-            group.update(projection)
+        if rank:
+            group.update(projection, rank=rank)
         groups.append(group)
     cls = OPTIMIZER_CLASSES[config.optimizer]
     kwargs: dict[str, Any] = {"lr": hparams.lr, "weight_decay": hparams.weight_decay}

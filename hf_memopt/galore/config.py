@@ -23,14 +23,15 @@ class GaLoreConfig:
     gradient every ``update_proj_gap`` optimizer updates.
 
     Args:
-        rank: rank r of the projection; 1 <= rank <= min(m, n) of every targeted weight.
+        rank: rank r of the projection, >= 1; a weight whose smaller side is below it is projected at that side's
+            size, as galore-torch does (logged once, naming the weights).
         update_proj_gap: optimizer updates between projector refreshes (T in the paper), >= 1.
         scale: the paper's alpha; multiplies the projected-back update, > 0.
         proj_type: ``std`` projects the smaller side (right when m >= n), ``reverse_std`` the larger one, ``left``,
             ``right``, or ``full`` (both sides, R = P^T G Q).
-        target_modules: names, a regex, or ``"all-linear"`` (every Linear except the output embedding). Linear,
-            Embedding and GPT-2 Conv1D weights can be targeted; other trainable parameters get the base optimizer
-            without projection.
+        target_modules: names, a regex, or ``"all-linear"`` (every Linear and Conv1D except the output embedding
+            and the task head, as peft; see ``hf_memopt.targeting``). Linear, Embedding and GPT-2 Conv1D weights can
+            be targeted; other trainable parameters get the base optimizer without projection.
         optimizer: the base optimizer: ``adamw``, ``adamw_8bit`` (bitsandbytes block-wise 8-bit states) or
             ``adafactor``.
         adafactor_beta1: ``optimizer="adafactor"`` only: None (default) keeps no first moment (the Trainer's
@@ -51,7 +52,9 @@ class GaLoreConfig:
             >= 0 (0: stop at the first). See ``hf_memopt.faults``.
     """
 
-    rank: int = field(default=128, metadata={"help": "Rank of the gradient projection (>= 1, <= min(m, n))."})
+    rank: int = field(
+        default=128, metadata={"help": "Rank of the gradient projection (>= 1; capped at min(m, n) per weight)."}
+    )
     update_proj_gap: int = field(default=200, metadata={"help": "Optimizer updates between projector refreshes."})
     scale: float = field(default=0.25, metadata={"help": "Scale of the projected-back update (alpha)."})
     proj_type: str = field(default="std", metadata={"help": f"Projection side: one of {PROJ_TYPES}."})

@@ -6,6 +6,13 @@ Parameter groups carrying ``rank`` are projected; other groups get the same rule
 
 The optimizer state holds only tensors and ints (moments, 8-bit codes and absmax tables, projectors, step counts), so
 ``optimizer.pt`` reloads with ``torch.load(weights_only=True)``.
+
+Memory and time: parameters are updated one at a time, and the element-wise Adam rules (32-bit and 8-bit) run over
+slices of ``_SLICE_ELEMENTS`` values of each (projected or full) gradient, so the temporaries of an update (the
+direction, and on CPU the float32 copies bitsandbytes' 8-bit kernel makes of both moments and the gradient) are a few
+MiB whatever the tensor's size, instead of several copies of the largest tensor (the embedding and the output head,
+which stay unprojected). On CPU the slices also stay in cache. Slicing changes no value: every operation is
+element-wise, and slices start on 8-bit block boundaries (tested bit for bit against whole-tensor updates).
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ from typing import Any
 
 import torch
 
-from hf_memopt.adam8bit import adam_8bit_direction, adam_32bit_direction, init_8bit_moments
+from hf_memopt.adam8bit import BLOCK_SIZE, adam_8bit_direction, adam_32bit_direction, init_8bit_moments
 from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
 from hf_memopt.galore.layerwise import LayerwiseUpdates
-from hf_memopt.galore.projector import project, project_back, projection_sides, refresh_projector
 from hf_memopt.optim_state import keep_state_dtypes_on_load
+from hf_memopt.shared.projector import project, project_back, projection_sides, refresh_projector
 
 __all__ = ["GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit"]
 
@@ -33,6 +40,17 @@ _PROJECTION_DEFAULTS = {
     "svd_iterations": 2,
     "seed": 0,
 }
+
+# Values per slice of an element-wise update: a multiple of the 8-bit block size. On CPU 2^18 float32 values (1 MiB)
+# keep a slice's temporaries in a core's L2 cache; on accelerators a slice costs kernel launches, and the fused 8-bit
+# kernel makes no temporaries, so slices are larger there.
+_SLICE_ELEMENTS = {"cpu": 1 << 18}
+_DEFAULT_SLICE_ELEMENTS = 1 << 24
+
+
+def _slices(numel: int, device: torch.device) -> list[tuple[int, int]]:
+    size = _SLICE_ELEMENTS.get(device.type, _DEFAULT_SLICE_ELEMENTS)
+    return [(start, min(start + size, numel)) for start in range(0, numel, size)]
 
 
 class _GaLoreOptimizer(torch.optim.Optimizer):
@@ -105,6 +123,35 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+    def _state_slice(self, state: dict[str, Any], start: int, stop: int) -> dict[str, Any] | None:
+        """The rule's state for flat elements ``[start, stop)`` of its tensor, as views (``start`` is a multiple of
+        the 8-bit block size), or None when the rule is not element-wise and steps whole tensors."""
+        return None
+
+    def _slice_views(self, state: dict[str, Any], grad: torch.Tensor) -> list[tuple[int, int, dict[str, Any]]] | None:
+        """``(start, stop, state view)`` for the slices of the flattened ``grad``, or None when one update of the
+        whole tensor is needed (a single slice, a rule that is not element-wise, a non-contiguous layout)."""
+        slices = _slices(grad.numel(), grad.device)
+        if len(slices) == 1 or not grad.is_contiguous():
+            return None
+        views = [(start, stop, self._state_slice(state, start, stop)) for start, stop in slices]
+        return None if views[0][2] is None else views
+
+    def _low_rank_direction(
+        self, state: dict[str, Any], grad: torch.Tensor, group: dict[str, Any]
+    ) -> tuple[torch.Tensor, float]:
+        """The rule's ``(direction, step_size)`` for the whole (projected) gradient, computed slice by slice."""
+        views = self._slice_views(state, grad)
+        if views is None:
+            return self._direction(state, grad, group)
+        flat, direction = grad.view(-1), None
+        for start, stop, view in views:
+            part, step_size = self._direction(view, flat[start:stop], group)
+            if direction is None:
+                direction = torch.empty(grad.shape, dtype=part.dtype, device=part.device)
+            direction.view(-1)[start:stop].copy_(part)
+        return direction, step_size
+
     # ---- GaLore mechanics ----------------------------------------------------------------------------------------
     def _name(self, p: torch.nn.Parameter) -> str:
         return self._names.get(p, f"parameter #{self._index.get(p, '?')} {tuple(p.shape)}")
@@ -151,14 +198,26 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         if state["step"] == 0:
             self._init_rule_state(state, low, group)
         state["step"] += 1
-        direction, step_size = self._direction(state, low, group)
+        if group["weight_decay"] > 0.0:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
         if self.is_projected(group):
+            direction, step_size = self._low_rank_direction(state, low, group)
             # 8-bit kernels return float32 directions; the projector is float64 for float64 weights
             direction = direction.to(low.dtype)
             direction = project_back(direction, state.get("proj_left"), state.get("proj_right"), group["scale"])
-        if group["weight_decay"] > 0.0:
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        p.add_(direction.to(p.dtype), alpha=-step_size)
+            p.add_(direction.to(p.dtype), alpha=-step_size)
+            return
+        # unprojected (the embedding and head, usually the largest tensors): each slice's direction goes straight
+        # into the parameter, so no full-size direction exists
+        views = self._slice_views(state, grad) if p.is_contiguous() else None
+        if views is None:
+            direction, step_size = self._direction(state, grad, group)
+            p.add_(direction.to(p.dtype), alpha=-step_size)
+            return
+        flat_p, flat_grad = p.view(-1), grad.view(-1)
+        for start, stop, view in views:
+            direction, step_size = self._direction(view, flat_grad[start:stop], group)
+            flat_p[start:stop].add_(direction.to(p.dtype), alpha=-step_size)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -192,6 +251,21 @@ def _state_dtype(grad: torch.Tensor) -> torch.dtype:
     return torch.promote_types(grad.dtype, torch.float32)
 
 
+def _moment_slice(state: dict[str, Any], start: int, stop: int) -> dict[str, Any] | None:
+    """Views of Adam's element-wise state (float moments, or 8-bit codes with their per-block absmax) for flat
+    elements ``[start, stop)``; None when a moment is not contiguous."""
+    view: dict[str, Any] = {"step": state["step"]}
+    for key in ("exp_avg", "exp_avg_sq", "state1", "state2"):
+        if key in state:
+            if not state[key].is_contiguous():
+                return None
+            view[key] = state[key].view(-1)[start:stop]
+    for key in ("absmax1", "absmax2"):
+        if key in state:
+            view[key] = state[key][start // BLOCK_SIZE : -(-stop // BLOCK_SIZE)]
+    return view
+
+
 def _adam_defaults(betas: tuple[float, float], eps: float) -> dict[str, Any]:
     if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
         raise ValueError(f"betas must be in [0, 1); got {betas}")
@@ -217,8 +291,12 @@ class GaLoreAdamW(_GaLoreOptimizer):
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         step = state["step"]
-        direction = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        direction = exp_avg_sq.sqrt().add_(group["eps"])
+        torch.div(exp_avg, direction, out=direction)  # m / (sqrt(v) + eps) in one temporary
         return direction, group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+    def _state_slice(self, state, start, stop):
+        return _moment_slice(state, start, stop)
 
 
 class GaLoreAdamW8bit(_GaLoreOptimizer):
@@ -251,6 +329,9 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
             return adam_8bit_direction(state, grad, group["betas"], group["eps"], state["step"]), group["lr"]
         direction, multiplier = adam_32bit_direction(state, grad, group["betas"], group["eps"], state["step"])
         return direction, group["lr"] * multiplier
+
+    def _state_slice(self, state, start, stop):
+        return _moment_slice(state, start, stop)
 
 
 class GaLoreAdafactor(_GaLoreOptimizer):

@@ -1,40 +1,68 @@
 """Reroute transformers' stock ``optim="galore_*"`` names to hf_memopt's GaLore (done once, at ``import hf_memopt``).
 
-transformers 5.x dispatches ``TrainingArguments.optim`` through the dict ``trainer_optimizer._OPTIMIZER_HANDLERS``;
-its GaLore handlers import ``galore_torch`` and pass only ``lr`` on. This is the one place that touches a private
-name of transformers, so it checks the version and the shape of what it patches and fails loudly if they change.
+transformers dispatches ``TrainingArguments.optim`` through a private handler table (see :mod:`hf_memopt.compat`);
+its GaLore handlers import ``galore_torch`` and pass only ``lr`` on. The rerouted handler keeps what the stock names
+promise a user of galore-torch:
+
+* the targets are exactly the ``nn.Linear`` layers transformers' own rule selects from ``optim_target_modules``
+  (``check_target_module_exists``: a list entry matches a full module name by equality, as a substring or as a
+  full-match regex; a single string is a full-match regex; ``"all-linear"`` is every ``nn.Linear``, the output
+  head included); matched modules of other types are ignored, as there;
+* ``optim_args`` ``rank``, ``update_proj_gap``, ``scale``, ``proj_type`` with galore-torch's defaults, the exact SVD
+  refresh (``svd_method="exact"``), and a rank above a layer's smaller side capped at it (logged once);
+
+and adds what hf_memopt's optimizers do themselves: all ``TrainingArguments`` optimizer settings, non-finite updates
+skipped, exact layer-wise mode. What needs the ``Trainer`` object (callbacks, the model card) cannot be installed from
+a handler, which receives only the arguments and the model; ``docs/methods/galore.md`` lists the differences.
+
+If the private table is missing or changed, the stock names are left to transformers (one warning says so) and
+``attach()`` is unaffected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
+from torch import nn
+
+from hf_memopt import compat
+from hf_memopt.compat import STOCK_GALORE_NAMES, decay_rule, target_module_rule
 from hf_memopt.galore.builder import check_layerwise_supported, create_galore_optimizer
 from hf_memopt.galore.config import GaLoreConfig
-from hf_memopt.integration import OptimizerHyperparameters, _ModelOptimizerFactory, no_decay_parameter_names
+from hf_memopt.integration import OptimizerHyperparameters, _ModelOptimizerFactory
+from hf_memopt.targeting import ALL_LINEAR
 
-__all__ = ["STOCK_GALORE_NAMES", "config_from_optim_args", "reroute_stock_galore_names"]
+__all__ = ["STOCK_GALORE_NAMES", "config_from_optim_args", "reroute_stock_galore_names", "stock_target_parameters"]
 
-# stock name -> (GaLoreConfig.optimizer, layerwise)
-STOCK_GALORE_NAMES: dict[str, tuple[str, bool]] = {
-    "galore_adamw": ("adamw", False),
-    "galore_adamw_8bit": ("adamw_8bit", False),
-    "galore_adafactor": ("adafactor", False),
-    "galore_adamw_layerwise": ("adamw", True),
-    "galore_adamw_8bit_layerwise": ("adamw_8bit", True),
-    "galore_adafactor_layerwise": ("adafactor", True),
-}
-_SUPPORTED_MAJOR = 5
-_FROM_OPTIM_ARGS = ("rank", "update_proj_gap", "scale", "proj_type", "svd_method", "svd_iterations", "seed")
+logger = logging.getLogger(__name__)
+
+# what the stock names gave with galore-torch: its exact SVD refresh (attach() defaults to the subspace refresh)
+STOCK_SVD_METHOD = "exact"
+_FROM_OPTIM_ARGS = (
+    "rank",
+    "update_proj_gap",
+    "scale",
+    "proj_type",
+    "svd_method",
+    "svd_iterations",
+    "seed",
+    "max_consecutive_skips",
+)
 
 
 def config_from_optim_args(optim_args: dict[str, str], **fields: Any) -> GaLoreConfig:
-    """A ``GaLoreConfig`` from ``TrainingArguments.optim_args`` strings (``"rank=128,scale=0.25"``), typed."""
+    """A ``GaLoreConfig`` from ``TrainingArguments.optim_args`` strings (``"rank=128,scale=0.25"``), typed.
+
+    ``fields`` are defaults that ``optim_args`` may override.
+    """
     defaults = {f.name: f.default for f in dataclasses.fields(GaLoreConfig)}
     for key, text in optim_args.items():
         if key not in _FROM_OPTIM_ARGS:
-            raise ValueError(f"optim_args key {key!r} is not a GaLore option; allowed keys: {', '.join(_FROM_OPTIM_ARGS)}")
+            raise ValueError(
+                f"optim_args key {key!r} is not a GaLore option; allowed keys: {', '.join(_FROM_OPTIM_ARGS)}"
+            )
         kind = type(defaults[key])
         try:
             fields[key] = kind(text) if kind is not int else int(text, 10)
@@ -43,50 +71,89 @@ def config_from_optim_args(optim_args: dict[str, str], **fields: Any) -> GaLoreC
     return GaLoreConfig(**fields)
 
 
+def stock_target_parameters(model: nn.Module, target_modules: str | list[str], optim: str) -> dict[str, nn.Parameter]:
+    """``{name: weight}`` of the trainable ``nn.Linear`` weights transformers' rule selects for ``optim=`` GaLore.
+
+    Mirrors transformers' low-rank optimizer setup: every module name is tested with
+    ``check_target_module_exists``; non-Linear modules are skipped (named in one log line when a non-regex entry
+    matched them); a weight shared with an earlier parameter (a tied output head) is not projected, since only its
+    first name appears in ``named_parameters()``. Raises ``ValueError`` when nothing is selected.
+    """
+    rule, reason = target_module_rule()
+    if rule is None:
+        raise RuntimeError(f"optim={optim!r}: cannot apply transformers' optim_target_modules rule: {reason}")
+    all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == ALL_LINEAR
+    selected: set[str] = set()
+    ignored: list[str] = []
+    for name, module in model.named_modules():
+        matched, is_regex = rule(target_modules, name, return_is_regex=True)
+        if not isinstance(module, nn.Linear):
+            if matched and not is_regex:
+                ignored.append(name)
+            continue
+        if matched or all_linear:
+            selected.add(f"{name}.weight")
+    if ignored:
+        logger.warning(
+            "optim=%s: only nn.Linear layers are projected; matched but ignored: %s", optim, ", ".join(ignored)
+        )
+    targets = {n: p for n, p in model.named_parameters() if n in selected and p.requires_grad}
+    if not targets:
+        raise ValueError(
+            f"optim={optim!r}: optim_target_modules={target_modules!r} selects no trainable nn.Linear layer of "
+            f"{type(model).__name__} (transformers' rule: a list entry matches a full module name exactly, as a "
+            "substring or as a full-match regex; a single string is a full-match regex)"
+        )
+    return targets
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Biases and normalisation weights, by the Trainer's rule (through :func:`hf_memopt.compat.decay_rule`)."""
+    rule, reason = decay_rule()
+    if rule is None:
+        raise RuntimeError(f"cannot apply the Trainer's weight-decay rule without a Trainer: {reason}")
+    return {n for n, _ in model.named_parameters()} - set(rule(model))
+
+
 def _galore_handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
     """transformers optimizer handler for the six stock GaLore names."""
     args = ctx.args
-    optimizer, layerwise = STOCK_GALORE_NAMES[str(getattr(args.optim, "value", args.optim))]
+    optim = str(getattr(args.optim, "value", args.optim))
+    optimizer, layerwise = STOCK_GALORE_NAMES[optim]
     if args.optim_target_modules is None:
-        raise ValueError(f"optim={args.optim.value!r} needs optim_target_modules (names, a regex, or 'all-linear')")
+        raise ValueError(f"optim={optim!r} needs optim_target_modules (names, a regex, or 'all-linear')")
+    if ctx.model is None:
+        raise ValueError(f"optim={optim!r} needs the model to select the optim_target_modules layers")
     config = config_from_optim_args(
-        ctx.optim_args, target_modules=args.optim_target_modules, optimizer=optimizer, layerwise=layerwise
+        ctx.optim_args,
+        target_modules=args.optim_target_modules,
+        optimizer=optimizer,
+        layerwise=layerwise,
+        svd_method=STOCK_SVD_METHOD,
     )
     if layerwise:
         check_layerwise_supported(args)
+        if args.world_size > 1:
+            # attach() keeps the model out of DDP so the hooks average gradients themselves; a handler cannot
+            raise ValueError(
+                f"optim={optim!r} cannot run under distributed training: the Trainer wraps the model in DDP, whose "
+                "gradients are not yet averaged when the layer-wise hooks fire. Use "
+                "hf_memopt.attach(trainer, GaLoreConfig(layerwise=True, ...)), which handles DDP"
+            )
     hparams = OptimizerHyperparameters.from_args(args)
+    selected = stock_target_parameters(ctx.model, config.target_modules, optim)  # fails now, as the stock handler
 
-    def build(model: Any) -> Any:
-        return create_galore_optimizer(model, config, hparams, no_decay_names=no_decay_parameter_names(model))
+    def build(model: nn.Module) -> Any:
+        targets = selected if model is ctx.model else stock_target_parameters(model, config.target_modules, optim)
+        return create_galore_optimizer(model, config, hparams, no_decay_names=_no_decay_names(model), targets=targets)
 
     return _ModelOptimizerFactory(build), {}
 
 
-def reroute_stock_galore_names() -> None:
-    """Point the stock GaLore ``optim`` names at hf_memopt; raise ``ImportError`` if transformers changed shape."""
-    import transformers
-    from transformers import trainer as trainer_module
-    from transformers import trainer_optimizer
-    from transformers.training_args import OptimizerNames
+def reroute_stock_galore_names() -> bool:
+    """Point the stock GaLore ``optim`` names at hf_memopt; returns whether they were rerouted.
 
-    version = transformers.__version__
-    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
-    try:
-        names = [OptimizerNames(name) for name in STOCK_GALORE_NAMES]
-    except ValueError:
-        names = []
-    if (
-        int(version.split(".")[0]) != _SUPPORTED_MAJOR
-        or not isinstance(handlers, dict)
-        or getattr(trainer_module, "_OPTIMIZER_HANDLERS", None) is not handlers
-        or len(names) != len(STOCK_GALORE_NAMES)
-        or any(name not in handlers for name in names)
-    ):
-        raise ImportError(
-            f"hf_memopt reroutes optim='galore_*' through transformers.trainer_optimizer._OPTIMIZER_HANDLERS, "
-            f"which transformers {version} does not provide as expected (hf_memopt supports transformers "
-            f"{_SUPPORTED_MAJOR}.x). Install transformers>={_SUPPORTED_MAJOR},<{_SUPPORTED_MAJOR + 1}, or use "
-            f"hf_memopt.attach(trainer, GaLoreConfig(...)), which needs no rerouting"
-        )
-    for name in names:
-        handlers[name] = _galore_handler
+    When transformers' private table, its target rule or its decay rule is missing or changed, the names are left to
+    transformers and one warning (the first time only) says so; ``attach()`` depends on none of them.
+    """
+    return compat.reroute_stock_galore_names(_galore_handler)

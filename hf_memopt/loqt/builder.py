@@ -4,9 +4,8 @@ Saving: the model's ``state_dict`` is always LoQT's true state (quantized weight
 checkpoint (``_save_checkpoint`` -> ``save_model`` -> ``save_pretrained``, safetensors) resumes exactly through the
 Trainer's own ``load_state_dict``. Everything a *user* saves (``trainer.save_model``, ``model.save_pretrained``,
 ``push_to_hub``) is a plain Hugging Face model instead: the LoQT layers are swapped for ``nn.Linear`` layers holding
-W_q + s P B, dequantized to the model's dtype, for the duration of the save. The switch is one wrapper on the model's
-``save_pretrained`` and one on the trainer's ``_save_checkpoint`` (the only private Trainer name touched here), which
-marks the save as a raw checkpoint.
+W_q + s P B, dequantized to the model's dtype, for the duration of the save (the plain form registered with
+:func:`hf_memopt.saving.register_plain_save`, shared with VeLoRA so both apply when the two are attached).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_memopt.ddp import broadcast_from_rank0_, is_distributed
+from hf_memopt.ddp import broadcast_from_rank0_, is_distributed, keep_model_out_of_ddp
 from hf_memopt.faults import (
     all_finite,
     install_fault_reporting,
@@ -28,12 +27,14 @@ from hf_memopt.faults import (
     out_of_memory_advice,
     skip_counter_of,
 )
-from hf_memopt.galore.projector import projection_sides
 from hf_memopt.loqt.config import LoQTConfig
 from hf_memopt.loqt.layer import LoQTLinear
 from hf_memopt.optim_state import unwrap_optimizer
-from hf_memopt.targeting import ALL_LINEAR, match_target_modules
-from hf_memopt.velora.layer import is_velora_linear
+from hf_memopt.saving import register_plain_save
+from hf_memopt.shared.layerwise import LayerwiseGradNormCallback, OptimizerStepRule, PerParameterUpdates
+from hf_memopt.shared.modules import rewritten_by
+from hf_memopt.shared.projector import projection_sides
+from hf_memopt.targeting import match_target_modules, refuse_peft_model
 
 __all__ = [
     "LoQTCallback",
@@ -46,16 +47,19 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_RAW_SAVE = "_loqt_raw_save"
 _OWN_COUNTER = "_loqt_skip_counter"  # set when LoQT, not the optimizer, checks the gradients
 
 
 def loqt_target_modules(model: nn.Module, config: LoQTConfig) -> dict[str, nn.Linear]:
     """``{name: nn.Linear}`` that LoQT replaces; validates rank against every shape and refuses shared weights."""
+    refuse_peft_model(
+        model,
+        "LoQT",
+        "LoQT trains its own low-rank factors on a quantized copy of each weight, so it replaces LoRA rather than "
+        "stacking on it. Attach LoQTConfig to the plain model (before get_peft_model), or keep peft and use QLoRA "
+        "(a bitsandbytes 4-bit base model with a LoraConfig)",
+    )
     modules = match_target_modules(model, config.target_modules, allowed_types=(nn.Linear,))
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(config.target_modules, str) and config.target_modules.replace("_", "-") == ALL_LINEAR:
-        modules = {n: m for n, m in modules.items() if m is not head}  # as peft's "all-linear"
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         weight = getattr(module, "weight", None)
@@ -83,10 +87,11 @@ def convert_to_loqt(model: nn.Module, config: LoQTConfig) -> dict[str, LoQTLinea
     targets = loqt_target_modules(model, config)
     layers: dict[str, LoQTLinear] = {}
     for index, (name, module) in enumerate(targets.items()):
-        if is_velora_linear(module):
+        owner = rewritten_by(module)
+        if owner is not None:
             raise ValueError(
-                f"target_modules: {name} is already compressed by VeLoRA; LoQT would replace it and drop the "
-                "compression. Leave it out of one of the two methods' target_modules"
+                f"target_modules: {name} is already rewritten by {owner}; LoQT would replace it and drop that. "
+                "Leave it out of one of the two methods' target_modules"
             )
         use_left, _ = projection_sides(config.proj_type, module.weight.shape)
         layer = LoQTLinear(
@@ -145,29 +150,12 @@ def save_plain_pretrained(model: nn.Module, save_directory, *args, **kwargs):
         return original(model, save_directory, *args, **kwargs)
 
 
-def _install_save_hooks(trainer: Trainer, model: nn.Module) -> None:
-    if not hasattr(trainer, "_save_checkpoint"):
-        raise ImportError("LoQT needs Trainer._save_checkpoint (transformers 5.x) to keep checkpoints resumable")
-    raw_save = type(model).save_pretrained
-
-    @functools.wraps(raw_save)
-    def save_pretrained(save_directory, *args, **kwargs):
-        if getattr(model, _RAW_SAVE, False):
-            return raw_save(model, save_directory, *args, **kwargs)
-        return save_plain_pretrained(model, save_directory, *args, **kwargs)
-
-    model.save_pretrained = save_pretrained
-    save_checkpoint = trainer._save_checkpoint
-
-    @functools.wraps(save_checkpoint)
-    def _save_checkpoint(*args, **kwargs):
-        object.__setattr__(model, _RAW_SAVE, True)
-        try:
-            return save_checkpoint(*args, **kwargs)
-        finally:
-            object.__setattr__(model, _RAW_SAVE, False)
-
-    trainer._save_checkpoint = _save_checkpoint
+def _plain_form(model: nn.Module, save_kwargs: dict) -> contextlib.AbstractContextManager:
+    """LoQT's plain form for :func:`~hf_memopt.saving.register_plain_save`: merged ``nn.Linear`` layers."""
+    if save_kwargs.get("state_dict") is not None:
+        raise ValueError("a LoQT model saves its merged weights itself; do not pass state_dict to save_pretrained")
+    save_kwargs.pop("state_dict", None)
+    return plain_linear_modules(model)
 
 
 class LoQTCallback(TrainerCallback):
@@ -186,6 +174,11 @@ class LoQTCallback(TrainerCallback):
       the stock optimizer leaves parameters and moments alone, and a merge due at this update is not done (W_q and P
       never see the non-finite values) but retried at the next update. A retry pending across a checkpoint is not
       saved: the resumed run merges at the next scheduled update instead.
+    * ``layerwise=True``: the parameters were already updated inside backward (``self.layerwise``, installed when the
+      Trainer creates its optimizer), so ``on_pre_optimizer_step`` only ends the update there: the update counts as
+      skipped when a hook saw a non-finite gradient (that parameter was left alone; the others, updated before it
+      was seen, keep their update) or a layer collected one, and the merge then waits as above. The Trainer's own
+      ``optimizer.step()`` finds no gradient and changes nothing; its LR scheduler steps as usual.
     """
 
     def __init__(self, config: LoQTConfig, layers: dict[str, LoQTLinear]):
@@ -194,6 +187,7 @@ class LoQTCallback(TrainerCallback):
         self.collecting = False
         self.merges_done = 0
         self.merge_pending = False
+        self.layerwise: PerParameterUpdates | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         for layer in self.layers.values():
@@ -208,6 +202,9 @@ class LoQTCallback(TrainerCallback):
             layer.collecting = self.collecting
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.layerwise is not None:
+            self.layerwise.finish_step(finite=not self._collected_nonfinite())
+            return
         optimizer = unwrap_optimizer(optimizer)
         counter = getattr(optimizer, _OWN_COUNTER, None)
         if counter is None:  # an hf_memopt optimizer checks its own gradients
@@ -281,12 +278,14 @@ def _broadcast_frozen_state(layers: dict[str, LoQTLinear]) -> None:
     broadcast_from_rank0_(t for layer in layers.values() for t in (*layer.buffers(recurse=False), layer._pending()))
 
 
-def _install_skip_counter_on_creation(trainer: Trainer, config: LoQTConfig) -> None:
-    """Give the optimizer the Trainer creates a skip counter, before a checkpoint is loaded into it.
+def _install_on_optimizer_creation(trainer: Trainer, config: LoQTConfig, callback: LoQTCallback) -> None:
+    """Give the optimizer the Trainer creates a skip counter (and, with ``layerwise=True``, the per-parameter hooks),
+    before a checkpoint is loaded into it.
 
     LoQT trains B with the Trainer's own optimizer; the counter travels in its ``state_dict``, so it must exist
     before ``_load_optimizer_and_scheduler``, which runs before any callback event. An optimizer that already has one
-    (an hf_memopt optimizer) keeps it and checks its own gradients.
+    (an hf_memopt optimizer) keeps it and checks its own gradients; it cannot be stepped per parameter, since its own
+    ``step()`` would then record every update as finite.
     """
     create_optimizer = trainer.create_optimizer
 
@@ -296,9 +295,30 @@ def _install_skip_counter_on_creation(trainer: Trainer, config: LoQTConfig) -> N
         inner = unwrap_optimizer(optimizer)
         if skip_counter_of(inner) is None:
             setattr(inner, _OWN_COUNTER, install_skip_counter(inner, config.max_consecutive_skips))
+        elif config.layerwise:
+            raise ValueError(
+                f"layerwise=True steps the Trainer's optimizer one parameter at a time; {type(inner).__name__} checks "
+                "its own gradients in step() and cannot be stepped so. Use a torch / bitsandbytes optimizer (optim=...)"
+            )
+        if config.layerwise:
+            if callback.layerwise is not None:
+                callback.layerwise.remove()
+            params = [p for group in inner.param_groups for p in group["params"]]
+            callback.layerwise = PerParameterUpdates(OptimizerStepRule(inner, "LoQT"), params)
         return optimizer
 
     trainer.create_optimizer = create
+
+
+def _check_layerwise_supported(args) -> None:
+    """Refuse layer-wise LoQT where it would be silently wrong."""
+    if args.max_grad_norm:
+        raise ValueError(
+            "LoQT with layerwise=True updates each parameter inside backward, before the global gradient norm is "
+            f"known, so it cannot clip: set max_grad_norm=0 (TrainingArguments); got max_grad_norm={args.max_grad_norm}"
+        )
+    if args.fp16:
+        raise ValueError("LoQT with layerwise=True cannot run with fp16=True (the gradients are loss-scaled); use bf16")
 
 
 def build_loqt(trainer: Trainer, config: LoQTConfig) -> None:
@@ -308,15 +328,24 @@ def build_loqt(trainer: Trainer, config: LoQTConfig) -> None:
     model = trainer.model
     if loqt_layers(model):
         raise ValueError("this model already has LoQT layers")
-    if trainer.args.world_size > 1:
+    if config.layerwise:
+        _check_layerwise_supported(trainer.args)
+    distributed = trainer.args.world_size > 1
+    if distributed and not config.layerwise:
         _check_ddp_finds_unused_parameters(trainer)
     layers = convert_to_loqt(model, config)
-    if trainer.args.world_size > 1:
+    if distributed and config.layerwise:
+        # the hooks fire on each rank's local gradient, before DDP's all-reduce would: they average it themselves
+        keep_model_out_of_ddp(trainer)
+    elif distributed:
         _keep_frozen_buffers_out_of_ddp(model, layers)
-    trainer.add_callback(LoQTCallback(config, layers))
+    callback = LoQTCallback(config, layers)
+    trainer.add_callback(callback)
+    if config.layerwise:  # first in line, so the printer and loggers see the norm the hooks measured
+        trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback(lambda: callback.layerwise))
     install_fault_reporting(trainer)
-    _install_skip_counter_on_creation(trainer, config)
-    _install_save_hooks(trainer, model)
+    _install_on_optimizer_creation(trainer, config, callback)
+    register_plain_save(trainer, model, _plain_form)
     frozen = sum(layer.in_features * layer.out_features for layer in layers.values())
     trainable = sum(layer.B.numel() for layer in layers.values())
     logger.info(

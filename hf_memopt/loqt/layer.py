@@ -26,9 +26,9 @@ from torch import nn
 
 from hf_memopt.ddp import all_reduce_mean_, is_distributed
 from hf_memopt.faults import all_finite, out_of_memory_advice
-from hf_memopt.galore.layerwise import accelerate_sync_gradients
-from hf_memopt.galore.projector import refresh_projector
 from hf_memopt.loqt.quant import dequantize, quantize
+from hf_memopt.shared.layerwise import accelerate_sync_gradients
+from hf_memopt.shared.projector import refresh_projector
 
 __all__ = ["LoQTLinear", "quantize_with_error_compensation"]
 
@@ -150,7 +150,9 @@ class LoQTLinear(nn.Module):
     def projector(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """P (dequantized when stored quantized)."""
         if self.quantize_projection:
-            return dequantize(self.proj_q, self.proj_absmax, self.quant, self.proj_shape, self.quant_block_size).to(dtype)
+            return dequantize(self.proj_q, self.proj_absmax, self.quant, self.proj_shape, self.quant_block_size).to(
+                dtype
+            )
         return self.proj.to(dtype)
 
     @property
@@ -218,7 +220,9 @@ class LoQTLinear(nn.Module):
                     f"{int(self.merges) + 1}); the layer is unchanged. {out_of_memory_advice()}"
                 ) from err
             # the SVD of one m x n gradient fits in host memory when the accelerator is full
-            logger.warning("LoQT: out of memory finding P for %s on %s; computing it on the CPU", self.name, grad.device)
+            logger.warning(
+                "LoQT: out of memory finding P for %s on %s; computing it on the CPU", self.name, grad.device
+            )
             self._next_proj = self._projection_from(grad.cpu()).to(grad.device)
 
     def _projection_from(self, grad: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,13 @@ def load_glue(
         if limit is not None:
             rows = rows[:limit]
         return datasets.Dataset.from_list(rows)
-    hub = datasets.load_dataset("nyu-mll/glue", task, split="validation" if split == "dev" else "train")
+    hub = load_hub_dataset(
+        "data.source",
+        "use the bundled TSVs (source: auto or bundled) or a data_dir",
+        "nyu-mll/glue",
+        task,
+        split="validation" if split == "dev" else "train",
+    )
     keys = {"rte": ("sentence1", "sentence2"), "mrpc": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2")}
     a, b = keys.get(task, ("sentence", None))
     hub = hub.rename_column(a, "text_a")
@@ -121,6 +127,21 @@ def load_glue(
         hub = hub.rename_column(b, "text_b")
     hub = hub.remove_columns([c for c in hub.column_names if c not in ("text_a", "text_b", "label")])
     return hub.select(range(min(limit, len(hub)))) if limit is not None else hub
+
+
+def load_hub_dataset(setting: str, instead: str, *args, **kwargs):
+    """``datasets.load_dataset(*args, **kwargs)``; when the Hub cannot be reached (offline mode, no network) the error
+    is one ``ConnectionError`` that names the recipe ``setting`` that asked for it and what to use ``instead``."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except ConnectionError as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ConnectionError(
+            f"{setting}: {args[0]!r} is read from the Hugging Face Hub, which cannot be reached ({reason}); {instead}, "
+            "or connect and unset HF_HUB_OFFLINE"
+        ) from err
 
 
 def load_alpaca(path: str | os.PathLike | None = None, limit: int | None = None) -> list[dict[str, str]]:
@@ -137,9 +158,9 @@ def load_alpaca(path: str | os.PathLike | None = None, limit: int | None = None)
             else:
                 records = json.load(f)
     else:
-        import datasets
-
-        hub = datasets.load_dataset(str(path), split="train")
+        hub = load_hub_dataset(
+            "data.path", "use a local JSON or JSONL file (null: the bundled demo)", str(path), split="train"
+        )
         records = [dict(r) for r in (hub.select(range(min(limit, len(hub)))) if limit is not None else hub)]
     for i, r in enumerate(records[:limit] if limit is not None else records):
         if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
@@ -152,10 +173,16 @@ def stream_c4_text(max_chars: int, name: str = "allenai/c4", config: str = "en")
 
     Yields document texts; GaLore's pretraining runs use this split.
     """
-    import datasets
-
     total = 0
-    for row in datasets.load_dataset(name, config, split="train", streaming=True):
+    rows = load_hub_dataset(
+        "data.sources",
+        "use the bundled sources (wikitext2_valid, c4_demo) or text files",
+        name,
+        config,
+        split="train",
+        streaming=True,
+    )
+    for row in rows:
         yield row["text"]
         total += len(row["text"])
         if total >= max_chars:

@@ -13,14 +13,20 @@ import torch
 
 from hf_memopt.recipes.data import GLUE_TASKS, load_glue
 from hf_memopt.recipes.metrics import glue_compute_metrics
-from hf_memopt.recipes.models import resolve_model
+from hf_memopt.recipes.models import hub_id, resolve_model
 from hf_memopt.recipes.result import RunResult, measured_run_arguments, train_and_measure
 
 __all__ = ["run_glue"]
 
 
 def tokenized_glue(
-    task: str, tokenizer, split: str, limit: int | None, max_length: int, source: str = "auto", data_dir: str | None = None
+    task: str,
+    tokenizer,
+    split: str,
+    limit: int | None,
+    max_length: int,
+    source: str = "auto",
+    data_dir: str | None = None,
 ):
     """The task's split tokenized to ``input_ids``/``attention_mask``/``labels`` (dynamic padding later)."""
     dataset = load_glue(task, split, limit, data_dir=data_dir, source=source)
@@ -57,6 +63,7 @@ def run_glue(
     data_dir: str | None = None,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     optimizers: Callable[[torch.nn.Module, Any], tuple[Any, Any]] | None = None,
+    resume_from_checkpoint: str | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` on ``task`` with ``method`` (a registered config; None = the Trainer's AdamW).
 
@@ -65,6 +72,7 @@ def run_glue(
     pass their whole ``training:`` section here). ``source`` / ``data_dir``: see :func:`load_glue`.
     ``prepare_model(model)`` wraps the loaded model (e.g. peft's ``get_peft_model`` for a LoRA baseline);
     ``optimizers(model, args)`` returns the Trainer's ``(optimizer, scheduler)`` pair (peer optimizers in benchmarks).
+    ``resume_from_checkpoint``: a checkpoint folder to continue from (``Trainer.train``'s argument).
     """
     from transformers import (
         AutoModelForSequenceClassification,
@@ -112,7 +120,10 @@ def run_glue(
         metrics = {k.removeprefix("eval_"): v for k, v in trained.evaluate().items()}
         return {k: v for k, v in metrics.items() if k in spec.metrics}
 
-    result = train_and_measure(trainer, method, extra_methods, evaluate, task=task)
+    card = {"base_model": hub_id(model), "datasets": "nyu-mll/glue", "dataset_config": task}
+    result = train_and_measure(
+        trainer, method, extra_methods, evaluate, task=task, card=card, resume_from_checkpoint=resume_from_checkpoint
+    )
     if print_table:
         from hf_memopt.memory import format_breakdown_table
 

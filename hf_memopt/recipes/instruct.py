@@ -6,12 +6,13 @@ Each Alpaca record becomes a conversational prompt-completion pair (user: instru
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from hf_memopt.recipes.data import load_alpaca
-from hf_memopt.recipes.models import resolve_model
+from hf_memopt.recipes.models import BASE_LICENSES, hub_id, resolve_model
 from hf_memopt.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
 
 __all__ = ["CHATML_TEMPLATE", "alpaca_to_prompt_completion", "run_instruct"]
@@ -53,12 +54,14 @@ def run_instruct(
     output_dir: str = "out/instruct",
     extra_methods: tuple[Any, ...] = (),
     training_overrides: dict[str, Any] | None = None,
+    resume_from_checkpoint: str | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` (``smollm2`` offline, a Hub id, or a folder) on Alpaca-format ``data_path``.
 
     ``data_path``: ``None`` for the bundled demo set, a JSON/JSONL file or a Hub dataset id (see ``load_alpaca``).
     The last ``eval_limit`` records are held out for the final ``eval_loss`` / ``perplexity``; ``train_limit`` caps
     the rest. ``training_overrides`` are ``SFTConfig`` fields that take precedence over the arguments above.
+    ``resume_from_checkpoint``: a checkpoint folder to continue from (``Trainer.train``'s argument).
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,4 +109,12 @@ def run_instruct(
         eval_dataset=dev,
         processing_class=tokenizer,
     )
-    return train_and_measure(trainer, method, extra_methods, held_out_loss if dev is not None else None)
+    card = {
+        "base_model": hub_id(model),
+        "license": BASE_LICENSES.get(model),
+        "datasets": data_path if data_path and not os.path.exists(data_path) else None,  # a Hub dataset id
+    }
+    evaluate = held_out_loss if dev is not None else None
+    return train_and_measure(
+        trainer, method, extra_methods, evaluate, card=card, resume_from_checkpoint=resume_from_checkpoint
+    )

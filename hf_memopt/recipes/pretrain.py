@@ -14,7 +14,10 @@ from hf_memopt.recipes.data import load_text, stream_c4_text
 from hf_memopt.recipes.models import llama_config, resolve_model
 from hf_memopt.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
 
-__all__ = ["lm_blocks", "run_pretrain"]
+__all__ = ["SOURCE_DATASETS", "lm_blocks", "run_pretrain"]
+
+# The Hub datasets the text sources are (copies of parts of), for the model card's ``datasets``.
+SOURCE_DATASETS = {"wikitext2_valid": "Salesforce/wikitext", "c4_demo": "allenai/c4", "c4": "allenai/c4"}
 
 
 class LMBlocks(torch.utils.data.Dataset):
@@ -54,15 +57,17 @@ def lm_blocks(
                 raise ValueError("the streamed 'c4' source needs max_tokens (it is unbounded)")
             # ~4 characters per token for English text; the stream stops at twice that to be safe.
             for text in stream_c4_text(max_chars=8 * max_tokens):
-                ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+                ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
                 if tokenizer.eos_token_id is not None:
                     ids.append(tokenizer.eos_token_id)
                 if full():
                     break
             continue
         text = load_text(source)
-        for start in range(0, len(text), 200_000):  # chunked: tokenizers are slow on one huge string
-            ids.extend(tokenizer(text[start : start + 200_000], add_special_tokens=False)["input_ids"])
+        # chunked: tokenizers are slow on one huge string. verbose=False: no warning that a chunk is longer than the
+        # tokenizer's model_max_length; chunks are cut into seq_len blocks, never fed to a model whole
+        for start in range(0, len(text), 200_000):
+            ids.extend(tokenizer(text[start : start + 200_000], add_special_tokens=False, verbose=False)["input_ids"])
             if full():
                 break
         if full():
@@ -90,6 +95,7 @@ def run_pretrain(
     dataset: LMBlocks | None = None,
     sources: tuple[str, ...] = ("wikitext2_valid", "c4_demo"),
     eval_blocks: int = 0,
+    resume_from_checkpoint: str | None = None,
 ) -> RunResult:
     """Train a ``size`` LLaMA from scratch for ``steps`` updates with ``method`` (None = the Trainer's AdamW).
 
@@ -98,10 +104,11 @@ def run_pretrain(
     step.
     ``training_overrides`` are ``TrainingArguments`` fields that take precedence over the arguments above.
     ``sources``: see :func:`lm_blocks`. ``eval_blocks`` > 0 holds out that many blocks (the last ones) and reports
-    their ``eval_loss`` and ``perplexity`` after training.
+    their ``eval_loss`` and ``perplexity`` after training. ``resume_from_checkpoint``: a checkpoint folder to continue
+    from (``Trainer.train``'s argument).
     """
 
-    from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
     arguments = measured_run_arguments(
         seed,
@@ -117,12 +124,15 @@ def run_pretrain(
     )
     args = TrainingArguments(**arguments)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer_path or "minilm"))
+    from_sources = dataset is None  # else the caller's blocks: the card cannot name their datasets
     if dataset is None:
         # blocks the run will read (streamed sources stop there): updates x batch x accumulation, plus eval
         if "c4" in sources and args.max_steps <= 0:
             raise ValueError("the streamed 'c4' source needs max_steps > 0 (it decides how much text to stream)")
         needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps + eval_blocks
-        dataset = lm_blocks(tokenizer, seq_len, tuple(sources), max_tokens=needed * seq_len if "c4" in sources else None)
+        dataset = lm_blocks(
+            tokenizer, seq_len, tuple(sources), max_tokens=needed * seq_len if "c4" in sources else None
+        )
     eval_dataset = None
     if eval_blocks:
         if eval_blocks >= len(dataset):
@@ -133,8 +143,26 @@ def run_pretrain(
     model = LlamaForCausalLM(llama_config(size, vocab_size=len(tokenizer), max_position_embeddings=seq_len))
     if prepare_model is not None:
         model = prepare_model(model)
+    # processing_class: save_model and checkpoints write the tokenizer next to the weights, so the folder loads alone;
+    # the collator stays the plain stacking one (the Trainer's default for a tokenizer would pad and add a mask).
     trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
         optimizers=optimizers(model, args) if callable(optimizers) else (optimizers or (None, None)),
     )
-    return train_and_measure(trainer, method, extra_methods, held_out_loss if eval_dataset is not None else None)
+    datasets = list(dict.fromkeys(SOURCE_DATASETS[s] for s in sources if s in SOURCE_DATASETS)) if from_sources else []
+    card = {
+        "datasets": datasets or None,
+        # the held-out blocks are the last ones: the end of the last source
+        "eval_dataset": SOURCE_DATASETS.get(sources[-1], sources[-1]) if from_sources and sources else None,
+        "model_description": f"A LLaMA-architecture causal language model ({size}: GaLore's pretraining shapes) "
+        f"pretrained from scratch for {args.max_steps} updates of {seq_len}-token blocks",
+    }
+    evaluate = held_out_loss if eval_dataset is not None else None
+    return train_and_measure(
+        trainer, method, extra_methods, evaluate, card=card, resume_from_checkpoint=resume_from_checkpoint
+    )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "apply_set",
+    "check_runnable",
     "coerce",
     "load_recipe",
     "method_configs",
@@ -57,7 +59,16 @@ __all__ = [
 TASKS = ("glue", "instruct", "pretrain")
 BASELINE = "adamw"
 TOP_LEVEL_KEYS = (
-    "defaults", "task", "model", "data", "training", "method", "methods", "method_training", "output_dir", "save_model"
+    "defaults",
+    "task",
+    "model",
+    "data",
+    "training",
+    "method",
+    "methods",
+    "method_training",
+    "output_dir",
+    "save_model",
 )
 
 
@@ -170,6 +181,8 @@ def coerce(value: Any, annotation: Any) -> Any:
     """
     if annotation is Any or annotation is None:
         return value
+    if value is False and _is_string_setting(annotation):
+        return "no"  # YAML 1.1 reads `no` as False; for a string setting (save_strategy: no) it is the string
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -217,6 +230,15 @@ def coerce(value: Any, annotation: Any) -> Any:
     return value
 
 
+def _is_string_setting(annotation: Any) -> bool:
+    """Whether ``annotation`` takes strings (or string enums) and no bools."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    options = options or (annotation,)
+    if bool in options:
+        return False
+    return any(o is str or (isinstance(o, type) and issubclass(o, enum.Enum)) for o in options)
+
+
 def _is_instance(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin is not None:
@@ -240,7 +262,9 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in values if k not in names]
     if unknown:
-        raise RecipeError(f"{where}.{unknown[0]}: {cls.__name__} has no field {unknown[0]!r}; fields: {', '.join(names)}")
+        raise RecipeError(
+            f"{where}.{unknown[0]}: {cls.__name__} has no field {unknown[0]!r}; fields: {', '.join(names)}"
+        )
     hints = _type_hints(cls)
     kwargs = {k: coerce(v, hints.get(k, Any)) for k, v in values.items()}
     for key, value in kwargs.items():  # a string left where a number or bool is needed: name the key and type
@@ -367,7 +391,9 @@ def method_parts(name: str) -> list[str]:
         raise RecipeError(f"method {name!r} names a method twice")
     setting = [p for p in parts if METHODS[p].sets_optimizer]
     if len(setting) > 1:
-        raise RecipeError(f"method {name!r}: {setting[0]} and {setting[1]} both supply the optimizer; compose at most one")
+        raise RecipeError(
+            f"method {name!r}: {setting[0]} and {setting[1]} both supply the optimizer; compose at most one"
+        )
     return parts
 
 
@@ -400,15 +426,23 @@ def _validate_training(task: str, training: Any) -> dict[str, Any]:
     for key, value in training.items():
         if key not in fields_:
             raise RecipeError(f"training.{key}: not a {cls.__name__} field")
-        if key == "output_dir":
-            raise RecipeError("training.output_dir: set the recipe's top-level output_dir instead")
+        if key in _NOT_USED_BY_THE_RUNNERS:
+            raise RecipeError(f"training.{key}: {_NOT_USED_BY_THE_RUNNERS[key]}")
+        if task == "instruct" and key == "max_length":
+            raise RecipeError(
+                "training.max_length: set data.max_length (the recipe's one name for the truncation length)"
+            )
         hint = hints.get(key, Any)
         converted = coerce(value, hint)
         if isinstance(converted, str) and hint in (int, float, bool):
             raise RecipeError(f"training.{key}: expected {_describe(hint)}; got {value!r}")
         out[key] = converted
-    import tempfile
-
+    _check_reporters(out.get("report_to"))
+    if out.get("push_to_hub") and _hub_offline():
+        raise RecipeError(
+            "training.push_to_hub: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set); set push_to_hub: false, "
+            "or unset HF_HUB_OFFLINE and log in (hf auth login)"
+        )
     try:  # the class's own checks (conflicting strategies, bad enum strings) before anything is loaded
         with tempfile.TemporaryDirectory() as tmp:
             base = {"bf16": False, "fp16": False} if task == "instruct" else {}  # as run_instruct's defaults
@@ -418,12 +452,104 @@ def _validate_training(task: str, training: Any) -> dict[str, Any]:
     return out
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
+def _check_reporters(report_to: Any) -> None:
+    """Every logger ``report_to`` names is installed (the Trainer would fail on it only after loading everything)."""
+    if report_to is None or report_to in ("all", "none"):
+        return
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name in ("all", "none"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise RecipeError(
+                f"training.report_to: unknown logger {name!r}; known: {', '.join(INTEGRATION_TO_CALLBACK)}"
+            )
+        if name not in installed:
+            package = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "kubeflow": "kubeflow-trainer"}.get(
+                name, name
+            )
+            raise RecipeError(
+                f"training.report_to: {name!r} is not installed; pip install {package}, or leave it out of report_to"
+            )
+
+
+# TrainingArguments fields the Trainer does not read ("intended for training/evaluation scripts") or that the recipe
+# names elsewhere: accepted, they would change nothing, so they are refused with what to do instead.
+_NOT_USED_BY_THE_RUNNERS = {
+    "output_dir": "set the recipe's top-level output_dir instead",
+    "resume_from_checkpoint": "the Trainer does not read it; resume with `hf-memopt train RECIPE --resume [CHECKPOINT]` "
+    "(run_recipe(..., resume_from_checkpoint=...) from Python)",
+    "do_train": "the Trainer does not read it; a recipe always trains",
+    "do_eval": "the Trainer does not read it; a recipe evaluates on its held-out data after training (eval_strategy "
+    "evaluates during training)",
+    "do_predict": "the Trainer does not read it; recipes do not predict on a test set",
+}
+
 # settings that only make sense with what the runner adds (an eval set): checked when the run starts
 _NOT_IN_VALIDATION = ("eval_strategy", "load_best_model_at_end", "metric_for_best_model", "eval_steps")
 
 
-def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (), method: str | None = None,
-                raw: dict[str, Any] | None = None) -> Recipe:
+def check_runnable(recipe: Recipe) -> None:
+    """Checks of the environment that can fail a run only after minutes of loading: the run folder can be written, and
+    every model the recipe names as a Hub id is reachable (or cached) when the Hub is offline."""
+    run_dir = Path(recipe.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise RecipeError(
+            f"output_dir: cannot write to {run_dir} ({reason}); choose a writable folder, e.g. --set output_dir=out/try"
+        ) from None
+    if recipe.task == "pretrain":
+        _check_hub_model("data.tokenizer", recipe.data.tokenizer, "tokenizer_config.json")
+    else:
+        _check_hub_model("model", recipe.model, "config.json")
+
+
+def _check_hub_model(key: str, name: str, filename: str) -> None:
+    from hf_memopt.recipes.models import OFFLINE_MODELS, offline_package_dir
+
+    if name in OFFLINE_MODELS:
+        try:
+            offline_package_dir(name)
+        except FileNotFoundError as err:
+            raise RecipeError(f"{key}: {err}") from None
+        return
+    if Path(name).exists() or not _hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, filename)
+    except ValueError:  # not a valid repository id either (HFValidationError)
+        raise RecipeError(
+            f"{key}: {name!r} is neither an offline name ({', '.join(OFFLINE_MODELS)}), a folder nor a Hub id"
+        ) from None
+    if not isinstance(cached, str):
+        raise RecipeError(
+            f"{key}: {name!r} is a Hub id, the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) and it is not in the "
+            f"local cache; use an offline name ({', '.join(OFFLINE_MODELS)}) or a local folder, or unset HF_HUB_OFFLINE"
+        )
+
+
+def load_recipe(
+    path: str | Path | None,
+    sets: list[str] | tuple[str, ...] = (),
+    method: str | None = None,
+    raw: dict[str, Any] | None = None,
+) -> Recipe:
     """Read, merge, override and validate a recipe.
 
     ``method`` (the CLI's ``--method``) replaces ``method.name``; when it names another method than the file, the
@@ -450,7 +576,9 @@ def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (),
 
         sizes = tuple(f"llama-{s}" for s in LLAMA_SIZES)
         if model not in sizes:
-            raise RecipeError(f"model: pretraining builds a LLaMA from a config: one of {', '.join(sizes)}; got {model!r}")
+            raise RecipeError(
+                f"model: pretraining builds a LLaMA from a config: one of {', '.join(sizes)}; got {model!r}"
+            )
     data = build_dataclass(DATA_CLASSES[task], raw.get("data") or {}, "data")
     training = _validate_training(task, raw.get("training"))
 
@@ -486,7 +614,9 @@ def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (),
 
     per_method = raw.get("method_training") or {}
     if not isinstance(per_method, dict):
-        raise RecipeError(f"method_training: expected a mapping of method name -> training settings; got {per_method!r}")
+        raise RecipeError(
+            f"method_training: expected a mapping of method name -> training settings; got {per_method!r}"
+        )
     for key, values in per_method.items():
         if key != BASELINE:
             method_parts(key)
@@ -496,10 +626,13 @@ def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (),
             _validate_training(task, values)
         except RecipeError as err:
             text = str(err)
-            text = f"method_training.{key}{text[len('training'):]}" if text.startswith("training") else text
+            text = f"method_training.{key}{text[len('training') :]}" if text.startswith("training") else text
             raise RecipeError(text) from None
     for part in parts or [BASELINE]:
         training.update(_validate_training(task, per_method.get(part)))
+    hub_only = [key for key in training if key.startswith("hub_")]
+    if hub_only and not training.get("push_to_hub"):  # the Trainer reads hub_* only to push
+        raise RecipeError(f"training.{hub_only[0]}: used only to push to the Hub; set training.push_to_hub: true too")
 
     stem = Path(path).stem if path is not None else task
     output_dir = raw.get("output_dir") or str(Path("out") / stem)
@@ -510,5 +643,15 @@ def load_recipe(path: str | Path | None, sets: list[str] | tuple[str, ...] = (),
         check_bool("save_model", save_model)
     except ValueError as err:
         raise RecipeError(str(err)) from None
-    return Recipe(task, model, data, training, name, method_fields, output_dir, save_model, raw,
-                  str(path) if path is not None else None)
+    return Recipe(
+        task,
+        model,
+        data,
+        training,
+        name,
+        method_fields,
+        output_dir,
+        save_model,
+        raw,
+        str(path) if path is not None else None,
+    )

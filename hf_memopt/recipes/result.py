@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_memopt.integration import attach
-from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback
+from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback, add_memory_report
+from hf_memopt.modelcard import install_model_card
 from hf_memopt.registry import method_name_of
 from hf_memopt.timing import StepTimerCallback
 
@@ -51,14 +52,18 @@ class RunResult:
 
 def measured_run_arguments(seed: int, overrides: dict[str, Any] | None, **arguments: Any) -> dict[str, Any]:
     """Training-argument values every measured run shares (no checkpoints, no reporters, seeded data order,
-    in-process data loading, so timings and memory are the training's own), then the runner's ``arguments``, then
-    the caller's ``overrides`` (a recipe's ``training:`` section), which win."""
+    in-process data loading, so timings and memory are the training's own; pinned memory only where there is an
+    accelerator to copy to), then the runner's ``arguments``, then the caller's ``overrides`` (a recipe's
+    ``training:`` section, which turns checkpoints on), which win."""
+    import torch
+
     return {
         "save_strategy": "no",
         "report_to": [],
         "seed": seed,
         "data_seed": seed,
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
         **arguments,
         **(overrides or {}),
     }
@@ -76,18 +81,22 @@ def train_and_measure(
     extra_methods: tuple[Any, ...] = (),
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     task: str | None = None,
+    card: dict[str, Any] | None = None,
+    resume_from_checkpoint: str | None = None,
 ) -> RunResult:
     """Attach ``extra_methods`` then ``method`` (None = the Trainer's own optimizer), train with a memory report and
-    a step timer, then ``evaluate(trainer)``."""
-    memory = MemoryReportCallback(print_table=False)
+    a step timer (from ``resume_from_checkpoint`` when given), then ``evaluate(trainer)``. The model card is installed
+    for every run, with or without a method; ``card`` holds what the runner knows for it (``base_model``,
+    ``datasets`` ...: see ``build_model_card``)."""
+    memory = add_memory_report(trainer, MemoryReportCallback(print_table=False))  # first: its figures reach the logs
     timer = StepTimerCallback()
-    trainer.add_callback(memory)
     trainer.add_callback(timer)
+    install_model_card(trainer, **(card or {}))
     for extra in extra_methods:
         attach(trainer, extra)
     if method is not None:
         attach(trainer, method)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     names = [method_name_of(m) for m in (*extra_methods, method) if m is not None] or ["adamw"]
     return RunResult(
         method="+".join(names),

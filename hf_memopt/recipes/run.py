@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hf_memopt.recipes.recipe import Recipe, method_configs
+from hf_memopt.recipes.recipe import Recipe, check_runnable, method_configs
 
 __all__ = ["environment", "run_recipe"]
 
@@ -50,10 +50,21 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = None,
-               prepare_model: Callable[[Any], Any] | None = None,
-               optimizers: Callable[[Any, Any], tuple[Any, Any]] | None = None) -> dict[str, Any]:
+def run_recipe(
+    recipe: Recipe,
+    *,
+    progress: bool = True,
+    command: str | None = None,
+    prepare_model: Callable[[Any], Any] | None = None,
+    optimizers: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+    resume_from_checkpoint: str | None = None,
+) -> dict[str, Any]:
     """Train (and evaluate) ``recipe``; returns the results dictionary, also written to ``<run_dir>/results.json``.
+
+    ``resume_from_checkpoint``: a ``checkpoint-<step>`` folder of this run to continue from (the CLI's ``--resume``
+    finds the last complete one with :func:`hf_memopt.last_complete_checkpoint`). The Trainer restores the step, the
+    logged losses, optimizer, scheduler and RNG states, so ``steps`` and ``losses`` cover the whole run; memory and
+    time per update are measured on the resumed part (``resumed_from`` says where it began).
 
     ``progress=False`` turns off the Trainer's progress bar unless the recipe sets ``disable_tqdm`` itself;
     ``command`` is recorded with the results (the CLI passes its own command line). ``prepare_model`` and
@@ -61,8 +72,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = N
     a peer library's optimizer); the instruct runner refuses them.
     """
     configs = method_configs(recipe)
+    check_runnable(recipe)  # writable run folder, reachable models: before minutes of loading
     run_dir = recipe.run_dir
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
     training = dict(recipe.training)
     training.setdefault("disable_tqdm", not progress)
     data = recipe.data
@@ -71,10 +82,21 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = N
         from hf_memopt.recipes.glue import run_glue
 
         result = run_glue(
-            data.name, None, model=recipe.model, output_dir=run_dir, train_limit=data.train_limit,
-            eval_limit=data.eval_limit, max_length=data.max_length, extra_methods=tuple(configs),
-            training_overrides=training, print_table=False, source=data.source, data_dir=data.data_dir,
-            prepare_model=prepare_model, optimizers=optimizers,
+            data.name,
+            None,
+            model=recipe.model,
+            output_dir=run_dir,
+            train_limit=data.train_limit,
+            eval_limit=data.eval_limit,
+            max_length=data.max_length,
+            extra_methods=tuple(configs),
+            training_overrides=training,
+            print_table=False,
+            source=data.source,
+            data_dir=data.data_dir,
+            prepare_model=prepare_model,
+            optimizers=optimizers,
+            resume_from_checkpoint=resume_from_checkpoint,
         )
     elif recipe.task == "instruct":
         from hf_memopt.recipes.instruct import run_instruct
@@ -83,16 +105,33 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = N
             raise NotImplementedError("prepare_model / optimizers are not supported by the instruct runner")
 
         result = run_instruct(
-            None, model=recipe.model, data_path=data.path, train_limit=data.train_limit, eval_limit=data.eval_limit,
-            max_length=data.max_length, output_dir=run_dir, extra_methods=tuple(configs), training_overrides=training,
+            None,
+            model=recipe.model,
+            data_path=data.path,
+            train_limit=data.train_limit,
+            eval_limit=data.eval_limit,
+            max_length=data.max_length,
+            output_dir=run_dir,
+            extra_methods=tuple(configs),
+            training_overrides=training,
+            resume_from_checkpoint=resume_from_checkpoint,
         )
     else:
         from hf_memopt.recipes.pretrain import run_pretrain
 
         result = run_pretrain(
-            None, size=recipe.model.removeprefix("llama-"), seq_len=data.seq_len, output_dir=run_dir,
-            tokenizer_path=data.tokenizer, extra_methods=tuple(configs), training_overrides=training,
-            sources=tuple(data.sources), eval_blocks=data.eval_blocks, prepare_model=prepare_model, optimizers=optimizers,
+            None,
+            size=recipe.model.removeprefix("llama-"),
+            seq_len=data.seq_len,
+            output_dir=run_dir,
+            tokenizer_path=data.tokenizer,
+            extra_methods=tuple(configs),
+            training_overrides=training,
+            sources=tuple(data.sources),
+            eval_blocks=data.eval_blocks,
+            prepare_model=prepare_model,
+            optimizers=optimizers,
+            resume_from_checkpoint=resume_from_checkpoint,
         )
     wall = time.perf_counter() - started
     summary = result.summary()
@@ -113,6 +152,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, command: str | None = N
         "median_step_seconds": result.median_step_seconds,
         "median_step_cpu_seconds": result.median_step_cpu_seconds,
         "steps": result.trainer.state.global_step,
+        "resumed_from": resume_from_checkpoint,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "losses": losses,

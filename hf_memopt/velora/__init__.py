@@ -3,7 +3,7 @@
 
 from hf_memopt.distributed import ENGINES
 from hf_memopt.registry import register_method
-from hf_memopt.velora.builder import apply_velora, build_velora, remove_velora
+from hf_memopt.velora.builder import apply_velora, build_velora, remove_velora, without_velora_buffers
 from hf_memopt.velora.config import VeLoRAConfig
 from hf_memopt.velora.function import VeLoRALinearFunction, compress, reconstruct, velora_linear
 from hf_memopt.velora.targets import AUTO_TARGETS, CompressionReport, compression_report
@@ -20,6 +20,7 @@ __all__ = [
     "reconstruct",
     "remove_velora",
     "velora_linear",
+    "without_velora_buffers",
 ]
 
 register_method(

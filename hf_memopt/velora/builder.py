@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 from transformers import Trainer
 
+from hf_memopt.saving import register_plain_save
 from hf_memopt.velora.config import VeLoRAConfig
-from hf_memopt.velora.layer import install_velora_linear, is_velora_linear, uninstall_velora_linear
+from hf_memopt.velora.layer import BUFFER_NAME, install_velora_linear, is_velora_linear, uninstall_velora_linear
 from hf_memopt.velora.targets import resolve_targets, warn_partial_groups
 
-__all__ = ["apply_velora", "build_velora", "remove_velora"]
+__all__ = ["apply_velora", "build_velora", "remove_velora", "without_velora_buffers"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,8 @@ def apply_velora(model: nn.Module, config: VeLoRAConfig) -> dict[str, nn.Linear]
 def remove_velora(model: nn.Module) -> int:
     """Undo :func:`apply_velora` (original forwards back, ``velora_v`` buffers dropped); returns the layer count.
 
-    Use it before ``save_pretrained`` when the saved model should load into a plain ``from_pretrained``.
+    To only *save* a plain model and keep training, use ``with without_velora_buffers(model): model.save_pretrained(d)``
+    (a trainer with VeLoRA attached does this on every user save).
     """
     layers = [m for m in model.modules() if is_velora_linear(m)]
     for module in layers:
@@ -65,7 +70,32 @@ def remove_velora(model: nn.Module) -> int:
     return len(layers)
 
 
+@contextlib.contextmanager
+def without_velora_buffers(model: nn.Module, save_kwargs: dict[str, Any] | None = None) -> Iterator[nn.Module]:
+    """Leave the ``velora_v`` buffers out of ``model.state_dict()`` (and out of ``save_kwargs["state_dict"]``, one
+    the Trainer computed beforehand under FSDP or DeepSpeed) for the duration: the plain form of a VeLoRA model.
+
+    v only shapes what is saved for backward (Sec. 3.2); the forward and the weights are those of the plain model, so
+    the saved model loads into ``from_pretrained`` with no unexpected keys and predicts the same.
+    """
+    layers = [m for m in model.modules() if is_velora_linear(m)]
+    if save_kwargs is not None and save_kwargs.get("state_dict") is not None:
+        save_kwargs["state_dict"] = {
+            k: v for k, v in save_kwargs["state_dict"].items() if k.rpartition(".")[2] != BUFFER_NAME
+        }
+    for module in layers:
+        module._non_persistent_buffers_set.add(BUFFER_NAME)
+    try:
+        yield model
+    finally:
+        for module in layers:
+            module._non_persistent_buffers_set.discard(BUFFER_NAME)
+
+
 def build_velora(trainer: Trainer, config: VeLoRAConfig) -> None:
     """Registry builder: a model transform done at ``attach()``; the optimizer is left to the Trainer or another
-    method. The ``velora_v`` buffers are part of the model's state_dict, so checkpoints and resume carry them."""
+    method. Checkpoints carry the ``velora_v`` buffers (resume restores v exactly); user saves (``save_model``,
+    ``save_pretrained``, ``push_to_hub``) leave them out (:func:`without_velora_buffers`), so the saved model is a
+    plain transformers model."""
     apply_velora(trainer.model, config)
+    register_plain_save(trainer, trainer.model, without_velora_buffers)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hf_memopt.ddp import all_reduce_mean_, is_distributed
+from hf_memopt.shared.modules import mark_rewritten, unmark_rewritten
 from hf_memopt.velora.function import VeLoRALinearFunction, compress
 
 __all__ = ["BUFFER_NAME", "VeLoRAState", "install_velora_linear", "is_velora_linear", "uninstall_velora_linear"]
@@ -168,6 +169,7 @@ def install_velora_linear(
     state = VeLoRAState(num_groups, init, scale, _DTYPES[coefficient_dtype], module.forward, init == "random")
     setattr(module, _STATE, state)
     module.forward = types.MethodType(_velora_forward, module)
+    mark_rewritten(module, "VeLoRA")
 
 
 def uninstall_velora_linear(module: nn.Linear) -> None:
@@ -176,4 +178,5 @@ def uninstall_velora_linear(module: nn.Linear) -> None:
         return
     del module.forward
     delattr(module, _STATE)
+    unmark_rewritten(module)
     del module._buffers[BUFFER_NAME]

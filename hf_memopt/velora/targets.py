@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_memopt.targeting import match_target_modules
+from hf_memopt.targeting import match_target_modules, refuse_peft_model
 from hf_memopt.velora.config import AUTO
 
 __all__ = [
     "AUTO_TARGETS",
     "AUTO_TARGETS_EAGER",
+    "PEFT_VELORA",
     "SHARED_INPUT_GROUPS",
     "CompressionReport",
     "compression_report",
@@ -56,6 +57,14 @@ AUTO_TARGETS_EAGER: dict[str, list[str] | str] = {
     **{k: _BERT_LIKE_EAGER for k in ("bert", "roberta", "xlm-roberta")},
 }
 
+# peft (0.21) ships VeLoRA as a LoRA variant (peft/tuners/lora/velora.py): it compresses the input lora_A saves. The
+# settings suggested are hf_memopt's defaults: num_groups=32 (best in the paper's Table 6; peft's default 64 is its
+# worst) and v fixed from the first batch (the official code's default; peft's default recomputes it every batch).
+PEFT_VELORA = (
+    "from peft import LoraConfig, VeloraConfig; "
+    "LoraConfig(..., velora_config=VeloraConfig(num_groups=32, init_type='batch_average_once'))"
+)
+
 # Leaf names of Linear layers that read one and the same input tensor: compress all of a group or none.
 SHARED_INPUT_GROUPS: dict[str, list[tuple[str, ...]]] = {
     "llama": [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")],
@@ -73,7 +82,12 @@ def _model_type(model: nn.Module) -> str | None:
 
 
 def resolve_targets(model: nn.Module, target_modules: list[str] | str) -> dict[str, nn.Module]:
-    """``{name: Linear}`` to compress; ``"auto"`` is looked up by ``model.config.model_type``."""
+    """``{name: Linear}`` to compress; ``"auto"`` is looked up by ``model.config.model_type``.
+
+    A peft model is refused: its base layers are frozen (they save no input for a weight gradient, so there is nothing
+    to compress) and its LoRA adapters run inside peft's forward, which ships its own VeLoRA variant for them.
+    """
+    refuse_peft_model(model, "VeLoRA", f"for the LoRA adapters use peft's own VeLoRA: {PEFT_VELORA}")
     if target_modules == AUTO:
         model_type = _model_type(model)
         if model_type not in AUTO_TARGETS:
@@ -83,16 +97,7 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | str) -> dict[s
             )
         eager = getattr(model.config, "_attn_implementation", None) == "eager"
         target_modules = (AUTO_TARGETS_EAGER if eager else AUTO_TARGETS)[model_type]
-    try:
-        return match_target_modules(model, target_modules, allowed_types=(nn.Linear,))
-    except ValueError as err:
-        if any(hasattr(m, "lora_A") for m in model.modules()):
-            raise ValueError(
-                f"{err}. This model has LoRA adapter layers: for those use peft's own VeLoRA, "
-                "LoraConfig(velora_config=VeloraConfig(num_groups=32)) (its default num_groups=64 is the paper's worst "
-                "ablation point)"
-            ) from None
-        raise
+    return match_target_modules(model, target_modules, allowed_types=(nn.Linear,))
 
 
 def warn_partial_groups(model: nn.Module, targets: Mapping[str, nn.Module]) -> list[str]:

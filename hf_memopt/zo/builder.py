@@ -59,13 +59,6 @@ def _unwrap_optimizer(optimizer: Any) -> ZOSGD:
     return optimizer
 
 
-def _batch_size(inputs: dict[str, Any]) -> int:
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return value.shape[0]
-    raise ValueError("cannot find the batch size: no tensor input")
-
-
 @contextmanager
 def _inference_forward(model: nn.Module) -> Iterator[None]:
     """Dropout off (MeZO runs both forwards in eval mode), no autograd graph, no KV cache."""
@@ -122,7 +115,7 @@ def zo_training_step(
         for k in range(optimizer.n_samples):
             seed = optimizer.sample_seed(k)
             if engine is not None:
-                loss_plus, loss_minus = engine.perturbed_losses(loss_fn, _batch_size(inputs), seed)
+                loss_plus, loss_minus = engine.perturbed_losses(loss_fn, seed)
             else:
                 params = optimizer.trainable()
                 perturb_(params, seed, eps)
@@ -228,4 +221,3 @@ def build_zo(trainer: Trainer, config: ZOConfig) -> None:
     # first in line, so the printer and loggers see the projected gradient instead of grad_norm 0
     trainer.callback_handler.callbacks.insert(0, ZOCallback(engine))
     install_fault_reporting(trainer)
-
