@@ -30,6 +30,7 @@ __all__ = [
     "attached_configs",
     "install_method_optimizer",
     "install_optimizer_factory",
+    "warn_ignored_fp16",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def attach(trainer: Trainer, config: Any) -> Trainer:
             )
     check_engine_supported(trainer, spec, config)
     if not attached:
-        _warn_ignored_fp16(trainer.args)
+        warn_ignored_fp16(trainer.args)
     spec.builder(trainer, config)
     from hf_memopt.memory import MemoryReportCallback, add_memory_report
 
@@ -72,8 +73,9 @@ def attach(trainer: Trainer, config: Any) -> Trainer:
     return trainer
 
 
-def _warn_ignored_fp16(args: Any) -> bool:
-    """Warn (once per trainer, at the first ``attach``) that ``fp16=True`` does nothing on CPU; returns whether it did.
+def warn_ignored_fp16(args: Any) -> bool:
+    """Warn that ``fp16=True`` does nothing on CPU; returns whether it did. Called once per trainer: at the first
+    ``attach``, by the stock ``optim="galore_*"`` handler, and by the recipe runners for a run with no method.
 
     transformers accepts ``fp16=True`` on CPU but accelerate then runs without autocast or loss scaling: the weights,
     losses and checkpoints are bit for bit those of float32 training. ``bf16=True`` does run CPU autocast, and

@@ -8,8 +8,9 @@
 * ``"all-linear"``: every ``nn.Linear`` (and GPT-2 ``Conv1D`` where the method accepts it) except the output layer,
   with peft's rule (``peft.tuners.tuners_utils._maybe_include_all_linear_layers``): the output embedding
   (``get_output_embeddings()``, e.g. ``lm_head``) and the task head of a classification model (the module named
-  ``classifier`` or ``score``, peft's ``SEQ_CLS_HEAD_NAMES``, or ``qa_outputs``) are left out, every Linear inside
-  them included (RoBERTa's ``classifier`` holds two). These heads map the hidden size to the vocabulary or to a few
+  ``classifier`` or ``score``, peft's ``SEQ_CLS_HEAD_NAMES``; ``classification_head`` of BART / T5;
+  ``sequence_summary`` and ``logits_proj`` of XLNet; ``qa_outputs``) are left out, every Linear inside them included
+  (RoBERTa's ``classifier`` and BART's ``classification_head`` hold two). These heads map the hidden size to the vocabulary or to a few
   labels: a rank-r projection of a 2 x hidden head is meaningless, and the papers leave the output layer dense.
   Name a head explicitly to target it.
 
@@ -44,8 +45,9 @@ __all__ = [
 ]
 
 ALL_LINEAR = "all-linear"
-# peft's SEQ_CLS_HEAD_NAMES (peft/utils/constants.py), plus the span head of question-answering models.
-HEAD_NAMES = ("score", "classifier", "qa_outputs")
+# peft's SEQ_CLS_HEAD_NAMES (peft/utils/constants.py), the sequence-classification heads of the encoder-decoder and
+# XLNet families (which peft's list misses), and the span head of question-answering models.
+HEAD_NAMES = ("score", "classifier", "classification_head", "sequence_summary", "logits_proj", "qa_outputs")
 _LINEAR_TYPES = (nn.Linear, Conv1D)
 
 

@@ -150,6 +150,18 @@ def test_composite_method_takes_settings_from_the_table(tmp_path):
         ),
         ("task: glue\n", ["training.do_eval=true"], None, r"^training\.do_eval: the Trainer does not read it"),
         (
+            "task: glue\n",
+            ["training.optim=adafactor"],
+            "galore",
+            r"^training\.optim: galore supplies the optimizer, so the Trainer never reads it",
+        ),
+        (
+            "task: glue\n",
+            ["training.optim_args=rank=4"],
+            "velora+blockllm",
+            r"^training\.optim_args: blockllm supplies the optimizer",
+        ),
+        (
             "task: glue\nmethod_training: {galore: {do_predict: true}}\n",
             [],
             None,

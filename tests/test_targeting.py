@@ -30,6 +30,26 @@ def tiny_llama_classifier():
     return LlamaForSequenceClassification(LlamaConfig(**SMALL, num_key_value_heads=2, num_labels=3, pad_token_id=0))
 
 
+def tiny_bart_classifier():
+    from transformers import BartConfig, BartForSequenceClassification
+
+    sizes = dict(encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4)
+    config = BartConfig(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64, num_labels=3, **sizes)
+    return BartForSequenceClassification(config)
+
+
+def tiny_t5_classifier():
+    from transformers import T5Config, T5ForSequenceClassification
+
+    return T5ForSequenceClassification(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=64))
+
+
+def tiny_xlnet_classifier():
+    from transformers import XLNetConfig, XLNetForSequenceClassification
+
+    return XLNetForSequenceClassification(XLNetConfig(d_model=32, n_layer=1, n_head=4, d_inner=64, vocab_size=64))
+
+
 def tiny_bert_qa():
     from transformers import BertConfig, BertForQuestionAnswering
 
@@ -66,10 +86,22 @@ class LabelDataset(torch.utils.data.Dataset):
         (tiny_bert_classifier, ["classifier"], "bert.pooler.dense"),
         (tiny_roberta_classifier, ["classifier", "classifier.dense", "classifier.out_proj"], "roberta.encoder"),
         (tiny_llama_classifier, ["score"], "model.layers.0.mlp.down_proj"),
+        (tiny_bart_classifier, ["classification_head"], "model.decoder.layers.0.fc1"),
+        (tiny_t5_classifier, ["classification_head"], "transformer.decoder.block.0.layer.2.DenseReluDense.wi"),
+        (tiny_xlnet_classifier, ["sequence_summary", "logits_proj"], "transformer.layer.0.ff.layer_1"),
         (tiny_bert_qa, ["qa_outputs"], "bert.encoder"),
         (tiny_llama, ["lm_head"], "model.layers.0.self_attn.q_proj"),
     ],
-    ids=["bert-classifier", "roberta-classifier-subtree", "llama-score", "bert-qa", "llama-lm-head"],
+    ids=[
+        "bert-classifier",
+        "roberta-classifier-subtree",
+        "llama-score",
+        "bart-classification-head",
+        "t5-classification-head",
+        "xlnet-summary-and-logits",
+        "bert-qa",
+        "llama-lm-head",
+    ],
 )
 def test_all_linear_leaves_out_the_output_embedding_and_task_head(make, heads, kept):
     model = make()
@@ -151,6 +183,21 @@ def test_fp16_on_cpu_warns_once_and_trains_exactly_as_float32(tmp_path, caplog, 
         weights[fp16] = {k: v.clone() for k, v in model.state_dict().items()}
     for key, value in weights[False].items():
         torch.testing.assert_close(weights[True][key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("path", ["stock-optim-name", "recipe-run-without-method"])
+def test_fp16_on_cpu_is_said_on_the_paths_that_do_not_attach(tmp_path, caplog, path):
+    from hf_memopt.recipes.result import train_and_measure
+
+    overrides = {"optim": "galore_adamw", "optim_target_modules": ["q_proj"]} if path.startswith("stock") else {}
+    args = training_args(tmp_path, fp16=True, max_steps=1, **overrides)
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset())
+    with caplog.at_level(logging.WARNING, logger="hf_memopt.integration"):
+        if path.startswith("stock"):
+            trainer.create_optimizer()
+        else:
+            train_and_measure(trainer)
+    assert [r for r in caplog.records if "fp16=True has no effect on CPU" in r.getMessage()]
 
 
 def test_bf16_on_a_machine_without_gpu_needs_use_cpu(tmp_path):

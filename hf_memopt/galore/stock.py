@@ -31,7 +31,7 @@ from hf_memopt import compat
 from hf_memopt.compat import STOCK_GALORE_NAMES, decay_rule, target_module_rule
 from hf_memopt.galore.builder import check_layerwise_supported, create_galore_optimizer
 from hf_memopt.galore.config import GaLoreConfig
-from hf_memopt.integration import OptimizerHyperparameters, _ModelOptimizerFactory
+from hf_memopt.integration import OptimizerHyperparameters, _ModelOptimizerFactory, warn_ignored_fp16
 from hf_memopt.targeting import ALL_LINEAR
 
 __all__ = ["STOCK_GALORE_NAMES", "config_from_optim_args", "reroute_stock_galore_names", "stock_target_parameters"]
@@ -124,6 +124,7 @@ def _galore_handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
         raise ValueError(f"optim={optim!r} needs optim_target_modules (names, a regex, or 'all-linear')")
     if ctx.model is None:
         raise ValueError(f"optim={optim!r} needs the model to select the optim_target_modules layers")
+    warn_ignored_fp16(args)
     config = config_from_optim_args(
         ctx.optim_args,
         target_modules=args.optim_target_modules,

@@ -630,6 +630,13 @@ def load_recipe(
             raise RecipeError(text) from None
     for part in parts or [BASELINE]:
         training.update(_validate_training(task, per_method.get(part)))
+    supplier = next((part for part in parts if METHODS[part].sets_optimizer), None)
+    ignored = [key for key in ("optim", "optim_args", "optim_target_modules") if key in training]
+    if supplier and ignored:  # the method's optimizer replaces the Trainer's: these would be accepted and ignored
+        raise RecipeError(
+            f"training.{ignored[0]}: {supplier} supplies the optimizer, so the Trainer never reads it; remove it "
+            f"(the method's own settings go under methods.{supplier})"
+        )
     hub_only = [key for key in training if key.startswith("hub_")]
     if hub_only and not training.get("push_to_hub"):  # the Trainer reads hub_* only to push
         raise RecipeError(f"training.{hub_only[0]}: used only to push to the Hub; set training.push_to_hub: true too")

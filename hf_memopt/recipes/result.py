@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hf_memopt.integration import attach
+from hf_memopt.integration import attach, warn_ignored_fp16
 from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback, add_memory_report
 from hf_memopt.modelcard import install_model_card
 from hf_memopt.registry import method_name_of
@@ -92,6 +92,8 @@ def train_and_measure(
     timer = StepTimerCallback()
     trainer.add_callback(timer)
     install_model_card(trainer, **(card or {}))
+    if method is None and not extra_methods:  # attach() says it otherwise
+        warn_ignored_fp16(trainer.args)
     for extra in extra_methods:
         attach(trainer, extra)
     if method is not None:
