@@ -329,7 +329,7 @@ def test_blockllm_all_reduces_the_selected_gradients_between_scoring_steps(repor
 
     blocks, trainable = build_blocks(tiny_llama(seed=3), "parameter", train_embeddings=False)
     selectable = sum(b.numel for b in blocks) * 4
-    per_update = selection_budget(0.8, trainable) * 4 + sum(len(b.params) for b in blocks) * 4 + 8
+    per_update = selection_budget(0.8, blocks) * 4 + sum(len(b.params) for b in blocks) * 4 + 8
     for report in reports:
         sent = report["trained"][case]
         assert sent["ddp_equivalent_bytes"] == 6 * selectable
