@@ -271,6 +271,24 @@ def test_exploring_blocks_rotate_through_the_unselected_ones_measured_longest_ag
     assert seen == unselected[:12]  # never-measured first, in model order, 3 a step
 
 
+def test_blocks_larger_than_the_budget_are_never_explored():
+    model = tiny_llama()
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=0.9, selection="stored_norms", explore_blocks=4), HP)
+    _select(opt, [0])
+    opt._choose_exploring()
+    opt.apply_selection()
+    too_large = {i for i, b in enumerate(opt.blocks) if b.numel > opt.budget}
+    assert too_large  # the MLP matrices (2304) exceed 10% of the selectable parameters
+    explored = set(torch.nonzero(opt.exploring).flatten().tolist())
+    for seed in range(len(opt.blocks) // 4):
+        _llama_loss(model, seed).backward()
+        opt.step()
+        opt.zero_grad()
+        opt.end_step(None)
+        explored |= set(torch.nonzero(opt.exploring).flatten().tolist())
+    assert explored == set(range(len(opt.blocks))) - too_large - {0}
+
+
 def _reselection_step(selection):
     """Peak gradient bytes, saved activation bytes and the parameters that got a gradient, on the step whose
     backward serves a re-selection: the scoring step (full_backward) or a step whose loss stalls (stored_norms)."""

@@ -313,13 +313,14 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
 
     def _choose_exploring(self) -> None:
         """``stored_norms``: the ``explore_blocks`` unselected blocks measured longest ago (never first; ties in model
-        order) get a gradient on the next update. The official code draws them at random every
-        ``param_update_interval`` steps and keeps them for that many; rotating every step by age measures every
-        unselected block within ``ceil(unselected / explore_blocks)`` steps at the same memory."""
+        order) get a gradient on the next update; blocks larger than the budget, which no selection can hold, are
+        never explored. The official code draws them at random every ``param_update_interval`` steps and keeps them
+        for that many; rotating every step by age measures every unselected block within
+        ``ceil(unselected / explore_blocks)`` steps at the same memory."""
         self.exploring = torch.zeros(len(self.blocks), dtype=torch.bool)
         if self.selection != "stored_norms" or self.explore_blocks == 0:
             return
-        candidates = torch.nonzero(~self.selected).flatten()
+        candidates = torch.nonzero(~self.selected & (self.sizes <= self.budget)).flatten()
         age_order = torch.sort(self.norm_steps[candidates], stable=True).indices
         self.exploring[candidates[age_order[: self.explore_blocks]]] = True
 
