@@ -51,8 +51,9 @@ class BlockLLMConfig:
             once, without an extra backward; the first selection, with no norm known yet, is random (the Trainer's
             seed), as the official code's initial shuffle.
         explore_blocks: ``stored_norms`` only, >= 0: unselected blocks whose gradient is computed (never applied)
-            each step to refresh their stored norm, the ones measured longest ago first (the official code's
-            ``num_bottom_to_sample``). 0 ranks unselected blocks by the norm they had when last selected.
+            each step to refresh their stored norm, the ones measured longest ago first, never one larger than the
+            budget (the official code's ``num_bottom_to_sample``). 0 ranks unselected blocks by the norm they had
+            when last selected.
         stall_check_interval: evaluate the stall test only on optimizer steps that are multiples of this, >= 1
             (the official code's ``update_freq``, 1000 there); 1 tests every step, as Alg. 1. Losses are recorded on
             every step either way.
