@@ -30,9 +30,10 @@ _CACHE = "_hf_memopt_blockllm_blocks"
 def prepare_blockllm_model(model: nn.Module, config: BlockLLMConfig):
     """Find the blocks and freeze what can never be selected (embeddings / head unless ``train_embeddings``).
 
-    Returns ``(blocks, budget, trainable)`` (``trainable``: the parameters trainable before freezing); raises ``ValueError`` when no selection can fit the budget. Idempotent: the blocks
-    and the trainable count are remembered on the model, so a later call (the Trainer builds the optimizer after
-    ``attach``, when embeddings and unselected blocks may already be frozen) sees the same blocks and budget.
+    Returns ``(blocks, budget, trainable)`` (``trainable``: the parameters trainable before freezing); raises
+    ``ValueError`` when no selection can fit the budget. Idempotent: the blocks and the trainable count are remembered
+    on the model, so a later call (the Trainer builds the optimizer after ``attach``, when embeddings and unselected
+    blocks may already be frozen) sees the same blocks and budget.
     """
     key = (config.block_granularity, config.train_embeddings)
     cached = model.__dict__.get(_CACHE)
@@ -105,8 +106,8 @@ class BlockLLMCallback(TrainerCallback):
 
     * ``on_train_begin``: the optimizer exists and a checkpoint, if any, is loaded; a fresh run starts with a scoring
       step (Alg. 1 selects at t = 1) or, with ``selection="stored_norms"``, a random selection seeded with
-      ``args.seed`` (no norm is stored yet; the official code shuffles); gradient checkpointing gets input gradients (frozen embeddings would otherwise
-      cut the graph of re-entrant checkpointing);
+      ``args.seed`` (no norm is stored yet; the official code shuffles); gradient checkpointing gets input gradients
+      (frozen embeddings would otherwise cut the graph of re-entrant checkpointing);
     * ``on_step_end``: gradients are zeroed and the step is complete, so the selection can change before the next
       forward (``end_step``): a scoring step ends with the new selection; otherwise the step's loss feeds the stall
       test, which may make the next step a scoring step or re-select from the stored norms. Running here, before

@@ -21,8 +21,9 @@ Where a selection reads the blocks' gradient norms (``selection``):
   a re-selection ranks the stored norms at once, with no extra backward. Never-measured blocks rank last (score 0).
 
 The selection state (selected blocks, visit counts, number of selections, the loss history since the last selection,
-whether the next step is a scoring step, the stored norms and which blocks explore) travels in ``state_dict()["blockllm"]`` as plain tensors, ints and bools, and
-the masks in each parameter's state, so ``optimizer.pt`` reloads with ``torch.load(weights_only=True)``.
+whether the next step is a scoring step, the stored norms and which blocks explore) travels in
+``state_dict()["blockllm"]`` as plain tensors, ints and bools, and the masks in each parameter's state, so
+``optimizer.pt`` reloads with ``torch.load(weights_only=True)``.
 
 Under data parallelism (``distributed``: by default, whether a multi-rank process group runs; the builder keeps the
 model out of DDP, see ``hf_memopt/ddp.py``) the optimizer averages what it uses across ranks itself, so every rank
@@ -412,9 +413,10 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def begin_update(self) -> None:
-        """Start a new update: its gradients are not averaged (nor their norms stored) yet. ``step()`` ends every update it runs; the Trainer
-        integration also calls this before each update's first micro-batch, so an update whose ``step()`` never ran
-        (a GradScaler skips it on an fp16 overflow) cannot leave the next update's gradients un-averaged."""
+        """Start a new update: its gradients are not averaged (nor their norms stored) yet. ``step()`` ends every
+        update it runs; the Trainer integration also calls this before each update's first micro-batch, so an update
+        whose ``step()`` never ran (a GradScaler skips it on an fp16 overflow) cannot leave the next update's gradients
+        un-averaged."""
         self._grads_averaged = False
         self._norms_recorded = False
 
