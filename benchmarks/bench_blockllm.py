@@ -4,9 +4,12 @@ pretraining loss vs AdamW and GaLore at equal steps.
 Each part runs in well under 15 minutes on 2 shared CPU cores and writes ``benchmarks/results/blockllm_<part>.json``:
 
     python benchmarks/bench_blockllm.py memory
-    python benchmarks/bench_blockllm.py glue --task sst2     # also mrpc, stsb
+    python benchmarks/bench_blockllm.py glue --task sst2     # also mrpc, stsb, rte
     python benchmarks/bench_blockllm.py llama
     python benchmarks/bench_blockllm.py report                # table + plot from the JSON files
+
+``--methods blockllm`` (glue, llama) re-runs only the listed rows and copies the others from the existing JSON
+(marked ``"copied_from_previous_run"``), for changes that move BlockLLM's figures alone.
 
 Methods are compared within one run (same data order, seed, dtype float32), as ratios where it matters; the machine is
 shared, so the outside load (``/proc/loadavg``) is recorded with every row.
@@ -37,6 +40,7 @@ from hf_memopt.memory import (  # noqa: E402
     MB,
     GradientMeter,
     MemoryReportCallback,
+    SavedActivationMeter,
     gradient_bytes,
     optimizer_state_bytes,
 )
@@ -78,20 +82,29 @@ def _args(out: str, **kw) -> TrainingArguments:
 
 
 class StepMemory(TrainerCallback):
-    """Per optimizer step: gradient bytes alive before the update, optimizer state after it, and whether the step was
-    a BlockLLM scoring (re-selection) step; plus the step time."""
+    """Per optimizer step: gradient bytes alive before the update (and their peak inside backward), bytes saved for
+    backward (``activations``: gradient accumulation 1, so one forward per step), optimizer state after the update,
+    whether the step's backward served a BlockLLM re-selection, and the step time.
 
-    def __init__(self, force_reselect_at: int | None = None):
+    ``force_reselect_at``: after that step, re-select: a scoring step next (``selection="full_backward"``: the next
+    step is the re-selection step) or a selection from the stored norms now (``"stored_norms"``: this step's norms were
+    the last ones it read, so this step is the re-selection step)."""
+
+    def __init__(self, force_reselect_at: int | None = None, activations: bool = False):
         self.rows: list[dict] = []
         self.force_reselect_at = force_reselect_at
+        self.activations = activations
         self._scoring = False
         self._t = 0.0
         self._meter: GradientMeter | None = None
+        self._saved: SavedActivationMeter | None = None
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
         opt = unwrap_blockllm_optimizer(optimizer)
         self._scoring = bool(opt is not None and opt.scoring)
         self._meter = GradientMeter(model)  # hooks on what requires grad now: every block during a scoring step
+        if self.activations:
+            self._saved = SavedActivationMeter(model).__enter__()
         self._t = time.perf_counter()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
@@ -99,14 +112,22 @@ class StepMemory(TrainerCallback):
         self._meter.sample(model)
         self._grad_peak = self._meter.peak
         self._meter.remove()
+        if self._saved is not None:
+            self._saved.__exit__(None, None, None)
 
     def on_step_end(self, args, state, control, optimizer=None, **kw):
         opt = unwrap_blockllm_optimizer(optimizer)
+        reselected = self._scoring
         if opt is not None and state.global_step == self.force_reselect_at and not opt.scoring:
-            opt.begin_scoring()  # a re-selection at a known step, to measure its memory
+            if opt.selection == "stored_norms":
+                opt.select_from_stored_norms()
+                reselected = True
+            else:
+                opt.begin_scoring()
         self.rows.append({
-            "step": state.global_step, "scoring_step": self._scoring, "gradient_bytes": self._grad,
-            "gradient_peak_in_backward_bytes": self._grad_peak,
+            "step": state.global_step, "scoring_step": self._scoring, "reselection_step": reselected,
+            "gradient_bytes": self._grad, "gradient_peak_in_backward_bytes": self._grad_peak,
+            "saved_activation_bytes": self._saved.peak if self._saved is not None else None,
             "optimizer_state_bytes": optimizer_state_bytes(optimizer), "seconds": time.perf_counter() - self._t,
             "load": _load(),
         })
@@ -146,7 +167,8 @@ def _llama(vocab: int):
 def _method(trainer: Trainer, name: str, sparsity: float, patience: int) -> None:
     if name.startswith("blockllm"):
         attach(trainer, BlockLLMConfig(sparsity=sparsity, patience=patience,
-                                       optimizer="adamw_8bit" if name.endswith("8bit") else "adamw"))
+                                       optimizer="adamw_8bit" if name.endswith("8bit") else "adamw",
+                                       selection="stored_norms" if name.endswith("stored_norms") else "full_backward"))
     elif name == "galore":
         attach(trainer, GaLoreConfig(rank=64, update_proj_gap=50, scale=0.25))
 
@@ -155,28 +177,43 @@ def _method(trainer: Trainer, name: str, sparsity: float, patience: int) -> None
 def run_memory(a) -> dict:
     data, vocab = _lm_data(a.seq)
     rows = {}
-    for name in ("adamw", "blockllm", "blockllm_8bit"):
+    blockllm_runs = ("blockllm", "blockllm_8bit", "blockllm_stored_norms")
+    for name in ("adamw", *blockllm_runs):
         trainer = Trainer(model=_llama(vocab), args=_args(f"/tmp/bl_mem_{name}", max_steps=a.steps,
                                                          per_device_train_batch_size=a.batch), train_dataset=data)
-        _method(trainer, name, a.sparsity, patience=1)  # plus a forced re-selection at step 4 (StepMemory)
-        mem, steps = MemoryReportCallback(print_table=False), StepMemory(force_reselect_at=3)
+        _method(trainer, name, a.sparsity, patience=1)  # plus a forced re-selection after step 3 (StepMemory)
+        # activations are measured per step by StepMemory (saved-tensor hooks do not nest: only the inner one counts)
+        mem = MemoryReportCallback(print_table=False, track_activations=False)
+        steps = StepMemory(force_reselect_at=3, activations=True)
         trainer.add_callback(mem)  # after BlockLLM's callback, so its step-end runs after the selection's
         trainer.add_callback(steps)
         trainer.train()
+        opt = unwrap_blockllm_optimizer(trainer.optimizer)
+        mem.breakdown.activations = max(s["saved_activation_bytes"] for s in steps.rows)
         rows[name] = {"breakdown": mem.breakdown.to_dict(), "steps": steps.rows,
                       "trainable_params": sum(p.numel() for p in _llama(vocab).parameters())}
+        if opt is not None:
+            rows[name].update(selectable_params=opt.selectable_numel, selected_params=opt.selected_numel,
+                              budget=opt.budget, selected_of_selectable=opt.selected_fraction,
+                              selected_of_trainable=opt.selected_fraction_of_trainable)
         print(name, {k: v for k, v in mem.breakdown.to_dict().items()}, flush=True)
     adam = rows["adamw"]["breakdown"]
-    for name in ("blockllm", "blockllm_8bit"):
+    adam_saved = max(s["saved_activation_bytes"] for s in rows["adamw"]["steps"])
+    for name in blockllm_runs:
         r = rows[name]
-        score = [s for s in r["steps"] if s["scoring_step"]]
+        # re-selections after the first (step 1 is the first selection's scoring step in full_backward)
+        again = [s for s in r["steps"] if s["reselection_step"] and s["step"] > 1]
+        normal = [s for s in r["steps"] if not s["reselection_step"] and s["step"] > 1]
         r["ratio_optimizer_state_vs_adamw"] = r["breakdown"]["optimizer_state"] / adam["optimizer_state"]
         r["ratio_gradients_peak_vs_adamw"] = r["breakdown"]["gradients"] / adam["gradients"]
-        r["ratio_gradient_peak_at_reselection_vs_adamw"] = max(
-            s["gradient_peak_in_backward_bytes"] for s in score if s["step"] > 1) / adam["gradients"]
+        r["gradient_peak_at_reselection_bytes"] = max(s["gradient_peak_in_backward_bytes"] for s in again)
+        r["ratio_gradient_peak_at_reselection_vs_adamw"] = r["gradient_peak_at_reselection_bytes"] / adam["gradients"]
         r["ratio_optimizer_state_at_reselection_vs_adamw"] = max(
-            s["optimizer_state_bytes"] for s in score if s["step"] > 1) / adam["optimizer_state"]
-        r["scoring_steps"] = [s["step"] for s in score]
+            s["optimizer_state_bytes"] for s in again) / adam["optimizer_state"]
+        r["saved_activations_at_reselection_bytes"] = max(s["saved_activation_bytes"] for s in again)
+        r["saved_activations_normal_step_bytes"] = max(s["saved_activation_bytes"] for s in normal)
+        r["ratio_saved_activations_at_reselection_vs_adamw"] = r["saved_activations_at_reselection_bytes"] / adam_saved
+        r["reselection_steps"] = [s["step"] for s in again]
     return {"part": "memory", "env": _env(), "model": "llama 20m (hidden 256, 4 layers, vocab 30522)",
             "batch": a.batch, "seq": a.seq, "steps": a.steps, "sparsity": a.sparsity, "runs": rows}
 
@@ -227,6 +264,8 @@ def run_glue(a) -> dict:
     dev = _glue_dataset(a.task, "dev", tok, a.max_len)
     runs = {}
     for name, lr in (("full_ft", a.lr_full), ("blockllm", a.lr_blockllm)):
+        if _copied(runs, f"glue_{a.task}", name, a.methods):
+            continue
         torch.manual_seed(SEED)
         model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=spec.num_labels)
         args = _args(f"/tmp/bl_glue_{name}", max_steps=a.steps, per_device_train_batch_size=a.batch,
@@ -249,6 +288,8 @@ def run_glue(a) -> dict:
             "final_train_loss": [h["loss"] for h in trainer.state.log_history if "loss" in h][-3:],
             "selections": opt.num_selections if opt else None,
             "selected_params": opt.selected_numel if opt else None,
+            "selected_of_selectable": opt.selected_fraction if opt else None,
+            "selected_of_trainable": opt.selected_fraction_of_trainable if opt else None,
             "load_end": _load(),
         }
         print(a.task, name, runs[name], flush=True)
@@ -265,6 +306,8 @@ def run_llama(a) -> dict:
     data, vocab = _lm_data(a.seq, "c4_demo")
     runs = {}
     for name in ("adamw", "galore", "blockllm"):
+        if _copied(runs, "llama", name, a.methods):
+            continue
         trainer = Trainer(model=_llama(vocab), args=_args(f"/tmp/bl_llama_{name}", max_steps=a.steps,
                                                          per_device_train_batch_size=a.batch, learning_rate=a.lr,
                                                          logging_steps=10, lr_scheduler_type="cosine",
@@ -278,12 +321,25 @@ def run_llama(a) -> dict:
         runs[name] = {"losses_every_10": losses, "final_loss_mean_last_3": sum(losses[-3:]) / 3,
                       "median_step_s": sorted(s["seconds"] for s in steps.rows)[len(steps.rows) // 2],
                       "optimizer_state_mb": max(s["optimizer_state_bytes"] for s in steps.rows) / MB,
-                      "selections": opt.num_selections if opt else None, "load_end": _load()}
+                      "selections": opt.num_selections if opt else None,
+                      "selected_params": opt.selected_numel if opt else None,
+                      "selected_of_selectable": opt.selected_fraction if opt else None,
+                      "selected_of_trainable": opt.selected_fraction_of_trainable if opt else None,
+                      "load_end": _load()}
         print(name, runs[name]["final_loss_mean_last_3"], flush=True)
     return {"part": "llama", "env": _env(), "model": f"llama 20m (vocab {vocab}, MiniLM tokenizer), from scratch",
             "data": "c4_demo (bundled)", "batch": a.batch, "seq": a.seq, "steps": a.steps, "lr": a.lr,
             "sparsity": a.sparsity, "patience": a.patience, "galore": "rank 64, gap 50, scale 0.25, all-linear",
             "runs": runs}
+
+
+def _copied(runs: dict, part: str, name: str, methods: str | None) -> bool:
+    """``--methods`` leaves ``name`` out: copy its row from the existing ``blockllm_<part>.json`` into ``runs``."""
+    if methods is None or name in methods.split(","):
+        return False
+    previous = json.loads((RESULTS / f"blockllm_{part}.json").read_text())
+    runs[name] = {**previous["runs"][name], "copied_from_previous_run": previous["env"]["command"]}
+    return True
 
 
 # ---- report ----------------------------------------------------------------------------------------------------------
@@ -310,6 +366,7 @@ def main() -> None:
     p.add_argument("--lr-full", type=float, default=1e-4)
     p.add_argument("--lr-blockllm", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--methods", default=None, help="glue / llama: comma-separated rows to run; others are copied")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     defaults = {"memory": (6, 4), "glue": (60, 16), "llama": (60, 4), "report": (0, 0)}[a.part]

@@ -452,7 +452,7 @@ def _estimate_blockllm(result, model, config) -> None:
     blocks, trainable = build_blocks(model, config.block_granularity, config.train_embeddings)
     if not blocks:
         raise ValueError("BlockLLM selection would be empty: the model has no selectable parameter")
-    budget = selection_budget(config.sparsity, trainable)
+    budget = selection_budget(config.sparsity, blocks)
     sizes = torch.tensor([b.numel for b in blocks], dtype=torch.long)
     # Which blocks win depends on gradient norms; with similar per-coordinate magnitudes ||G_b|| grows as
     # sqrt(numel), the proxy used here to run the paper's greedy selection under the budget.
@@ -474,7 +474,8 @@ def _estimate_blockllm(result, model, config) -> None:
     result["optimizer_state"] = state
     result["targets"] = [b.name for b, c in zip(blocks, chosen.tolist(), strict=True) if c]
     result["notes"].append(
-        f"BlockLLM budget {budget} of {trainable} parameters; {result['trainable_parameters']} selected"
+        f"BlockLLM budget {budget} of {sum(b.numel for b in blocks)} selectable parameters ({trainable} trainable); "
+        f"{result['trainable_parameters']} selected"
         " (the blocks with the largest gradient norms; sqrt(size) used as their proxy)"
     )
     # The activation peak is a scoring step: every selectable block needs its gradient, embeddings stay frozen.

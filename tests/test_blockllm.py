@@ -19,9 +19,10 @@ from hf_memopt.blockllm import (
     create_blockllm_optimizer,
     select_blocks,
 )
+from hf_memopt.blockllm.blocks import selection_budget
 from hf_memopt.blockllm.optimizer import unwrap_blockllm_optimizer
 from hf_memopt.integration import OptimizerHyperparameters
-from hf_memopt.memory import optimizer_state_bytes
+from hf_memopt.memory import GradientMeter, SavedActivationMeter, optimizer_state_bytes
 from hf_memopt.registry import METHODS
 
 HP = OptimizerHyperparameters(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-8, max_grad_norm=0.0,
@@ -200,6 +201,149 @@ def test_scoring_reads_every_block_norm_and_keeps_only_selected_gradients():
     assert opt.visits[chosen].min() >= 1 and opt.loss_count == 0 and not opt.recent_losses
 
 
+# ---- selection from stored norms (the official code's selection) ---------------------------------------------------------
+def _official_pick(grad_norm_dict, visit_freq, update_step, sizes, budget):
+    """The official ``_adjust_parameters`` (blockllm_torch/blockllm.py of RAmruthaVignesh/blockllm), transcribed: rank
+    the stored norms by ``norm / exp(visit_freq / update_step)``, take names while the running count stays below the
+    budget; a random fill follows only when the stored names run out first (the test asserts they do not)."""
+    order = sorted(grad_norm_dict, key=lambda n: grad_norm_dict[n] / math.exp(visit_freq[n] / update_step),
+                   reverse=True)
+    chosen, running = [], 0
+    for name in order:
+        running += sizes[name]
+        if running >= budget:
+            break
+        chosen.append(name)
+    assert running >= budget, "the example must not reach the official random fill"
+    return chosen
+
+
+def test_stored_norm_selection_picks_what_the_official_rule_picks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(6, 6, bias=False) for _ in range(8)]).double()
+    blocks, _ = build_blocks(model, "parameter", train_embeddings=False)
+    # 3 blocks of 36 fit in 118 and a 4th does not: the official break and our skip-and-continue agree here
+    opt = BlockLLMAdamW(model.parameters(), lr=1e-2, blocks=blocks, budget=118, selection="stored_norms",
+                        explore_blocks=2, visit_penalty=0.0)
+    opt.select_at_random(seed=0)
+    assert int(opt.selected.sum()) == 3 and int(opt.exploring.sum()) == 2
+    x = torch.randn(5, 6, dtype=torch.float64)
+    official = {}  # grad_norm_dict: after each step, the norm of every parameter with requires_grad
+    for step in range(2):  # 2 steps x 2 exploring blocks: 4 of the 5 unselected blocks get measured
+        opt.zero_grad()
+        model(x * (step + 1)).pow(2).sum().backward()
+        for b in blocks:
+            if b.params[0].requires_grad:
+                official[b.name] = b.params[0].grad.norm().item()
+        opt.step()
+        opt.end_step(None)
+    assert len(official) == 7
+    measured = [i for i, b in enumerate(blocks) if b.name in official]
+    torch.testing.assert_close(opt.grad_norms[measured], torch.tensor([official[blocks[i].name] for i in measured],
+                                                                      dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.isnan(opt.grad_norms[[i for i in range(8) if i not in measured]]).all()
+    # at its first re-selection the official visit frequencies are all equal (the initial shuffle does not count a
+    # visit), so its discount is uniform: visit_penalty=0 here
+    expected = _official_pick(official, {b.name: 1 / 8 for b in blocks}, 3, {b.name: 36 for b in blocks}, 118)
+    chosen = opt.select_from_stored_norms()
+    assert {blocks[i].name for i in torch.nonzero(chosen).flatten().tolist()} == set(expected)
+
+
+def test_exploring_blocks_rotate_through_the_unselected_ones_measured_longest_ago():
+    model = tiny_llama(dtype=torch.float64)
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=0.8, selection="stored_norms", explore_blocks=3),
+                                    HP)
+    _select(opt, [1, 2])
+    opt._choose_exploring()
+    seen = []
+    for seed in range(4):
+        opt.apply_selection()
+        explored = torch.nonzero(opt.exploring).flatten().tolist()
+        seen += explored
+        assert {id(p) for p in model.parameters() if p.requires_grad} == {
+            id(p) for i in [1, 2, *explored] for p in opt.blocks[i].params}
+        _llama_loss(model, seed).backward()
+        opt.step()
+        assert all(p.grad is None for i in explored for p in opt.blocks[i].params)  # measured, then dropped
+        opt.zero_grad()
+        opt.end_step(None)
+    unselected = [i for i in range(len(opt.blocks)) if i not in (1, 2)]
+    assert seen == unselected[:12]  # never-measured first, in model order, 3 a step
+
+
+def test_blocks_larger_than_the_budget_are_never_explored():
+    model = tiny_llama()
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=0.9, selection="stored_norms", explore_blocks=4), HP)
+    _select(opt, [0])
+    opt._choose_exploring()
+    opt.apply_selection()
+    too_large = {i for i, b in enumerate(opt.blocks) if b.numel > opt.budget}
+    assert too_large  # the MLP matrices (2304) exceed 10% of the selectable parameters
+    explored = set(torch.nonzero(opt.exploring).flatten().tolist())
+    for seed in range(len(opt.blocks) // 4):
+        _llama_loss(model, seed).backward()
+        opt.step()
+        opt.zero_grad()
+        opt.end_step(None)
+        explored |= set(torch.nonzero(opt.exploring).flatten().tolist())
+    assert explored == set(range(len(opt.blocks))) - too_large - {0}
+
+
+def _reselection_step(selection):
+    """Peak gradient bytes, saved activation bytes and the parameters that got a gradient, on the step whose
+    backward serves a re-selection: the scoring step (full_backward) or a step whose loss stalls (stored_norms)."""
+    model = tiny_llama(dtype=torch.float64)
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=0.8, patience=1, selection=selection), HP)
+    top = [i for i, b in enumerate(opt.blocks) if "layers.1.mlp" in b.name]
+    _select(opt, top)
+    opt._choose_exploring()
+    opt.end_step(1.0)  # a first loss, so the next one can stall
+    if selection == "full_backward":
+        opt.begin_scoring()
+        assert opt.scoring
+    else:
+        opt.apply_selection()
+    received = set()
+    hooks = [p.register_hook(lambda g, p=p: received.add(id(p))) for p in model.parameters() if p.requires_grad]
+    meter = GradientMeter(model)
+    with SavedActivationMeter(model) as saved:
+        loss = _llama_loss(model)
+    loss.backward()
+    meter.sample(model)
+    for h in hooks:
+        h.remove()
+    meter.remove()
+    exploring = torch.nonzero(opt.exploring).flatten().tolist()
+    opt.step()
+    before = opt.num_selections
+    opt.zero_grad()
+    opt.end_step(2.0)  # a rising loss: stall
+    assert opt.num_selections == before + 1  # the selection was made on this step's norms
+    return meter.peak, saved.peak, received, opt, top, exploring
+
+
+def test_reselection_from_stored_norms_needs_no_full_backward():
+    full_peak, full_saved, full_received, opt, top, _ = _reselection_step("full_backward")
+    assert full_received == {id(p) for b in opt.blocks for p in b.params}  # every weight gradient computed
+    peak, saved, received, opt, top, exploring = _reselection_step("stored_norms")
+    assert exploring and received == {id(p) for i in top + exploring for p in opt.blocks[i].params}
+    assert peak == 8 * sum(opt.blocks[i].numel for i in top + exploring)  # the selection + the exploring block
+    assert peak < full_peak and saved < full_saved
+
+
+def test_stall_test_runs_only_on_multiples_of_stall_check_interval():
+    opt = create_blockllm_optimizer(tiny_llama(), BlockLLMConfig(sparsity=0.5, patience=1, stall_check_interval=3),
+                                    HP)
+    _select(opt, [0])
+    started = []
+    for loss in [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]:
+        opt.end_step(loss)  # a rising loss stalls on every step from the 2nd
+        started.append(opt.scoring)
+        if opt.scoring:
+            break
+    assert started == [False, False, True]
+
+
 # ---- data parallelism: a simulated second rank (the real 2-process launch is tests/test_distributed.py) -----------------
 class _TwoRanks:
     """Stands in for ``all_reduce_mean_`` with one other rank, whose tensor ``peer(own)`` returns; records the calls."""
@@ -297,6 +441,50 @@ def test_embeddings_and_head_frozen_by_default_and_selectable_when_asked():
     assert [b.name for b in layer_blocks] == ["model.layers.0", "model.layers.1", "model.norm.weight"]
 
 
+# ---- the budget: (1 - sparsity) of the selectable parameters ---------------------------------------------------------------
+# what the official code counts (blockllm_torch/blockllm.py: total_params over the groups left after removing every
+# "embed" / "lm_head" name); written out per model so the test does not reuse the code under test
+SELECTABLE = {
+    "llama": (tiny_llama, ("model.embed_tokens.", "lm_head.")),
+    "bert": (tiny_bert_classifier, ("word_embeddings.", "position_embeddings.", "token_type_embeddings.")),
+}
+
+
+@pytest.mark.parametrize("model_name", sorted(SELECTABLE))
+@pytest.mark.parametrize("sparsity", [0.5, 0.95])
+def test_budget_is_one_minus_sparsity_of_the_selectable_parameters(model_name, sparsity):
+    build, frozen = SELECTABLE[model_name]
+    model = build()
+    trainable = sum(p.numel() for p in model.parameters())
+    selectable = sum(p.numel() for n, p in model.named_parameters() if not any(f in n for f in frozen))
+    assert selectable < trainable
+    opt = create_blockllm_optimizer(model, BlockLLMConfig(sparsity=sparsity), HP)
+    assert opt.budget == math.floor((1 - sparsity) * selectable + 1e-9)
+    assert (opt.selectable_numel, opt.trainable_numel) == (selectable, trainable)
+    assert selection_budget(sparsity, opt.blocks) == opt.budget
+
+
+@pytest.mark.parametrize("model_name", sorted(SELECTABLE))
+def test_trainer_logs_the_selection_as_a_fraction_of_selectable_and_of_trainable_parameters(tmp_path, model_name):
+    build, frozen = SELECTABLE[model_name]
+    model = build()
+    trainable = sum(p.numel() for p in model.parameters())
+    selectable = sum(p.numel() for n, p in model.named_parameters() if not any(f in n for f in frozen))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (16, 10), generator=g)
+    data = [{"input_ids": ids[i], "labels": ids[i] if model_name == "llama" else ids[i, 0] % 2} for i in range(16)]
+    trainer = _trainer(tmp_path, model=model, dataset=data, max_steps=3, config=BlockLLMConfig(sparsity=0.7))
+    trainer.train()
+    opt = unwrap_blockllm_optimizer(trainer.optimizer)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("blockllm_selected_of_selectable" in h for h in logged)
+    assert logged[-1]["blockllm_selected_of_selectable"] == opt.selected_numel / selectable
+    assert logged[-1]["blockllm_selected_of_trainable"] == opt.selected_numel / trainable
+    assert opt.selected_numel <= math.floor(0.3 * selectable + 1e-9)
+    largest = max(b.numel for b in opt.blocks)
+    assert opt.selected_numel > 0.3 * selectable - largest  # the budget is used, not 0.3 of all trainable parameters
+
+
 # ---- Trainer -------------------------------------------------------------------------------------------------------------
 def _trainer(tmp_path, model=None, dataset=None, config=None, **overrides):
     model = model or tiny_llama()
@@ -352,6 +540,27 @@ def test_encoder_classifier_trains(tmp_path):
     assert min(losses[-5:]) < losses[0]
 
 
+def test_resume_with_stored_norm_selection_is_exact(tmp_path):
+    # lr 1 makes the loss stall; tested on even steps only, it re-selects at steps 6 and 8, after the checkpoint
+    config = BlockLLMConfig(sparsity=0.8, patience=1, selection="stored_norms", explore_blocks=2,
+                            stall_check_interval=2)
+    straight = _trainer(tmp_path / "a", max_steps=10, learning_rate=1.0, config=config)
+    straight.train()
+    first = _trainer(tmp_path / "b", max_steps=10, learning_rate=1.0, save_strategy="steps", save_steps=5,
+                     config=config)
+    first.train()
+    resumed = _trainer(tmp_path / "c", max_steps=10, learning_rate=1.0, config=config)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-5"))
+    for (n, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    a, c = unwrap_blockllm_optimizer(straight.optimizer), unwrap_blockllm_optimizer(resumed.optimizer)
+    assert a.num_selections == c.num_selections == 3  # the random first selection and two re-selections
+    for key in ("selected", "visits", "exploring", "norm_steps"):
+        assert torch.equal(getattr(a, key), getattr(c, key)), key
+    torch.testing.assert_close(a.grad_norms, c.grad_norms, rtol=0, atol=0, equal_nan=True)
+    assert a.step_count == c.step_count == 10
+
+
 def test_resume_from_checkpoint_is_exact(tmp_path):
     # lr 3e-2 / patience 1 re-selects at steps 4, 7, 10; checkpoint-6 is saved with a scoring step pending
     config = BlockLLMConfig(sparsity=0.8, patience=1, mask_fraction=0.5)
@@ -382,7 +591,9 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     "kwargs, field",
     [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"), ({"patience": 0}, "patience"),
      ({"optimizer": "sgd"}, "optimizer"), ({"mask_fraction": 0.0}, "mask_fraction"),
-     ({"block_granularity": "row"}, "block_granularity"), ({"visit_penalty": -1.0}, "visit_penalty")],
+     ({"block_granularity": "row"}, "block_granularity"), ({"visit_penalty": -1.0}, "visit_penalty"),
+     ({"selection": "scores"}, "selection"), ({"explore_blocks": -1}, "explore_blocks"),
+     ({"explore_blocks": 1.5}, "explore_blocks"), ({"stall_check_interval": 0}, "stall_check_interval")],
 )
 def test_bad_config_raises_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

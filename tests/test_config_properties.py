@@ -87,6 +87,9 @@ RANGES: dict[str, dict[str, Any]] = {
         "mask_fraction": Float(0.0, 1.0, low_inclusive=False),
         "visit_penalty": Float(0.0),
         "min_8bit_size": Int(1),
+        "selection": Choice(("full_backward", "stored_norms")),
+        "explore_blocks": Int(0),
+        "stall_check_interval": Int(1),
         "max_consecutive_skips": Int(0),
     },
     "loqt": {

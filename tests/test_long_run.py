@@ -303,11 +303,13 @@ def assert_no_growth(trainer: Trainer, samples: list[Sample], rss_slack: float) 
     growth = samples[-1].rss - samples[0].rss
     assert growth < rss_slack, f"RSS grew {growth / 2**20:.2f} MiB from step {samples[0].step} to {samples[-1].step}"
     # containers may fill and empty (BlockLLM's losses since the last selection); one that grows per update or per
-    # event never comes back to a size it had early on
-    third = len(samples) // 3
-    for path in samples[0].containers:
-        early = max(s.containers[path] for s in samples[:third])
-        assert min(s.containers[path] for s in samples[-third:]) <= early, f"{path} keeps growing"
+    # event never comes back to a size it had early on. Samples taken with a scoring pass pending are left out: its
+    # per-parameter hooks are listed while it is pending (bounded above), and which samples fall there is chance
+    steady = [s for s in samples if not s.phase.startswith("scoring")]
+    third = max(1, len(steady) // 3)
+    for path in steady[0].containers:
+        early = max(s.containers[path] for s in steady[:third])
+        assert min(s.containers[path] for s in steady[-third:]) <= early, f"{path} keeps growing"
     keys = {len(entry) for entry in trainer.state.log_history if "loss" in entry}
     assert len(keys) <= 1, f"log entries grow: key counts {sorted(keys)}"
 

@@ -70,9 +70,16 @@ def build_blocks(model: nn.Module, granularity: str, train_embeddings: bool) -> 
     return list(blocks.values()), trainable
 
 
-def selection_budget(sparsity: float, trainable: int) -> int:
-    """Parameters a selection may hold: floor((1 - sparsity) * trainable)."""
-    return int(math.floor((1.0 - sparsity) * trainable + 1e-9))
+def selection_budget(sparsity: float, blocks: list[Block]) -> int:
+    """Parameters a selection may hold: floor((1 - sparsity) * selectable), selectable = the parameters of ``blocks``.
+
+    As in the official code (``blockllm_torch/blockllm.py`` of RAmruthaVignesh/blockllm: ``total_params`` sums the
+    optimizer's groups, from which embeddings and ``lm_head`` were removed, and ``num_params_to_keep = int((1 -
+    sparsity_level) * total_params)``): ``sparsity`` is the fraction of the parameters a selection can pick that it
+    does not pick, so frozen embeddings and head never inflate the budget.
+    """
+    selectable = sum(b.numel for b in blocks)
+    return int(math.floor((1.0 - sparsity) * selectable + 1e-9))
 
 
 def select_blocks(
@@ -102,7 +109,7 @@ def select_blocks(
             total += size
     if not chosen.any():
         raise ValueError(
-            f"BlockLLM selection would be empty: the budget is {budget} parameters (1 - sparsity of the trainable "
+            f"BlockLLM selection would be empty: the budget is {budget} parameters (1 - sparsity of the selectable "
             f"ones) and the smallest block has {int(sizes.min()) if len(sizes) else 0}; lower sparsity, use "
             "block_granularity='parameter', or train more parameters"
         )

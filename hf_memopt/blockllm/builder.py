@@ -30,9 +30,10 @@ _CACHE = "_hf_memopt_blockllm_blocks"
 def prepare_blockllm_model(model: nn.Module, config: BlockLLMConfig):
     """Find the blocks and freeze what can never be selected (embeddings / head unless ``train_embeddings``).
 
-    Returns ``(blocks, budget)``; raises ``ValueError`` when no selection can fit the budget. Idempotent: the blocks
-    and the trainable count are remembered on the model, so a later call (the Trainer builds the optimizer after
-    ``attach``, when embeddings and unselected blocks may already be frozen) sees the same blocks and budget.
+    Returns ``(blocks, budget, trainable)`` (``trainable``: the parameters trainable before freezing); raises
+    ``ValueError`` when no selection can fit the budget. Idempotent: the blocks and the trainable count are remembered
+    on the model, so a later call (the Trainer builds the optimizer after ``attach``, when embeddings and unselected
+    blocks may already be frozen) sees the same blocks and budget.
     """
     key = (config.block_granularity, config.train_embeddings)
     cached = model.__dict__.get(_CACHE)
@@ -41,19 +42,19 @@ def prepare_blockllm_model(model: nn.Module, config: BlockLLMConfig):
     _, blocks, trainable = cached
     if not blocks:
         raise ValueError("BlockLLM selection would be empty: the model has no selectable trainable parameter")
-    budget = selection_budget(config.sparsity, trainable)
+    budget = selection_budget(config.sparsity, blocks)
     smallest = min(b.numel for b in blocks)
     if budget < smallest:
         raise ValueError(
             f"BlockLLM selection would be empty: sparsity={config.sparsity} leaves a budget of {budget} of "
-            f"{trainable} trainable parameters, and the smallest block holds {smallest}; lower sparsity or use "
-            "block_granularity='parameter'"
+            f"{sum(b.numel for b in blocks)} selectable parameters, and the smallest block holds {smallest}; lower "
+            "sparsity or use block_granularity='parameter'"
         )
     in_blocks = {id(p) for b in blocks for p in b.params}
     for p in model.parameters():
         if id(p) not in in_blocks:
             p.requires_grad_(False)
-    return blocks, budget
+    return blocks, budget, trainable
 
 
 def create_blockllm_optimizer(
@@ -65,10 +66,11 @@ def create_blockllm_optimizer(
 ) -> _BlockLLMOptimizer:
     """The BlockLLM optimizer over every selectable parameter of ``model`` (biases and norms without decay).
 
-    Nothing is selected yet: the first training step is a scoring step (``BlockLLMCallback``), or call
-    ``begin_scoring()`` / ``finish_scoring()`` around a backward pass yourself in a custom loop.
+    Nothing is selected yet: ``BlockLLMCallback`` starts with a scoring step (``selection="full_backward"``) or a
+    random selection (``"stored_norms"``); in a custom loop call ``begin_scoring()`` / ``finish_scoring()`` around a
+    backward pass, or ``select_at_random(seed)``, yourself.
     """
-    blocks, budget = prepare_blockllm_model(model, config)
+    blocks, budget, trainable = prepare_blockllm_model(model, config)
     no_decay_names = no_decay_parameter_names(model) if no_decay_names is None else no_decay_names
     decay, no_decay = [], []
     for block in blocks:
@@ -85,6 +87,10 @@ def create_blockllm_optimizer(
         patience=config.patience,
         mask_fraction=config.mask_fraction,
         visit_penalty=config.visit_penalty,
+        selection=config.selection,
+        explore_blocks=config.explore_blocks,
+        stall_check_interval=config.stall_check_interval,
+        trainable_numel=trainable,
         max_consecutive_skips=config.max_consecutive_skips,
     )
     if config.optimizer == "adamw_8bit":
@@ -99,12 +105,15 @@ class BlockLLMCallback(TrainerCallback):
     zero_grad -> on_step_end, then saves checkpoints):
 
     * ``on_train_begin``: the optimizer exists and a checkpoint, if any, is loaded; a fresh run starts with a scoring
-      step (Alg. 1 selects at t = 1); gradient checkpointing gets input gradients (frozen embeddings would otherwise
-      cut the graph of re-entrant checkpointing);
+      step (Alg. 1 selects at t = 1) or, with ``selection="stored_norms"``, a random selection seeded with
+      ``args.seed`` (no norm is stored yet; the official code shuffles); gradient checkpointing gets input gradients
+      (frozen embeddings would otherwise cut the graph of re-entrant checkpointing);
     * ``on_step_end``: gradients are zeroed and the step is complete, so the selection can change before the next
-      forward: a scoring step ends with the new selection; otherwise the step's loss feeds the stall test, which may
-      make the next step a scoring step. Running here, before ``_maybe_log_save_evaluate``, makes every checkpoint hold
-      the state the next step needs;
+      forward (``end_step``): a scoring step ends with the new selection; otherwise the step's loss feeds the stall
+      test, which may make the next step a scoring step or re-select from the stored norms. Running here, before
+      ``_maybe_log_save_evaluate``, makes every checkpoint hold the state the next step needs;
+    * ``on_log``: adds the selection's share of the selectable parameters (``blockllm_selected_of_selectable``,
+      at most ``1 - sparsity``) and of every trainable one (``blockllm_selected_of_trainable``) to training logs;
     * ``on_train_end``: leave only the selected blocks trainable and remove the scoring hooks.
 
     The step's loss is the sum of ``training_step``'s return values over its micro-batches (what the Trainer logs),
@@ -128,7 +137,11 @@ class BlockLLMCallback(TrainerCallback):
                 model.enable_input_require_grads()
         self._loss = None
         if opt.num_selections == 0 and not opt.scoring:
-            opt.begin_scoring()
+            if opt.selection == "stored_norms":
+                opt.select_at_random(args.seed)
+                _log_selection(opt, state.global_step)
+            else:
+                opt.begin_scoring()
         else:
             opt.apply_selection()
 
@@ -137,19 +150,34 @@ class BlockLLMCallback(TrainerCallback):
         if opt is None:
             return
         loss, self._loss = self._loss, None
-        if opt.scoring:
-            chosen = opt.finish_scoring()
-            logger.info(
-                "BlockLLM step %d: selection %d chose %d of %d blocks (%d parameters, budget %d)",
-                state.global_step, opt.num_selections, int(chosen.sum()), len(chosen), opt.selected_numel, opt.budget,
-            )
-        elif loss is not None and opt.observe_loss(opt.mean_over_ranks(loss)):
-            opt.begin_scoring()
+        if opt.end_step(loss):
+            _log_selection(opt, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        opt = unwrap_blockllm_optimizer(optimizer)
+        if opt is None or logs is None or "loss" not in logs:
+            return
+        figures = {
+            "blockllm_selected_of_selectable": opt.selected_fraction,
+            "blockllm_selected_of_trainable": opt.selected_fraction_of_trainable,
+        }
+        logs.update(figures)
+        if state.log_history and "loss" in state.log_history[-1]:
+            state.log_history[-1].update(figures)
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         opt = unwrap_blockllm_optimizer(optimizer)
         if opt is not None:
             opt.apply_selection(scoring=False)
+
+
+def _log_selection(opt: _BlockLLMOptimizer, step: int) -> None:
+    logger.info(
+        f"BlockLLM step {step}: selection {opt.num_selections} ({opt.selection}) holds {int(opt.selected.sum())} of "
+        f"{len(opt.blocks)} blocks, {opt.selected_numel} parameters (budget {opt.budget}): "
+        f"{opt.selected_fraction:.4f} of the {opt.selectable_numel} selectable parameters, "
+        f"{opt.selected_fraction_of_trainable:.4f} of the {opt.trainable_numel} trainable ones"
+    )
 
 
 def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
@@ -160,7 +188,8 @@ def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
         raise NotImplementedError("BlockLLM under model-parallel training is not implemented")
     prepare_blockllm_model(trainer.model, config)
     callback = BlockLLMCallback()
-    trainer.add_callback(callback)
+    # first in line, so the printer and the loggers see the selection fractions it adds on_log
+    trainer.callback_handler.callbacks.insert(0, callback)
     install_fault_reporting(trainer)
 
     # NOTE: the loss of every step is needed for the stall test, but callbacks only see it on logging steps; wrapping
@@ -183,12 +212,14 @@ def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
             raise torch.OutOfMemoryError(
                 f"BlockLLM: out of memory in the scoring pass of re-selection {opt.num_selections + 1} (update "
                 f"{trainer.state.global_step + 1}), which computes the gradient of every block; the last checkpoint "
-                f"holds a consistent state. {out_of_memory_advice()}"
+                "holds a consistent state. BlockLLMConfig(selection='stored_norms') selects without this pass. "
+                f"{out_of_memory_advice()}"
             ) from err
         callback.add_micro_batch_loss(loss)
         first_micro_batch = trainer.accelerator.sync_gradients  # the last micro-batch: the next call starts an update
         if opt is not None and first_micro_batch:
             opt.average_gradients()  # before the Trainer's clipping, which sees the gradients next
+            opt.record_gradient_norms()  # stored_norms: unclipped, and the exploring gradients leave before the clip
         return loss
 
     trainer.training_step = training_step

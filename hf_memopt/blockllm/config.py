@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 from hf_memopt.validation import check_bool, check_choice, check_float, check_int
 
-__all__ = ["BLOCKLLM_OPTIMIZERS", "BLOCK_GRANULARITIES", "BlockLLMConfig"]
+__all__ = ["BLOCKLLM_OPTIMIZERS", "BLOCK_GRANULARITIES", "SELECTION_SOURCES", "BlockLLMConfig"]
 
 BLOCKLLM_OPTIMIZERS = ("adamw", "adamw_8bit")
 BLOCK_GRANULARITIES = ("parameter", "layer")
+SELECTION_SOURCES = ("full_backward", "stored_norms")
 
 
 @dataclass
@@ -18,14 +19,16 @@ class BlockLLMConfig:
     (https://arxiv.org/abs/2406.17296).
 
     Block coordinate descent over parameter blocks (Sec. 3): only a selected set of blocks, holding at most
-    ``1 - sparsity`` of the trainable parameters, gets gradients and optimizer state. Blocks are ranked by their
+    ``1 - sparsity`` of the selectable parameters, gets gradients and optimizer state. Blocks are ranked by their
     gradient norm discounted by how often they were selected before; the set is re-chosen when the loss stalls (the
     mean of the last ``patience`` losses is not below the mean since the last selection).
 
     Args:
-        sparsity: fraction of the trainable parameters that is *not* updated, in [0, 1). The selection budget is
-            ``(1 - sparsity)`` times the number of parameters that were trainable when ``attach()`` ran (the
-            parameters full fine-tuning would train), frozen embeddings included in that count.
+        sparsity: fraction of the selectable parameters that is *not* updated, in [0, 1). The selection budget is
+            ``floor((1 - sparsity) * selectable)``, selectable = the parameters of the blocks a selection can pick
+            (the trainable ones minus embeddings and head unless ``train_embeddings``), as in the official code
+            (``blockllm_torch/blockllm.py``: ``total_params`` counts the optimizer's non-embedding groups). The
+            Trainer logs the selection as a fraction of both the selectable and all trainable parameters.
         patience: m in the paper, >= 1: the loss window compared with the running mean since the last selection.
         optimizer: the base update of the selected blocks: ``adamw`` (torch AdamW math) or ``adamw_8bit``
             (bitsandbytes block-wise 8-bit moments).
@@ -39,12 +42,29 @@ class BlockLLMConfig:
         visit_penalty: lambda in the discount: score = ||G_b|| * exp(-lambda * f_b), f_b = fraction of the past
             selections that chose block b. 0 ranks by gradient norm alone.
         min_8bit_size: ``adamw_8bit`` only: blocks with fewer elements keep float32 moments (as bitsandbytes does).
+        selection: where a (re-)selection reads the blocks' gradient norms.
+            ``full_backward`` (Alg. 1): the step after the stall is a scoring step whose backward computes every
+            block's gradient (each is read and, outside the selection, dropped at once), so the ranking uses current
+            norms; that step saves the activations of every layer and computes every weight gradient.
+            ``stored_norms`` (the official code's selection): every step keeps the gradient norm of the selected
+            blocks and of ``explore_blocks`` unselected ones, and a re-selection ranks the norms kept so far, at
+            once, without an extra backward; the first selection, with no norm known yet, is random (the Trainer's
+            seed), as the official code's initial shuffle.
+        explore_blocks: ``stored_norms`` only, >= 0: unselected blocks whose gradient is computed (never applied)
+            each step to refresh their stored norm, the ones measured longest ago first, never one larger than the
+            budget (the official code's ``num_bottom_to_sample``). 0 ranks unselected blocks by the norm they had
+            when last selected.
+        stall_check_interval: evaluate the stall test only on optimizer steps that are multiples of this, >= 1
+            (the official code's ``update_freq``, 1000 there); 1 tests every step, as Alg. 1. Losses are recorded on
+            every step either way.
         max_consecutive_skips: an optimizer update with a non-finite (NaN/Inf) gradient is skipped whole (nothing
             changes) and logged; after this many skipped in a row the next one stops training with a clear error,
             >= 0 (0: stop at the first). See ``hf_memopt.faults``.
     """
 
-    sparsity: float = field(default=0.95, metadata={"help": "Fraction of trainable parameters not updated, [0, 1)."})
+    sparsity: float = field(
+        default=0.95, metadata={"help": "Fraction of the selectable (non-embedding) parameters not updated, [0, 1)."}
+    )
     patience: int = field(default=100, metadata={"help": "Loss window m for the stall test (>= 1)."})
     optimizer: str = field(default="adamw", metadata={"help": f"Base optimizer: one of {BLOCKLLM_OPTIMIZERS}."})
     block_granularity: str = field(
@@ -60,6 +80,16 @@ class BlockLLMConfig:
         default=1.0, metadata={"help": "Discount of the score by visit frequency: exp(-penalty * f), >= 0."}
     )
     min_8bit_size: int = field(default=4096, metadata={"help": "adamw_8bit: smaller blocks keep float32 moments."})
+    selection: str = field(
+        default="full_backward",
+        metadata={"help": f"Source of the gradient norms a selection ranks: one of {SELECTION_SOURCES}."},
+    )
+    explore_blocks: int = field(
+        default=1, metadata={"help": "stored_norms: unselected blocks whose gradient norm is measured per step (>= 0)."}
+    )
+    stall_check_interval: int = field(
+        default=1, metadata={"help": "Test for a stall only every this many steps (official update_freq), >= 1."}
+    )
     max_consecutive_skips: int = field(
         default=5, metadata={"help": "Non-finite updates skipped in a row before training stops (>= 0)."}
     )
@@ -73,4 +103,7 @@ class BlockLLMConfig:
         self.mask_fraction = check_float("mask_fraction", self.mask_fraction, 0.0, 1.0, low_inclusive=False)
         self.visit_penalty = check_float("visit_penalty", self.visit_penalty, 0.0)
         check_int("min_8bit_size", self.min_8bit_size, 1)
+        check_choice("selection", self.selection, SELECTION_SOURCES)
+        check_int("explore_blocks", self.explore_blocks, 0)
+        check_int("stall_check_interval", self.stall_check_interval, 1)
         check_int("max_consecutive_skips", self.max_consecutive_skips, 0)

@@ -8,9 +8,22 @@ One optimizer holds every selectable parameter, so the Trainer builds it once; o
   loss landscape did not change because other blocks were swapped);
 * a block that enters starts from zero moments (step 0, so bias correction applies afresh).
 
+Where a selection reads the blocks' gradient norms (``selection``):
+
+* ``"full_backward"`` (Alg. 1): the step after a stall is a scoring step: every block gets ``requires_grad``, a tensor
+  hook reads each arriving gradient's norm and a post-accumulate hook drops it at once outside the current selection.
+  Gradient memory stays at the selection plus one transient block, but that backward runs down to the first layer,
+  saves the activations every weight gradient needs and computes all of them;
+* ``"stored_norms"`` (the official code, ``blockllm_torch/blockllm.py`` of RAmruthaVignesh/blockllm: ``step`` keeps
+  ``grad_norm_dict[name]`` for every parameter with ``requires_grad``, ``_adjust_parameters`` ranks that dict): each
+  update records the norm of the selected blocks' gradients and of ``explore_blocks`` unselected blocks that get
+  ``requires_grad`` for that step only (their gradient is measured before clipping, then dropped, never applied);
+  a re-selection ranks the stored norms at once, with no extra backward. Never-measured blocks rank last (score 0).
+
 The selection state (selected blocks, visit counts, number of selections, the loss history since the last selection,
-whether the next step is a scoring step) travels in ``state_dict()["blockllm"]`` as plain tensors, ints and bools, and
-the masks in each parameter's state, so ``optimizer.pt`` reloads with ``torch.load(weights_only=True)``.
+whether the next step is a scoring step, the stored norms and which blocks explore) travels in
+``state_dict()["blockllm"]`` as plain tensors, ints and bools, and the masks in each parameter's state, so
+``optimizer.pt`` reloads with ``torch.load(weights_only=True)``.
 
 Under data parallelism (``distributed``: by default, whether a multi-rank process group runs; the builder keeps the
 model out of DDP, see ``hf_memopt/ddp.py``) the optimizer averages what it uses across ranks itself, so every rank
@@ -39,9 +52,11 @@ import torch
 
 from hf_memopt.adam8bit import adam_8bit_direction, init_8bit_moments
 from hf_memopt.blockllm.blocks import Block, select_blocks
+from hf_memopt.blockllm.config import SELECTION_SOURCES
 from hf_memopt.ddp import all_reduce_mean_, is_distributed
 from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, all_finite, install_skip_counter, out_of_memory_advice
 from hf_memopt.optim_state import keep_state_dtypes_on_load, unwrap_optimizer
+from hf_memopt.validation import check_choice, check_int
 
 __all__ = ["BlockLLMAdamW", "BlockLLMAdamW8bit"]
 
@@ -63,6 +78,11 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         patience: m, the loss window of the stall test.
         mask_fraction: fraction of a selected block's coordinates updated (top-|g|); 1.0 disables masking.
         visit_penalty: lambda of the visit-frequency discount.
+        selection: ``"full_backward"`` or ``"stored_norms"`` (module docstring).
+        explore_blocks: ``stored_norms``: unselected blocks measured per update.
+        stall_check_interval: the stall test runs on steps that are multiples of this (the official ``update_freq``).
+        trainable_numel: parameters trainable before BlockLLM froze embeddings and head, for the reported fraction
+            of all trainable parameters; ``None``: the selectable ones.
         max_consecutive_skips: an update with a non-finite gradient in a selected block is skipped whole; after this
             many in a row the next one raises (``hf_memopt.faults``).
         distributed: average gradients and losses across ranks (module docstring); ``None``: whether a multi-rank
@@ -82,6 +102,10 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         patience: int = 100,
         mask_fraction: float = 1.0,
         visit_penalty: float = 1.0,
+        selection: str = "full_backward",
+        explore_blocks: int = 1,
+        stall_check_interval: int = 1,
+        trainable_numel: int | None = None,
         max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
         distributed: bool | None = None,
     ):
@@ -95,6 +119,9 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
         if not blocks:
             raise ValueError("BlockLLM needs at least one selectable block; the model has no trainable parameter left")
+        check_choice("selection", selection, SELECTION_SOURCES)
+        check_int("explore_blocks", explore_blocks, 0)
+        check_int("stall_check_interval", stall_check_interval, 1)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         in_groups = {id(p) for g in self.param_groups for p in g["params"]}
         self.blocks = blocks
@@ -107,7 +134,7 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.sizes = torch.tensor([b.numel for b in blocks], dtype=torch.int64)
         if budget < int(self.sizes.min()):
             raise ValueError(
-                f"BlockLLM selection would be empty: the budget is {budget} parameters (1 - sparsity of the trainable "
+                f"BlockLLM selection would be empty: the budget is {budget} parameters (1 - sparsity of the selectable "
                 f"ones) and the smallest block has {int(self.sizes.min())}; lower sparsity or use "
                 "block_granularity='parameter'"
             )
@@ -115,6 +142,11 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.patience = patience
         self.mask_fraction = mask_fraction
         self.visit_penalty = visit_penalty
+        self.selection = selection
+        self.explore_blocks = explore_blocks
+        self.stall_check_interval = stall_check_interval
+        self.selectable_numel = int(self.sizes.sum())
+        self.trainable_numel = self.selectable_numel if trainable_numel is None else trainable_numel
         self.selected = torch.zeros(len(blocks), dtype=torch.bool)
         self.visits = torch.zeros(len(blocks), dtype=torch.int64)
         self.num_selections = 0
@@ -124,6 +156,13 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.loss_count = 0
         self.recent_losses: deque[float] = deque(maxlen=patience)
         self.scoring = False
+        self.step_count = 0  # optimizer steps ended (end_step), scoring steps included: the official update_step
+        # stored_norms: each block's last measured gradient norm (NaN: never), the step it was measured at (-1: never),
+        # and the unselected blocks that get a gradient on the next update to refresh theirs
+        self.grad_norms = torch.full((len(blocks),), math.nan, dtype=torch.float64)
+        self.norm_steps = torch.full((len(blocks),), -1, dtype=torch.int64)
+        self.exploring = torch.zeros(len(blocks), dtype=torch.bool)
+        self._norms_recorded = False  # this update's norms are stored already
         self._norms_sq = torch.zeros(len(blocks), dtype=torch.float64)
         self._hooks: list[Any] = []
         self.distributed = is_distributed() if distributed is None else distributed
@@ -154,15 +193,28 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
     def selected_numel(self) -> int:
         return int(self.sizes[self.selected].sum())
 
-    def apply_selection(self, *, scoring: bool | None = None) -> None:
-        """``requires_grad`` on for the selected blocks (on for all during a scoring step), off for the rest.
+    @property
+    def selected_fraction(self) -> float:
+        """The selection's share of the selectable parameters (at most ``1 - sparsity``)."""
+        return self.selected_numel / self.selectable_numel
 
-        ``scoring=False`` applies the selection alone and removes the scoring hooks while keeping a pending scoring
-        step pending (used when training ends, so the model is left with only the selected blocks trainable).
+    @property
+    def selected_fraction_of_trainable(self) -> float:
+        """The selection's share of every parameter trainable before BlockLLM froze embeddings and head."""
+        return self.selected_numel / self.trainable_numel
+
+    def apply_selection(self, *, scoring: bool | None = None) -> None:
+        """``requires_grad`` on for the selected and exploring blocks (on for all during a scoring step), off for the
+        rest.
+
+        ``scoring=False`` applies the selection alone (exploring blocks off too) and removes the scoring hooks while
+        keeping a pending scoring step pending (used when training ends, so the model is left with only the selected
+        blocks trainable).
         """
+        selection_only = scoring is False
         scoring = self.scoring if scoring is None else scoring
         for i, block in enumerate(self.blocks):
-            on = scoring or bool(self.selected[i])
+            on = scoring or bool(self.selected[i]) or (bool(self.exploring[i]) and not selection_only)
             for p in block.params:
                 p.requires_grad_(on)
                 if not on:
@@ -212,15 +264,39 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
             logger.warning("BlockLLM: non-finite gradient norm in the scoring pass; the next step scores again")
             self._norms_sq.zero_()
             return self.selected
+        return self._select(self._norms_sq.sqrt())
+
+    def select_from_stored_norms(self) -> torch.Tensor:
+        """``selection="stored_norms"``: choose the new selection from the norms kept so far (the official
+        ``_adjust_parameters``: rank ``grad_norm_dict``, no extra backward) and apply it; returns the mask. A block
+        never measured scores 0, so it is taken only when the budget has room after every measured block."""
+        return self._select(self.grad_norms)
+
+    def select_at_random(self, seed: int) -> torch.Tensor:
+        """``selection="stored_norms"``, first selection: no gradient norm is known yet, so blocks are taken in a
+        random order (``torch.randperm`` seeded with ``seed``: the same on every rank) while they fit the budget, as
+        the official code's initial shuffle (``_choose_top_k_params_by_mag`` shuffles, then takes a number of
+        tensors); returns the mask."""
+        n = len(self.blocks)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        ties = torch.zeros(n, dtype=torch.float64)  # all scores equal: select_blocks keeps the given order
+        in_order = select_blocks(ties, torch.zeros(n, dtype=torch.int64), 0, self.sizes[order], self.budget, 0.0)
+        chosen = torch.zeros(n, dtype=torch.bool)
+        chosen[order] = in_order
+        return self._adopt(chosen)
+
+    def _select(self, norms: torch.Tensor) -> torch.Tensor:
         try:
-            chosen = select_blocks(
-                self._norms_sq.sqrt(), self.visits, self.num_selections, self.sizes, self.budget, self.visit_penalty
-            )
+            chosen = select_blocks(norms, self.visits, self.num_selections, self.sizes, self.budget, self.visit_penalty)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(
                 f"BlockLLM: out of memory while choosing the blocks of selection {self.num_selections + 1}; nothing "
                 f"was changed (selection, visit counts and optimizer state are those before it). {out_of_memory_advice()}"
             ) from err
+        return self._adopt(chosen)
+
+    def _adopt(self, chosen: torch.Tensor) -> torch.Tensor:
+        """Make ``chosen`` the selection: leaving blocks free their moments, staying ones re-draw their masks."""
         for i, block in enumerate(self.blocks):
             for p in block.params:
                 if not chosen[i]:
@@ -232,8 +308,79 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.selected = chosen
         self._reset_loss_window()
         self.scoring = False
+        self._choose_exploring()
         self.apply_selection()
         return chosen
+
+    def _choose_exploring(self) -> None:
+        """``stored_norms``: the ``explore_blocks`` unselected blocks measured longest ago (never first; ties in model
+        order) get a gradient on the next update; blocks larger than the budget, which no selection can hold, are
+        never explored. The official code draws them at random every ``param_update_interval`` steps and keeps them
+        for that many; rotating every step by age measures every unselected block within
+        ``ceil(unselected / explore_blocks)`` steps at the same memory."""
+        self.exploring = torch.zeros(len(self.blocks), dtype=torch.bool)
+        if self.selection != "stored_norms" or self.explore_blocks == 0:
+            return
+        candidates = torch.nonzero(~self.selected & (self.sizes <= self.budget)).flatten()
+        age_order = torch.sort(self.norm_steps[candidates], stable=True).indices
+        self.exploring[candidates[age_order[: self.explore_blocks]]] = True
+
+    @torch.no_grad()
+    def record_gradient_norms(self) -> None:
+        """``stored_norms``: store the norm of this update's gradient of every selected and exploring block, then
+        drop the exploring blocks' gradients (they are measured, never applied). Once per update: the Trainer
+        integration calls it after the last micro-batch's backward, before clipping (so stored norms from different
+        steps are comparable and the exploring gradients take no part in the clip); ``step()`` calls it otherwise.
+        A non-finite norm is not stored."""
+        if self.selection != "stored_norms" or self._norms_recorded or self.scoring:
+            return
+        self._norms_recorded = True
+        measured, squares = [], []
+        for i, block in enumerate(self.blocks):
+            if not (self.selected[i] or self.exploring[i]):
+                continue
+            grads = [p.grad for p in block.params if p.grad is not None]
+            if grads:
+                measured.append(i)
+                squares.append(sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads))
+            if self.exploring[i]:
+                for p in block.params:
+                    p.grad = None
+        if not measured:
+            return
+        norms = torch.stack(squares).cpu().sqrt()
+        index = torch.tensor(measured)
+        finite = torch.isfinite(norms)
+        self.grad_norms[index[finite]] = norms[finite]
+        self.norm_steps[index[finite]] = self.step_count
+
+    def end_step(self, loss: torch.Tensor | float | None) -> bool:
+        """End one optimizer step (the Trainer integration calls it at ``on_step_end``); True when it made a new
+        selection.
+
+        A scoring step ends with its selection. Otherwise ``loss`` (this rank's loss of the step, averaged over the
+        ranks here; ``None``: not known) feeds the stall test, evaluated on steps that are multiples of
+        ``stall_check_interval``; a stall makes the next step a scoring step (``full_backward``) or re-selects from
+        the stored norms now (``stored_norms``). With ``stored_norms`` the exploring blocks then move on.
+        """
+        self.step_count += 1
+        if self.scoring:
+            before = self.num_selections
+            self.finish_scoring()
+            return self.num_selections != before
+        changed = False
+        if loss is not None:
+            stalled = self.observe_loss(self.mean_over_ranks(torch.as_tensor(loss)))
+            if stalled and self.step_count % self.stall_check_interval == 0:
+                if self.selection == "stored_norms":
+                    self.select_from_stored_norms()
+                    changed = True
+                else:
+                    self.begin_scoring()
+        if self.selection == "stored_norms" and not changed:
+            self._choose_exploring()
+            self.apply_selection()
+        return changed
 
     def observe_loss(self, loss: float) -> bool:
         """Record one optimizer step's loss; True when the loss has stalled and a re-selection should start.
@@ -266,13 +413,15 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def begin_update(self) -> None:
-        """Start a new update: its gradients are not averaged yet. ``step()`` ends every update it runs; the Trainer
-        integration also calls this before each update's first micro-batch, so an update whose ``step()`` never ran
-        (a GradScaler skips it on an fp16 overflow) cannot leave the next update's gradients un-averaged."""
+        """Start a new update: its gradients are not averaged (nor their norms stored) yet. ``step()`` ends every
+        update it runs; the Trainer integration also calls this before each update's first micro-batch, so an update
+        whose ``step()`` never ran (a GradScaler skips it on an fp16 overflow) cannot leave the next update's gradients
+        un-averaged."""
         self._grads_averaged = False
+        self._norms_recorded = False
 
     def average_gradients(self) -> None:
-        """Replace the selected blocks' gradients by their mean over the ranks, once per update.
+        """Replace the selected (and exploring) blocks' gradients by their mean over the ranks, once per update.
 
         ``step()`` calls it; call it earlier to clip the averaged gradient (the Trainer integration does so after
         the last micro-batch's backward). A no-op without ``distributed``, and after the scoring hooks (which
@@ -281,7 +430,8 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         if not self.distributed or self._grads_averaged:
             return
         self._grads_averaged = True
-        params = [p for i, block in enumerate(self.blocks) if self.selected[i] for p in block.params]
+        on = self.selected | self.exploring
+        params = [p for i, block in enumerate(self.blocks) if on[i] for p in block.params]
         for bucket in _buckets(params):
             self.communicated_bytes += _average_bucket(bucket)
 
@@ -296,6 +446,7 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
             self.ddp_equivalent_bytes += self._selectable_bytes
         try:
             self.average_gradients()
+            self.record_gradient_norms()
         finally:
             self.begin_update()
         updated = [(p, group) for group in self.param_groups for p in group["params"] if self._updates(p)]
@@ -369,6 +520,10 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
             "loss_count": self.loss_count,
             "recent_losses": torch.tensor(list(self.recent_losses), dtype=torch.float64),
             "scoring": self.scoring,
+            "step_count": self.step_count,
+            "grad_norms": self.grad_norms.clone(),
+            "norm_steps": self.norm_steps.clone(),
+            "exploring": self.exploring.clone(),
         }
         return sd
 
@@ -390,6 +545,11 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.loss_sum, self.loss_count = float(extra["loss_sum"]), int(extra["loss_count"])
         self.recent_losses = deque((float(x) for x in extra["recent_losses"].tolist()), maxlen=self.patience)
         self.scoring = bool(extra["scoring"])
+        n = len(self.blocks)
+        self.step_count = int(extra.get("step_count", 0))  # absent from checkpoints written before 2026-12-04
+        self.grad_norms = extra.get("grad_norms", torch.full((n,), math.nan)).cpu().double().clone()
+        self.norm_steps = extra.get("norm_steps", torch.full((n,), -1)).cpu().long().clone()
+        self.exploring = extra.get("exploring", torch.zeros(n)).cpu().bool().clone()
         self._norms_sq.zero_()
         self.apply_selection()
 
