@@ -138,7 +138,9 @@ def _assert_all_close(names, actual, expected, atol: float, outliers: tuple[floa
 
 
 def _loqt_with_factors(model):
-    layers = convert_to_loqt(model, LoQTConfig(rank=4, quant="nf4", target_modules="all-linear"))
+    # P kept in full precision (quantize_projection=False), so the test can set it exactly
+    config = LoQTConfig(rank=4, quant="nf4", quantize_projection=False, target_modules="all-linear")
+    layers = convert_to_loqt(model, config)
     for i, layer in enumerate(layers.values()):
         g = torch.Generator().manual_seed(i)
         rows = layer.out_features if layer.side == "left" else layer.in_features
