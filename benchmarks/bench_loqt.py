@@ -133,6 +133,8 @@ def attach_method(trainer, method: str, rank: int, merge_every: int):
         return None
     if method == "galore":
         cfg = GaLoreConfig(rank=rank, update_proj_gap=merge_every, scale=0.25, target_modules=LLAMA_TARGETS)
+    elif method == "loqt_defaults":  # LoQTConfig's defaults: the official scripts' settings (NF4 P, 5 EC steps, schedule)
+        cfg = LoQTConfig(rank=rank, merge_every=merge_every, merge_growth=1.2, scale=0.5, target_modules=LLAMA_TARGETS)
     else:
         quant = {"loqt_nf4": "nf4", "loqt_nf4_ec": "nf4", "loqt_nf4_qp": "nf4", "loqt_nq": None}[method]
         cfg = LoQTConfig(
@@ -190,7 +192,7 @@ def run_pretrain(a) -> dict:
     train, held = lm_blocks(tok, a.seq)
     held = held[:64]
     rows = {}
-    lrs = {"adamw": 1e-3, "galore": 1e-2, "loqt_nf4": 1e-2, "loqt_nf4_ec": 1e-2, "loqt_nq": 1e-2}
+    lrs = {"adamw": 1e-3, "galore": 1e-2, "loqt_nf4": 1e-2, "loqt_nf4_ec": 1e-2, "loqt_nq": 1e-2, "loqt_defaults": 1e-2}
     for method in a.methods.split(","):
         lr = lrs[method]
         model = make_llama(a.size, tok.vocab_size)
