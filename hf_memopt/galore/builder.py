@@ -7,12 +7,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.pytorch_utils import Conv1D
 
 from hf_memopt.ddp import keep_model_out_of_ddp
 from hf_memopt.faults import install_fault_reporting
 from hf_memopt.galore.config import GaLoreConfig
+from hf_memopt.galore.layerwise import LayerwiseUpdates
 from hf_memopt.galore.optimizer import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, _GaLoreOptimizer
 from hf_memopt.integration import (
     OptimizerHyperparameters,
@@ -21,6 +22,7 @@ from hf_memopt.integration import (
     trainable_parameters,
 )
 from hf_memopt.optim_state import unwrap_optimizer
+from hf_memopt.shared.layerwise import LayerwiseGradNormCallback
 from hf_memopt.targeting import match_target_modules
 
 __all__ = ["build_galore", "capped_ranks", "create_galore_optimizer", "galore_target_parameters"]
@@ -144,26 +146,10 @@ def check_layerwise_supported(args: Any) -> None:
         raise ValueError("layer-wise GaLore cannot run with fp16=True (the gradients are loss-scaled); use bf16=True")
 
 
-class LayerwiseGradNormCallback(TrainerCallback):
-    """Reports the true gradient norm in layer-wise mode.
-
-    Uses ``on_log``: the Trainer computes ``grad_norm`` from ``.grad`` after backward, when layer-wise updates have
-    already freed every gradient (transformers' own layer-wise mode logs 0). The optimizer measured the norm inside
-    the hooks; an unknown norm (projected gradients accumulated over micro-batches) is removed rather than shown as 0.
-    """
-
-    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
-        if logs is None or "grad_norm" not in logs or optimizer is None:
-            return
-        optimizer = unwrap_optimizer(optimizer)
-        if not isinstance(optimizer, _GaLoreOptimizer) or optimizer.layerwise is None:
-            return
-        last = state.log_history[-1] if state.log_history else {}
-        if optimizer.last_grad_norm is None:
-            logs.pop("grad_norm")
-            last.pop("grad_norm", None)
-        else:
-            logs["grad_norm"] = last["grad_norm"] = optimizer.last_grad_norm
+def _layerwise_updates(trainer: Trainer) -> LayerwiseUpdates | None:
+    """The layer-wise update machinery of the trainer's GaLore optimizer (None before it exists)."""
+    optimizer = unwrap_optimizer(trainer.optimizer) if trainer.optimizer is not None else None
+    return optimizer.layerwise if isinstance(optimizer, _GaLoreOptimizer) else None
 
 
 def build_galore(trainer: Trainer, config: GaLoreConfig) -> None:
@@ -173,7 +159,7 @@ def build_galore(trainer: Trainer, config: GaLoreConfig) -> None:
     if config.layerwise:
         check_layerwise_supported(trainer.args)
         # first in line, so the printer and loggers see the corrected value
-        trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback())
+        trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback(lambda: _layerwise_updates(trainer)))
     if config.layerwise and trainer.args.world_size > 1:
         keep_model_out_of_ddp(trainer)  # the hooks average the (projected) gradients themselves
     install_method_optimizer(trainer, create_galore_optimizer, config)
