@@ -4,6 +4,7 @@ bit for bit unchanged) or it is refused with what to do instead; and the snippet
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -108,10 +109,13 @@ def test_peft_wrappers_stand_for_their_trainable_layers_never_the_frozen_origina
     assert list(match_target_modules(model, ["classifier"])) == ["base_model.model.classifier.modules_to_save.default"]
 
 
-def test_galore_rank_above_the_lora_rank_names_the_adapter(tmp_path):
+def test_galore_rank_above_the_lora_rank_is_capped_and_the_log_names_the_adapter(tmp_path, caplog):
     trainer = Trainer(model=lora_classifier(), args=args(tmp_path), train_dataset=FixedBatch())
-    with pytest.raises(ValueError, match=r"rank must be in \[1, 8\] for .*lora_A\.default\.weight"):
+    with caplog.at_level(logging.WARNING, logger="hf_memopt.galore.builder"):
         attach(trainer, GaLoreConfig(rank=16))
+        trainer.create_optimizer()
+    capped = [r.getMessage() for r in caplog.records if "GaLore rank=16 exceeds" in r.getMessage()]
+    assert len(capped) == 1 and re.search(r"lora_A\.default\.weight \(8, \d+\)", capped[0])
 
 
 @pytest.mark.parametrize(
