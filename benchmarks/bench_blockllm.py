@@ -36,7 +36,7 @@ from hf_memopt import attach  # noqa: E402
 from hf_memopt.blockllm import BlockLLMConfig  # noqa: E402
 from hf_memopt.blockllm.optimizer import unwrap_blockllm_optimizer  # noqa: E402
 from hf_memopt.galore import GaLoreConfig  # noqa: E402
-from hf_memopt.memory import (  # noqa: E402
+from hf_memopt.tools.memory import (  # noqa: E402
     MB,
     GradientMeter,
     MemoryReportCallback,
@@ -44,8 +44,8 @@ from hf_memopt.memory import (  # noqa: E402
     gradient_bytes,
     optimizer_state_bytes,
 )
-from hf_memopt.recipes.data import GLUE_TASKS, load_glue, load_text  # noqa: E402
-from hf_memopt.recipes.models import llama_config, minilm_path  # noqa: E402
+from hf_memopt.tools.recipes.data import GLUE_TASKS, load_glue, load_text  # noqa: E402
+from hf_memopt.tools.recipes.models import llama_config, minilm_path  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -344,7 +344,7 @@ def _copied(runs: dict, part: str, name: str, methods: str | None) -> bool:
 
 # ---- report ----------------------------------------------------------------------------------------------------------
 def run_report(a) -> None:
-    from hf_memopt.memory import MemoryBreakdown, plot_memory_breakdown
+    from hf_memopt.tools.memory import MemoryBreakdown, plot_memory_breakdown
 
     mem = json.loads((RESULTS / "blockllm_memory.json").read_text())
     runs = {n: MemoryBreakdown(**r["breakdown"]) for n, r in mem["runs"].items()}

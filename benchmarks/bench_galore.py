@@ -43,7 +43,7 @@ def run_one(name: str, a: argparse.Namespace) -> dict:
 
     import hf_memopt  # noqa: F401  (reroutes the stock names)
     from hf_memopt import GaLoreConfig
-    from hf_memopt.recipes.pretrain import run_pretrain
+    from hf_memopt.tools.recipes.pretrain import run_pretrain
 
     torch.set_num_threads(a.threads)
     rank = {"20m": 64, "60m": 128, "130m": 192}[a.size]  # d/4
@@ -193,7 +193,7 @@ def markdown(report: dict) -> str:
 
 
 def chart(report: dict) -> None:
-    from hf_memopt.memory import MemoryBreakdown, plot_memory_breakdown
+    from hf_memopt.tools.memory import MemoryBreakdown, plot_memory_breakdown
 
     runs = {}
     for r in report["rows"]:

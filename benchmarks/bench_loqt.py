@@ -36,9 +36,9 @@ from common import RESULTS, load_average, machine  # noqa: E402
 from hf_memopt import attach  # noqa: E402
 from hf_memopt.galore import GaLoreConfig  # noqa: E402
 from hf_memopt.loqt import LoQTConfig, loqt_layers  # noqa: E402
-from hf_memopt.memory import GradientMeter, optimizer_state_bytes, tensor_bytes  # noqa: E402
-from hf_memopt.recipes.data import GLUE_TASKS, load_glue, load_text  # noqa: E402
-from hf_memopt.recipes.models import llama_config, minilm_path  # noqa: E402
+from hf_memopt.tools.memory import GradientMeter, optimizer_state_bytes, tensor_bytes  # noqa: E402
+from hf_memopt.tools.recipes.data import GLUE_TASKS, load_glue, load_text  # noqa: E402
+from hf_memopt.tools.recipes.models import llama_config, minilm_path  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]

@@ -1,12 +1,12 @@
-"""LoQT ``layerwise=True`` vs whole-model updates: peak bytes of live gradients, measured with hf_memopt.memory.
+"""LoQT ``layerwise=True`` vs whole-model updates: peak bytes of live gradients, measured with hf_memopt.tools.memory.
 
     python benchmarks/bench_loqt_layerwise.py [--size 20m] [--steps 4] [--batch 2] [--seq 128]
         -> results/loqt_layerwise_memory.json
 
-LLaMA of GaLore's shapes (``hf_memopt.recipes.models.llama_config``, vocab 32000, untied head), random tokens, CPU,
+LLaMA of GaLore's shapes (``hf_memopt.tools.recipes.models.llama_config``, vocab 32000, untied head), random tokens, CPU,
 float32, seed 0, LoQT NF4 rank 64 on every attention and MLP projection (official defaults otherwise: quantized P,
 5 error-compensation steps), merges at updates 0 and 2, ``max_grad_norm=0``. The gradient peak is
-:class:`hf_memopt.memory.GradientMeter`'s (live ``.grad`` storages, sampled as each gradient arrives and before the
+:class:`hf_memopt.tools.memory.GradientMeter`'s (live ``.grad`` storages, sampled as each gradient arrives and before the
 optimizer step); the same runs also report how many trainable parameters still hold a ``.grad`` at the step.
 """
 
@@ -28,8 +28,8 @@ from common import RESULTS, load_average, machine  # noqa: E402
 
 from hf_memopt import attach  # noqa: E402
 from hf_memopt.loqt import LoQTConfig  # noqa: E402
-from hf_memopt.memory import MemoryReportCallback  # noqa: E402
-from hf_memopt.recipes.models import llama_config  # noqa: E402
+from hf_memopt.tools.memory import MemoryReportCallback  # noqa: E402
+from hf_memopt.tools.recipes.models import llama_config  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MB = 2**20

@@ -32,8 +32,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
-from hf_memopt.recipes.data import load_glue, load_text  # noqa: E402
-from hf_memopt.recipes.models import llama_config, minilm_path  # noqa: E402
+from hf_memopt.tools.recipes.data import load_glue, load_text  # noqa: E402
+from hf_memopt.tools.recipes.models import llama_config, minilm_path  # noqa: E402
 from hf_memopt.velora import VeLoRAConfig, apply_velora, remove_velora  # noqa: E402
 from hf_memopt.velora.layer import is_velora_linear  # noqa: E402
 

@@ -35,8 +35,8 @@ def _memory_one(model_name: str, mode: str, batch: int, seq: int, steps: int) ->
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
     from hf_memopt import attach
-    from hf_memopt.memory import peak_process_bytes, reset_peak_process
-    from hf_memopt.recipes.models import minilm_path, smollm2_path
+    from hf_memopt.tools.memory import peak_process_bytes, reset_peak_process
+    from hf_memopt.tools.recipes.models import minilm_path, smollm2_path
     from hf_memopt.zo import ZOConfig
 
     torch.manual_seed(0)
@@ -132,9 +132,9 @@ def _zero_shot(task: str, eval_limit: int | None, max_length: int, seed: int) ->
         TrainingArguments,
     )
 
-    from hf_memopt.recipes.glue import tokenized_glue
-    from hf_memopt.recipes.metrics import glue_compute_metrics
-    from hf_memopt.recipes.models import minilm_path
+    from hf_memopt.tools.recipes.glue import tokenized_glue
+    from hf_memopt.tools.recipes.metrics import glue_compute_metrics
+    from hf_memopt.tools.recipes.models import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(seed)  # as run_glue: the same random head
@@ -148,7 +148,7 @@ def _zero_shot(task: str, eval_limit: int | None, max_length: int, seed: int) ->
 
 
 def quality(args: argparse.Namespace) -> None:
-    from hf_memopt.recipes.glue import run_glue
+    from hf_memopt.tools.recipes.glue import run_glue
     from hf_memopt.zo import ZOConfig
 
     rows = []

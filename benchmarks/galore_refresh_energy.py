@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from hf_memopt.galore.projector import refresh_projector
 
 

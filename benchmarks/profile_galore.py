@@ -56,7 +56,7 @@ def build(name: str, model: torch.nn.Module, rank: int, gap: int) -> torch.optim
 def setups(a: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
     from transformers import LlamaForCausalLM
 
-    from hf_memopt.recipes.models import llama_config
+    from hf_memopt.tools.recipes.models import llama_config
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(llama_config(a.size))

@@ -196,8 +196,8 @@ def cell_path(task: str, row: str, out: Path = OUT, seed: int = 0) -> Path:
 def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, ...] = (), *,
              schedule_name: str = "short", seed: int = 0) -> None:
     """Train one cell in this process and write its JSON (called by ``run`` in a fresh interpreter)."""
-    from hf_memopt.recipes.recipe import load_recipe
-    from hf_memopt.recipes.run import run_recipe
+    from hf_memopt.tools.recipes.recipe import load_recipe
+    from hf_memopt.tools.recipes.run import run_recipe
 
     row = ROWS[row_name]
     schedule = SCHEDULE_PROFILES[schedule_name][0]["glue" if task in GLUE_TASKS else task]
@@ -272,7 +272,7 @@ METRIC_NAMES = {"cola": "MCC", "stsb": "Pearson", "llama-20m": "held-out ppl", "
 
 
 def task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
-    from hf_memopt.memory import MemoryBreakdown
+    from hf_memopt.tools.memory import MemoryBreakdown
 
     base = cells.get("adamw")
     base_total = MemoryBreakdown(**base["memory_bytes"]).tensors_total if base and "memory_bytes" in base else None
@@ -338,7 +338,7 @@ def _mean_spread(values: list[float], digits: int) -> str:
 
 def full_task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
     """Per row: the metric (mean and half-range over seeds), its gap to AdamW, memory, CPU time per update."""
-    from hf_memopt.memory import MemoryBreakdown
+    from hf_memopt.tools.memory import MemoryBreakdown
 
     digits = 1 if task in GLUE_TASKS else 2
     base_values = _seed_values(task, cells, "adamw")
@@ -467,7 +467,7 @@ def render() -> None:
 
 def write_readme_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
     """The README's short table: per row, tensor memory and CPU time vs AdamW, SST-2 accuracy, LLaMA perplexities."""
-    from hf_memopt.memory import MemoryBreakdown
+    from hf_memopt.tools.memory import MemoryBreakdown
 
     text = README.read_text()
     start, end = "<!-- results-summary -->", "<!-- /results-summary -->"

@@ -12,7 +12,7 @@ stock GaLore names are rerouted as soon as ``transformers.trainer`` is imported 
 import importlib
 import logging
 
-from hf_memopt._post_import import call_after_import
+from hf_memopt.core._post_import import call_after_import
 
 # bitsandbytes warns on import on CPU-only machines about optional 4-bit CPU kernels it cannot load; the 8-bit and
 # 4-bit functions hf_memopt uses work without them.
@@ -21,17 +21,17 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
 
 _EXPORTS = {
-    "METHODS": "hf_memopt.registry",
+    "METHODS": "hf_memopt.core.registry",
     "BlockLLMConfig": "hf_memopt.blockllm",
     "GaLoreConfig": "hf_memopt.galore",
     "LoQTConfig": "hf_memopt.loqt",
-    "MemoryBreakdown": "hf_memopt.memory",
-    "MemoryReportCallback": "hf_memopt.memory",
+    "MemoryBreakdown": "hf_memopt.tools.memory",
+    "MemoryReportCallback": "hf_memopt.tools.memory",
     "VeLoRAConfig": "hf_memopt.velora",
     "ZOConfig": "hf_memopt.zo",
-    "attach": "hf_memopt.integration",
-    "last_complete_checkpoint": "hf_memopt.checkpoints",
-    "plot_memory_breakdown": "hf_memopt.memory",
+    "attach": "hf_memopt.core.attach",
+    "last_complete_checkpoint": "hf_memopt.tools.checkpoints",
+    "plot_memory_breakdown": "hf_memopt.tools.memory",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
@@ -53,10 +53,10 @@ def _route_stock_galore_names() -> None:
     """Point transformers' stock ``galore_*`` handlers at :func:`_stock_galore_handler` (or warn once and leave them).
 
     Runs inside the import of ``transformers.trainer``, which hf_memopt's own modules may be importing half-way
-    (``hf_memopt.integration``), so only the light ``compat`` module is imported here; the first use of a stock name
+    (``hf_memopt.core.attach``), so only the light ``compat`` module is imported here; the first use of a stock name
     hands over to ``hf_memopt.galore.stock``.
     """
-    from hf_memopt.compat import reroute_stock_galore_names
+    from hf_memopt.core.compat import reroute_stock_galore_names
 
     reroute_stock_galore_names(_stock_galore_handler)
 

@@ -1,5 +1,5 @@
 """``python -m hf_memopt`` runs the ``hf-memopt`` command."""
 
-from hf_memopt.cli import main
+from hf_memopt.tools.cli import main
 
 raise SystemExit(main())

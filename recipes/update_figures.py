@@ -4,9 +4,9 @@ Run from the repository root after the commands below finish: ``python recipes/u
 """
 import json, shutil, sys
 from pathlib import Path
-from hf_memopt.cli import comparison_table
-from hf_memopt.recipes.recipe import load_recipe
-from hf_memopt.memory import MemoryBreakdown, plot_memory_breakdown
+from hf_memopt.tools.cli import comparison_table
+from hf_memopt.tools.recipes.recipe import load_recipe
+from hf_memopt.tools.memory import MemoryBreakdown, plot_memory_breakdown
 jobs = {
  "glue": ("out/recipes/glue_sst2", "recipes/glue/sst2.yaml", "RESULTS_GLUE", ["adamw","galore","blockllm","loqt","velora","zo"],
    "hf-memopt compare recipes/glue/sst2.yaml --methods adamw,galore,blockllm,loqt,velora,zo --set data.train_limit=640 --set data.eval_limit=256 --set training.max_steps=20 --set training.logging_steps=5 --set output_dir=out/recipes/glue_sst2"),

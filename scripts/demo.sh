@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-HF_HUB_OFFLINE=1 python -m hf_memopt.demo "$@"
+HF_HUB_OFFLINE=1 python -m hf_memopt.tools.demo "$@"

@@ -17,7 +17,7 @@ section is recorded and the others still run):
 * ``nccl_ddp``: with two or more devices, a 2-process torchrun of layer-wise GaLore over NCCL.
 
 ``--cpu-dry-run`` runs every section's logic on CPU with tiny shapes; device memory figures are then replaced by
-tracked tensor bytes (hf_memopt.memory's accounting), labelled as such, and no pass/fail checks are evaluated.
+tracked tensor bytes (hf_memopt.tools.memory's accounting), labelled as such, and no pass/fail checks are evaluated.
 Exit status: 0 all sections ok or skipped, 1 a section failed or timed out, 2 no usable torch (no CUDA).
 """
 
@@ -47,7 +47,7 @@ TOTAL_BUDGET_S = 450.0  # the issue asks for under 8 minutes; 30 s are left for 
 EXIT_OK, EXIT_FAILED, EXIT_NO_TORCH = 0, 1, 2
 MIB = 2**20
 CUDA_MEMORY = "torch.cuda.max_memory_allocated (bytes)"
-TRACKED_MEMORY = "tracked tensor bytes (CPU dry run: hf_memopt.memory accounting, NOT device memory)"
+TRACKED_MEMORY = "tracked tensor bytes (CPU dry run: hf_memopt.tools.memory accounting, NOT device memory)"
 COMPOSED_RECIPE = REPO / "recipes" / "instruct" / "smollm2_min_memory.yaml"
 
 
@@ -55,7 +55,7 @@ COMPOSED_RECIPE = REPO / "recipes" / "instruct" / "smollm2_min_memory.yaml"
 class Shapes:
     """Model and batch shapes of one run mode (CUDA: LLaMA 130M, GaLore's Table 8 shape; dry run: a tiny LLaMA)."""
 
-    llama: str | None  # a key of hf_memopt.recipes.models.LLAMA_SIZES, or None for the tiny shape below
+    llama: str | None  # a key of hf_memopt.tools.recipes.models.LLAMA_SIZES, or None for the tiny shape below
     vocab: int
     batch: int
     seq: int
@@ -106,7 +106,7 @@ def build_llama(shapes: Shapes, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_memopt.recipes.models import llama_config
+    from hf_memopt.tools.recipes.models import llama_config
 
     torch.manual_seed(seed)
     if shapes.llama is None:
@@ -131,7 +131,7 @@ def token_rows(shapes: Shapes, vocab: int, n_rows: int, seed: int = 0) -> list[d
 
 def module_bytes(module) -> int:
     """Bytes of a module's parameters and buffers (each storage once)."""
-    from hf_memopt.memory import buffer_bytes, parameter_bytes
+    from hf_memopt.tools.memory import buffer_bytes, parameter_bytes
 
     return parameter_bytes(module) + buffer_bytes(module)
 
@@ -434,9 +434,9 @@ def galore_optimizers(model, rank: int) -> dict[str, Callable[[], Any]]:
     """Factories of the compared optimizers, all on the same parameters and the same GaLore targets."""
     import torch
 
+    from hf_memopt.core.attach import OptimizerHyperparameters
     from hf_memopt.galore import GaLoreConfig
     from hf_memopt.galore.builder import create_galore_optimizer, galore_target_parameters
-    from hf_memopt.integration import OptimizerHyperparameters
 
     config = GaLoreConfig(rank=rank, update_proj_gap=200, scale=0.25, optimizer="adamw_8bit",
                           target_modules="all-linear")  # fmt: skip
@@ -471,7 +471,7 @@ def galore_optimizers(model, rank: int) -> dict[str, Callable[[], Any]]:
 def section_galore8bit(ctx: Context) -> dict[str, Any]:
     import torch
 
-    from hf_memopt.memory import optimizer_state_bytes
+    from hf_memopt.tools.memory import optimizer_state_bytes
 
     shapes = ctx.shapes
     model = build_llama(shapes).to(ctx.device)
@@ -527,7 +527,7 @@ def recipe_methods(path: Path) -> tuple[list[Any], dict[str, Any], str, str]:
     installed (the GPU image has none), or the settings cannot be built on this machine (``bf16: true`` without a
     GPU, in the dry run), the method tables are read without that validation (each method config still validates).
     """
-    from hf_memopt.recipes.recipe import RecipeError, load_recipe, method_configs
+    from hf_memopt.tools.recipes.recipe import RecipeError, load_recipe, method_configs
 
     try:
         recipe = load_recipe(path)
@@ -535,8 +535,8 @@ def recipe_methods(path: Path) -> tuple[list[Any], dict[str, Any], str, str]:
     except (ImportError, RecipeError) as err:
         if isinstance(err, RecipeError) and not str(err).startswith("training"):
             raise
-        from hf_memopt.recipes.recipe import build_dataclass, method_parts, read_recipe_file
-        from hf_memopt.registry import METHODS
+        from hf_memopt.core.registry import METHODS
+        from hf_memopt.tools.recipes.recipe import build_dataclass, method_parts, read_recipe_file
 
         raw = read_recipe_file(path)
         section = raw.get("method") or {}
@@ -593,7 +593,7 @@ def section_composed(ctx: Context) -> dict[str, Any]:
         if model_name == "smollm2":
             from transformers import AutoModelForCausalLM
 
-            from hf_memopt.recipes.models import smollm2_path
+            from hf_memopt.tools.recipes.models import smollm2_path
 
             return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
         return build_llama(shapes)

@@ -21,9 +21,9 @@ from hf_memopt.blockllm import (
 )
 from hf_memopt.blockllm.blocks import selection_budget
 from hf_memopt.blockllm.optimizer import unwrap_blockllm_optimizer
-from hf_memopt.integration import OptimizerHyperparameters
-from hf_memopt.memory import GradientMeter, SavedActivationMeter, optimizer_state_bytes
-from hf_memopt.registry import METHODS
+from hf_memopt.core.attach import OptimizerHyperparameters
+from hf_memopt.core.registry import METHODS
+from hf_memopt.tools.memory import GradientMeter, SavedActivationMeter, optimizer_state_bytes
 
 HP = OptimizerHyperparameters(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-8, max_grad_norm=0.0,
                               gradient_accumulation_steps=1)

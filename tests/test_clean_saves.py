@@ -64,7 +64,7 @@ def test_pretraining_save_model_folder_loads_alone_with_its_tokenizer_and_an_ada
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_memopt.recipes.pretrain import run_pretrain
+    from hf_memopt.tools.recipes.pretrain import run_pretrain
 
     result = run_pretrain(
         size="20m", steps=1, seq_len=16, batch_size=2, output_dir=str(tmp_path), sources=("c4_demo",), eval_blocks=2

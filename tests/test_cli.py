@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import hf_memopt
-from hf_memopt.cli import main
-from hf_memopt.recipes.recipe import RecipeError
-from hf_memopt.registry import METHODS
+from hf_memopt.core.registry import METHODS
+from hf_memopt.tools.cli import main
+from hf_memopt.tools.recipes.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
 RTE = str(ROOT / "recipes" / "glue" / "rte.yaml")
@@ -25,7 +25,7 @@ INSTRUCT = str(ROOT / "recipes" / "instruct" / "alpaca.yaml")
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory) -> str:
     """~12k characters of the bundled WikiText: enough blocks for a few steps, quick to tokenize."""
-    from hf_memopt.recipes.data import load_text
+    from hf_memopt.tools.recipes.data import load_text
 
     path = tmp_path_factory.mktemp("text") / "small.txt"
     path.write_text(load_text("wikitext2_valid")[:12_000])
@@ -103,7 +103,7 @@ def run_python(code: str) -> str:
 
 def test_help_and_version_import_no_heavy_library():
     code = (
-        "import sys\nfrom hf_memopt.cli import main\nfor argv in (['--help'], ['--version'], ['train', '--help']):\n"
+        "import sys\nfrom hf_memopt.tools.cli import main\nfor argv in (['--help'], ['--version'], ['train', '--help']):\n"
         "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
         "print([m for m in ('torch', 'transformers', 'datasets', 'bitsandbytes') if m in sys.modules])"
     )
@@ -215,12 +215,12 @@ def test_unwritable_output_dir_is_one_line(tmp_path, capsys):
 
 
 def test_an_unexpected_failure_is_one_line_with_status_1(tmp_path, capsys, monkeypatch):
-    import hf_memopt.recipes.run
+    import hf_memopt.tools.recipes.run
 
     def fail(*args, **kwargs):
         raise KeyError("memory_bytes")
 
-    monkeypatch.setattr(hf_memopt.recipes.run, "run_recipe", fail)
+    monkeypatch.setattr(hf_memopt.tools.recipes.run, "run_recipe", fail)
     assert main(["train", RTE, "--set", f"output_dir={tmp_path}"]) == 1
     assert one_error_line(capsys).endswith("KeyError: 'memory_bytes' (--debug shows the traceback)")
     with pytest.raises(KeyError):
@@ -239,7 +239,7 @@ def test_estimate_calls_the_estimator_or_says_it_is_missing(monkeypatch, capsys)
     import types
 
     calls = []
-    module = types.ModuleType("hf_memopt.estimate")
+    module = types.ModuleType("hf_memopt.tools.estimate")
 
     def estimate_memory(config_or_id, method, rank, batch, seq, **kwargs):
         calls.append((config_or_id, method, rank, batch, seq, kwargs))
@@ -249,7 +249,7 @@ def test_estimate_calls_the_estimator_or_says_it_is_missing(monkeypatch, capsys)
 
     module.estimate_memory = estimate_memory
     module.format_estimate = lambda result: f"estimate {result}"
-    monkeypatch.setitem(sys.modules, "hf_memopt.estimate", module)
+    monkeypatch.setitem(sys.modules, "hf_memopt.tools.estimate", module)
     argv = [
         "estimate",
         "--model",
@@ -269,10 +269,10 @@ def test_estimate_calls_the_estimator_or_says_it_is_missing(monkeypatch, capsys)
     assert main(["estimate", "--model", "x", "--method", "bad"]) == 2
     assert capsys.readouterr().err.strip() == "hf-memopt: error: unknown method 'bad'"
 
-    monkeypatch.setitem(sys.modules, "hf_memopt.estimate", None)  # import fails
+    monkeypatch.setitem(sys.modules, "hf_memopt.tools.estimate", None)  # import fails
     assert main(["estimate", "--model", "x", "--method", "galore"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "hf_memopt.estimate" in err[0]
+    assert len(err) == 1 and "hf_memopt.tools.estimate" in err[0]
 
 
 def test_train_glue_recipe_end_to_end(tmp_path, capsys):
@@ -354,7 +354,7 @@ def test_train_prints_memory_beside_the_losses_without_library_noise(tmp_path):
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "hf_memopt.cli", "train", RTE, "--no-progress", *as_args(sets)],
+        [sys.executable, "-m", "hf_memopt.tools.cli", "train", RTE, "--no-progress", *as_args(sets)],
         capture_output=True,
         text=True,
         env=env,
@@ -380,7 +380,7 @@ def test_train_instruct_recipe_with_a_tiny_llama(tmp_path, capsys):
     from conftest import tiny_llama
     from transformers import AutoTokenizer
 
-    from hf_memopt.recipes.models import minilm_path
+    from hf_memopt.tools.recipes.models import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())  # no chat template: run_instruct adds ChatML
     model_dir = tmp_path / "tiny"

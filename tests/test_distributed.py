@@ -152,7 +152,7 @@ def _steps(case: str) -> int:
 
 def _communication(trainer) -> dict:
     """Layer-wise GaLore's or BlockLLM's byte counters (bytes this rank all-reduced, and what DDP would have)."""
-    from hf_memopt.optim_state import unwrap_optimizer
+    from hf_memopt.shared.optim_state import unwrap_optimizer
 
     optimizer = unwrap_optimizer(trainer.optimizer)
     counter = getattr(optimizer, "layerwise", None) or optimizer
@@ -179,7 +179,7 @@ class _SwitchOffAveraging(TrainerCallback):
     """``on_train_begin`` (the optimizer exists by then): each rank steps with its own gradients."""
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        from hf_memopt.optim_state import unwrap_optimizer
+        from hf_memopt.shared.optim_state import unwrap_optimizer
 
         optimizer = unwrap_optimizer(optimizer)
         target = optimizer.layerwise if getattr(optimizer, "layerwise", None) is not None else optimizer

@@ -1,4 +1,4 @@
-"""The memory estimator: predictions from the config alone agree with what hf_memopt.memory measures in training.
+"""The memory estimator: predictions from the config alone agree with what hf_memopt.tools.memory measures in training.
 
 One table of (method, tiny model, options): each row trains a few steps with a ``MemoryReportCallback`` and compares
 every component (parameters, gradients, optimizer state, activations) with ``estimate_memory`` on the saved config.
@@ -13,8 +13,8 @@ from conftest import TokenDataset, tiny_bert_classifier, tiny_llama, training_ar
 from transformers import Trainer
 
 from hf_memopt import METHODS, MemoryReportCallback, attach
-from hf_memopt.estimate import estimate_memory, format_estimate, load_model_config
-from hf_memopt.memory import MemoryBreakdown, format_breakdown_table, tensor_bytes
+from hf_memopt.tools.estimate import estimate_memory, format_estimate, load_model_config
+from hf_memopt.tools.memory import MemoryBreakdown, format_breakdown_table, tensor_bytes
 
 TOLERANCE = 0.15
 PARTS = ("parameters", "gradients", "optimizer_state", "activations")
@@ -184,7 +184,7 @@ def test_estimate_matches_measurement_on_llama_20m(tmp_path):
     """The docs' table (docs/estimator.md): LLaMA-20M, batch 2 x 128, 2 steps per method; prints both tables."""
     from transformers import LlamaForCausalLM
 
-    from hf_memopt.recipes.models import llama_config
+    from hf_memopt.tools.recipes.models import llama_config
 
     rows = [
         ("adamw", {}, "adamw_torch"),

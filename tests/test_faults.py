@@ -20,11 +20,11 @@ from transformers import Trainer, TrainerCallback
 from hf_memopt import BlockLLMConfig, GaLoreConfig, LoQTConfig, ZOConfig, attach
 from hf_memopt.blockllm import create_blockllm_optimizer
 from hf_memopt.blockllm.optimizer import BlockLLMAdamW
-from hf_memopt.faults import NonFiniteError, SkipCounter, all_finite, skip_counter_of
+from hf_memopt.core.attach import OptimizerHyperparameters
 from hf_memopt.galore import GaLoreAdamW
-from hf_memopt.integration import OptimizerHyperparameters
 from hf_memopt.loqt import LoQTCallback, convert_to_loqt
-from hf_memopt.optim_state import unwrap_optimizer
+from hf_memopt.shared.faults import NonFiniteError, SkipCounter, all_finite, skip_counter_of
+from hf_memopt.shared.optim_state import unwrap_optimizer
 from hf_memopt.zo.perturb import perturbation
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

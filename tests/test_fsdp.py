@@ -167,8 +167,8 @@ def _galore_on_fsdp2_shards() -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from hf_memopt import GaLoreConfig
+    from hf_memopt.core.attach import OptimizerHyperparameters
     from hf_memopt.galore.builder import create_galore_optimizer
-    from hf_memopt.integration import OptimizerHyperparameters
 
     model = tiny_llama(seed=3)
     fully_shard(model)
@@ -350,14 +350,14 @@ def _fake_deepspeed_trainer(ds_config: dict, **args):
 )
 def test_zero0_with_fp16_or_bf16_is_a_different_engine(ds_extra, args, engine):
     """DeepSpeed wraps the optimizer in its mixed-precision optimizer (flat fp32 copies) at stage 0 with fp16/bf16."""
-    from hf_memopt.distributed import detect_engine
+    from hf_memopt.shared.parallel import detect_engine
 
     assert detect_engine(_fake_deepspeed_trainer({"zero_optimization": {"stage": 0}, **ds_extra}, **args)) == engine
 
 
 def test_galore_refuses_zero0_with_bf16_and_names_the_engine_that_works():
     from hf_memopt import METHODS, GaLoreConfig
-    from hf_memopt.distributed import check_engine_supported
+    from hf_memopt.shared.parallel import check_engine_supported
 
     trainer = _fake_deepspeed_trainer({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}})
     with pytest.raises(NotImplementedError, match="ZeRO-0 with fp16/bf16") as err:
@@ -366,7 +366,7 @@ def test_galore_refuses_zero0_with_bf16_and_names_the_engine_that_works():
 
 
 def test_register_method_rejects_an_unknown_engine():
-    from hf_memopt.registry import METHODS, register_method
+    from hf_memopt.core.registry import METHODS, register_method
 
     with pytest.raises(ValueError, match="engines"):
         register_method("not_a_method", type("NotAConfig", (), {}), lambda t, c: None, "x", engines=frozenset({"tp"}))

@@ -12,10 +12,10 @@ from transformers import Trainer
 
 import hf_memopt
 from hf_memopt import GaLoreConfig, MemoryReportCallback, attach
+from hf_memopt.core.attach import OptimizerHyperparameters
 from hf_memopt.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, create_galore_optimizer
-from hf_memopt.integration import OptimizerHyperparameters
-from hf_memopt.memory import optimizer_state_bytes
 from hf_memopt.shared.projector import low_rank_svd, project, project_back, projection_sides, refresh_projector
+from hf_memopt.tools.memory import optimizer_state_bytes
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -619,7 +619,7 @@ def test_attach_works_on_trainer_subclasses(tmp_path):
     trainer = MyTrainer(model=tiny_llama(), args=training_args(tmp_path, max_steps=2), train_dataset=TokenDataset())
     attach(trainer, GaLoreConfig(rank=4, target_modules=LLAMA_TARGETS))
     trainer.train()
-    assert hf_memopt.integration.attached_configs(trainer)[0].rank == 4
+    assert hf_memopt.core.attach.attached_configs(trainer)[0].rank == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from hf_memopt.recipes.data import GLUE_TASKS
-from hf_memopt.recipes.metrics import METRIC_FUNCTIONS, glue_compute_metrics, load_glue_metric
+from hf_memopt.tools.recipes.data import GLUE_TASKS
+from hf_memopt.tools.recipes.metrics import METRIC_FUNCTIONS, glue_compute_metrics, load_glue_metric
 
 
 def _confusion(pred, ref):

@@ -195,7 +195,7 @@ def test_the_composed_section_takes_the_min_memory_recipe_when_it_exists(tmp_pat
         def no_trl(*args, **kwargs):
             raise ModuleNotFoundError("No module named 'trl'")
 
-        monkeypatch.setattr("hf_memopt.recipes.recipe.load_recipe", no_trl)
+        monkeypatch.setattr("hf_memopt.tools.recipes.recipe.load_recipe", no_trl)
     setup = gpu_check.composed_setup(_ctx(tmp_path))
     velora, loqt = setup["configs"]
     assert type(velora).__name__ == "VeLoRAConfig" and velora.target_modules == ["down_proj"]

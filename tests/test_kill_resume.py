@@ -4,7 +4,7 @@ ends with the same parameters, buffers and logged losses as a run that was never
 The worker is this file's ``__main__``: it trains one case of :data:`CASES` with ``save_steps=SAVE_STEPS`` and a
 callback that writes a marker file at the kill step. The test starts it as a subprocess, waits for the marker, sends
 SIGKILL at once (the worker keeps training meanwhile, so the kill may land in a later step or in the middle of writing
-a checkpoint), resumes in this process from :func:`hf_memopt.checkpoints.last_complete_checkpoint` into the same
+a checkpoint), resumes in this process from :func:`hf_memopt.tools.checkpoints.last_complete_checkpoint` into the same
 output folder, and compares with a straight run. The kill step is drawn from a generator seeded per case.
 
 A second worker mode stops inside ``Trainer._save_checkpoint`` (after the optimizer and scheduler files, before the RNG
@@ -36,7 +36,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_memopt import BlockLLMConfig, GaLoreConfig, LoQTConfig, ZOConfig, attach
-from hf_memopt.checkpoints import is_complete_checkpoint, last_complete_checkpoint
+from hf_memopt.tools.checkpoints import is_complete_checkpoint, last_complete_checkpoint
 
 SAVE_STEPS = 3
 MAX_STEPS = 40

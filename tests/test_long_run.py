@@ -5,7 +5,7 @@ every ``SAMPLE`` optimizer updates at ``on_step_end``, after the first projector
   unique storages are exactly constant (BlockLLM: after setting aside the per-parameter optimizer state, whose size
   follows the current selection; that state must belong to selected blocks only);
 * the tensors reachable from the model (parameters with quantization state, buffers, gradients) and the optimizer
-  state, in bytes, likewise exactly constant (``hf_memopt.memory``);
+  state, in bytes, likewise exactly constant (``hf_memopt.tools.memory``);
 * the number of hooks on the model's modules and parameters is constant;
 * every list, dict or set held by hf_memopt's optimizers and callbacks (and the objects they own) comes back, in the
   last third of the run, to a size it had in the first third (one that grows per update never does), and each log
@@ -42,10 +42,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from hf_memopt import METHODS, BlockLLMConfig, GaLoreConfig, LoQTConfig, VeLoRAConfig, ZOConfig, attach
-from hf_memopt.memory import buffer_bytes, gradient_bytes, optimizer_state_bytes, parameter_bytes, tensor_bytes
-from hf_memopt.optim_state import unwrap_optimizer
-from hf_memopt.registry import method_name_of
-from hf_memopt.timing import StepTimerCallback
+from hf_memopt.core.registry import method_name_of
+from hf_memopt.shared.optim_state import unwrap_optimizer
+from hf_memopt.tools.memory import buffer_bytes, gradient_bytes, optimizer_state_bytes, parameter_bytes, tensor_bytes
+from hf_memopt.tools.timing import StepTimerCallback
 
 PERIOD = 10  # updates between GaLore refreshes and LoQT merges
 SAMPLE = 50  # updates between measurements; the first sample is the warm-up baseline

@@ -12,9 +12,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 from hf_memopt import MemoryReportCallback, attach
-from hf_memopt.estimate import estimate_memory
 from hf_memopt.loqt import LoQTConfig, LoQTLinear, loqt_layers, quantize_with_error_compensation
 from hf_memopt.loqt.quant import dequantize, quantize
+from hf_memopt.tools.estimate import estimate_memory
 
 QUANTS = ["nf4", "fp4", "int8", None]
 

@@ -8,7 +8,7 @@ from conftest import TokenDataset, tiny_llama, training_args
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_memopt.memory import (
+from hf_memopt.tools.memory import (
     GradientMeter,
     MemoryBreakdown,
     MemoryReportCallback,

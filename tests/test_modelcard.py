@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from transformers import Trainer
 
 from hf_memopt import GaLoreConfig, MemoryReportCallback, VeLoRAConfig, attach
-from hf_memopt.modelcard import ModelCardCallback, build_model_card, install_model_card
+from hf_memopt.tools.modelcard import ModelCardCallback, build_model_card, install_model_card
 
 BASE = "hf-internal-testing/tiny-random-LlamaForCausalLM"
 

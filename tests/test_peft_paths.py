@@ -16,7 +16,7 @@ from transformers import Trainer
 
 from hf_memopt import BlockLLMConfig, GaLoreConfig, LoQTConfig, VeLoRAConfig, ZOConfig, attach
 from hf_memopt.galore.builder import galore_target_parameters
-from hf_memopt.targeting import match_target_modules
+from hf_memopt.shared.targeting import match_target_modules
 from hf_memopt.velora.targets import PEFT_VELORA
 
 peft = pytest.importorskip("peft")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import hf_memopt  # noqa: F401  (registers every method)
-from hf_memopt.recipes.recipe import BASELINE, RecipeError, coerce, load_recipe, method_configs
-from hf_memopt.registry import METHODS
+from hf_memopt.core.registry import METHODS
+from hf_memopt.tools.recipes.recipe import BASELINE, RecipeError, coerce, load_recipe, method_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*/*.yaml") if p.name != "defaults.yaml")
@@ -196,7 +196,7 @@ def test_defaults_loop_and_missing_file_are_reported(tmp_path):
 def test_glue_source_selects_bundled_or_hub(monkeypatch):
     import datasets
 
-    from hf_memopt.recipes.data import load_glue
+    from hf_memopt.tools.recipes.data import load_glue
 
     bundled = load_glue("rte", "dev", limit=3, source="bundled")
     assert bundled.column_names == ["text_a", "label", "text_b"] and len(bundled) == 3
@@ -216,8 +216,8 @@ def test_c4_source_streams_until_the_token_budget(monkeypatch):
     import datasets
     from transformers import AutoTokenizer
 
-    from hf_memopt.recipes.models import minilm_path
-    from hf_memopt.recipes.pretrain import lm_blocks
+    from hf_memopt.tools.recipes.models import minilm_path
+    from hf_memopt.tools.recipes.pretrain import lm_blocks
 
     served = []
 
@@ -239,8 +239,8 @@ def test_c4_source_streams_until_the_token_budget(monkeypatch):
 
 
 def test_alpaca_records_become_prompt_completion_pairs(tmp_path):
-    from hf_memopt.recipes.data import load_alpaca
-    from hf_memopt.recipes.instruct import alpaca_to_prompt_completion
+    from hf_memopt.tools.recipes.data import load_alpaca
+    from hf_memopt.tools.recipes.instruct import alpaca_to_prompt_completion
 
     record = {"instruction": "Add.", "input": "2 + 2", "output": "4"}
     assert alpaca_to_prompt_completion(record) == {
@@ -259,9 +259,9 @@ def test_pretraining_blocks_tokenize_long_text_without_a_length_warning(tmp_path
     from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from hf_memopt.recipes.data import load_text
-    from hf_memopt.recipes.models import minilm_path
-    from hf_memopt.recipes.pretrain import lm_blocks
+    from hf_memopt.tools.recipes.data import load_text
+    from hf_memopt.tools.recipes.models import minilm_path
+    from hf_memopt.tools.recipes.pretrain import lm_blocks
 
     class Record(logging.Handler):
         def __init__(self):

@@ -10,9 +10,9 @@ from conftest import TokenDataset, tiny_llama
 from torch import nn
 
 from hf_memopt import GaLoreConfig
-from hf_memopt.faults import install_skip_counter
+from hf_memopt.core.attach import OptimizerHyperparameters
 from hf_memopt.galore import create_galore_optimizer
-from hf_memopt.integration import OptimizerHyperparameters
+from hf_memopt.shared.faults import install_skip_counter
 from hf_memopt.shared.layerwise import OptimizerStepRule, PerParameterUpdates
 from hf_memopt.shared.modules import mark_rewritten, rewritten_by, unmark_rewritten
 

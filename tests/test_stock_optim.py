@@ -1,6 +1,6 @@
 """The stock ``TrainingArguments(optim="galore_*")`` names: rerouting, transformers' target rule, rank cap, fallbacks.
 
-The private transformers names the stock path reads (``hf_memopt.compat``) are pinned here against the installed
+The private transformers names the stock path reads (``hf_memopt.core.compat``) are pinned here against the installed
 version, so an upgrade that changes one fails loudly in this file.
 """
 
@@ -18,13 +18,14 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import hf_memopt
-from hf_memopt import GaLoreConfig, attach, compat
-from hf_memopt.compat import TRANSFORMERS_TESTED, decay_rule, optimizer_handlers, target_module_rule
-from hf_memopt.faults import NonFiniteError
+from hf_memopt import GaLoreConfig, attach
+from hf_memopt.core import compat
+from hf_memopt.core.compat import TRANSFORMERS_TESTED, decay_rule, optimizer_handlers, target_module_rule
 from hf_memopt.galore import stock
 from hf_memopt.galore.optimizer import GaLoreAdamW
 from hf_memopt.galore.stock import STOCK_GALORE_NAMES, reroute_stock_galore_names, stock_target_parameters
-from hf_memopt.optim_state import unwrap_optimizer
+from hf_memopt.shared.faults import NonFiniteError
+from hf_memopt.shared.optim_state import unwrap_optimizer
 
 CAP_MESSAGE = "exceeds the smaller side"
 
@@ -49,7 +50,7 @@ def projected_ranks(optimizer) -> dict[tuple[int, ...], int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The private names (hf_memopt.compat), pinned against the installed transformers
+# The private names (hf_memopt.core.compat), pinned against the installed transformers
 
 
 def test_installed_transformers_is_in_the_tested_range_and_its_handler_table_has_the_tested_shape():

@@ -13,7 +13,7 @@ from transformers import Trainer
 from transformers.pytorch_utils import Conv1D
 
 from hf_memopt import GaLoreConfig, LoQTConfig, attach
-from hf_memopt.targeting import head_module_names, match_target_modules
+from hf_memopt.shared.targeting import head_module_names, match_target_modules
 
 SMALL = dict(hidden_size=32, intermediate_size=72, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
 
@@ -153,8 +153,8 @@ def test_rank_8_attaches_and_trains_on_a_sequence_classifier(tmp_path, config, o
 
 
 def test_estimate_cli_galore_on_minilm_leaves_the_classifier_out(capsys):
-    from hf_memopt.cli import main
-    from hf_memopt.estimate import estimate_memory
+    from hf_memopt.tools.cli import main
+    from hf_memopt.tools.estimate import estimate_memory
 
     result = estimate_memory("minilm", "galore", seq=8)
     assert "classifier" not in result["targets"]
@@ -174,7 +174,7 @@ def test_fp16_on_cpu_warns_once_and_trains_exactly_as_float32(tmp_path, caplog, 
         trainer = Trainer(
             model=model, args=training_args(tmp_path, fp16=fp16, max_steps=2), train_dataset=TokenDataset()
         )
-        with caplog.at_level(logging.WARNING, logger="hf_memopt.integration"):
+        with caplog.at_level(logging.WARNING, logger="hf_memopt.core.attach"):
             caplog.clear()
             attach(trainer, GaLoreConfig(rank=4))
         warned = [r for r in caplog.records if "fp16=True has no effect on CPU" in r.getMessage()]
@@ -187,12 +187,12 @@ def test_fp16_on_cpu_warns_once_and_trains_exactly_as_float32(tmp_path, caplog, 
 
 @pytest.mark.parametrize("path", ["stock-optim-name", "recipe-run-without-method"])
 def test_fp16_on_cpu_is_said_on_the_paths_that_do_not_attach(tmp_path, caplog, path):
-    from hf_memopt.recipes.result import train_and_measure
+    from hf_memopt.tools.recipes.result import train_and_measure
 
     overrides = {"optim": "galore_adamw", "optim_target_modules": ["q_proj"]} if path.startswith("stock") else {}
     args = training_args(tmp_path, fp16=True, max_steps=1, **overrides)
     trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset())
-    with caplog.at_level(logging.WARNING, logger="hf_memopt.integration"):
+    with caplog.at_level(logging.WARNING, logger="hf_memopt.core.attach"):
         if path.startswith("stock"):
             trainer.create_optimizer()
         else:

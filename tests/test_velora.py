@@ -11,7 +11,7 @@ from torch import nn
 from transformers import Trainer
 
 from hf_memopt import GaLoreConfig, MemoryReportCallback, attach
-from hf_memopt.integration import attached_configs
+from hf_memopt.core.registry import attached_configs
 from hf_memopt.velora import (
     VeLoRAConfig,
     apply_velora,

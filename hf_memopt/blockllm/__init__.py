@@ -4,7 +4,7 @@ from hf_memopt.blockllm.blocks import Block, build_blocks, select_blocks
 from hf_memopt.blockllm.builder import BlockLLMCallback, build_blockllm, create_blockllm_optimizer
 from hf_memopt.blockllm.config import BlockLLMConfig
 from hf_memopt.blockllm.optimizer import BlockLLMAdamW, BlockLLMAdamW8bit
-from hf_memopt.registry import register_method
+from hf_memopt.core.registry import register_method
 
 __all__ = [
     "Block",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hf_memopt.integration import trainable_parameters
+from hf_memopt.core.attach import trainable_parameters
 
 __all__ = ["Block", "build_blocks", "embedding_parameter_ids", "select_blocks", "selection_budget"]
 

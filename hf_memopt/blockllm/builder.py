@@ -17,9 +17,9 @@ from hf_memopt.blockllm.optimizer import (
     _BlockLLMOptimizer,
     unwrap_blockllm_optimizer,
 )
-from hf_memopt.ddp import keep_model_out_of_ddp
-from hf_memopt.faults import install_fault_reporting, out_of_memory_advice
-from hf_memopt.integration import OptimizerHyperparameters, install_method_optimizer, no_decay_parameter_names
+from hf_memopt.core.attach import OptimizerHyperparameters, install_method_optimizer, no_decay_parameter_names
+from hf_memopt.shared.faults import install_fault_reporting, out_of_memory_advice
+from hf_memopt.shared.parallel import keep_model_out_of_ddp
 
 __all__ = ["BlockLLMCallback", "build_blockllm", "create_blockllm_optimizer", "prepare_blockllm_model"]
 
@@ -226,6 +226,6 @@ def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
 
     if trainer.args.world_size > 1:
         # DDP fixes its buckets from requires_grad at wrap time, which every re-selection changes: the optimizer
-        # averages the selected gradients itself (hf_memopt/ddp.py)
+        # averages the selected gradients itself (hf_memopt/shared/parallel.py)
         keep_model_out_of_ddp(trainer)
     install_method_optimizer(trainer, create_blockllm_optimizer, config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_memopt.validation import check_bool, check_choice, check_float, check_int
+from hf_memopt.shared.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["BLOCKLLM_OPTIMIZERS", "BLOCK_GRANULARITIES", "SELECTION_SOURCES", "BlockLLMConfig"]
 
@@ -59,7 +59,7 @@ class BlockLLMConfig:
             every step either way.
         max_consecutive_skips: an optimizer update with a non-finite (NaN/Inf) gradient is skipped whole (nothing
             changes) and logged; after this many skipped in a row the next one stops training with a clear error,
-            >= 0 (0: stop at the first). See ``hf_memopt.faults``.
+            >= 0 (0: stop at the first). See ``hf_memopt.shared.faults``.
     """
 
     sparsity: float = field(

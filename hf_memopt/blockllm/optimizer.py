@@ -26,7 +26,7 @@ whether the next step is a scoring step, the stored norms and which blocks explo
 ``optimizer.pt`` reloads with ``torch.load(weights_only=True)``.
 
 Under data parallelism (``distributed``: by default, whether a multi-rank process group runs; the builder keeps the
-model out of DDP, see ``hf_memopt/ddp.py``) the optimizer averages what it uses across ranks itself, so every rank
+model out of DDP, see ``hf_memopt/shared/parallel.py``) the optimizer averages what it uses across ranks itself, so every rank
 takes the same decisions from the global batch's gradient:
 
 * an update averages the selected blocks' gradients only (:meth:`average_gradients`: a few flat buckets, one
@@ -50,13 +50,18 @@ from typing import Any
 
 import torch
 
-from hf_memopt.adam8bit import adam_8bit_direction, init_8bit_moments
 from hf_memopt.blockllm.blocks import Block, select_blocks
 from hf_memopt.blockllm.config import SELECTION_SOURCES
-from hf_memopt.ddp import all_reduce_mean_, is_distributed
-from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, all_finite, install_skip_counter, out_of_memory_advice
-from hf_memopt.optim_state import keep_state_dtypes_on_load, unwrap_optimizer
-from hf_memopt.validation import check_choice, check_int
+from hf_memopt.shared.adam8bit import adam_8bit_direction, init_8bit_moments
+from hf_memopt.shared.faults import (
+    DEFAULT_MAX_CONSECUTIVE_SKIPS,
+    all_finite,
+    install_skip_counter,
+    out_of_memory_advice,
+)
+from hf_memopt.shared.optim_state import keep_state_dtypes_on_load, unwrap_optimizer
+from hf_memopt.shared.parallel import all_reduce_mean_, is_distributed
+from hf_memopt.shared.validation import check_choice, check_int
 
 __all__ = ["BlockLLMAdamW", "BlockLLMAdamW8bit"]
 
@@ -84,7 +89,7 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         trainable_numel: parameters trainable before BlockLLM froze embeddings and head, for the reported fraction
             of all trainable parameters; ``None``: the selectable ones.
         max_consecutive_skips: an update with a non-finite gradient in a selected block is skipped whole; after this
-            many in a row the next one raises (``hf_memopt.faults``).
+            many in a row the next one raises (``hf_memopt.shared.faults``).
         distributed: average gradients and losses across ranks (module docstring); ``None``: whether a multi-rank
             process group runs.
     """

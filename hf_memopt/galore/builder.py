@@ -10,20 +10,20 @@ from torch import nn
 from transformers import Trainer
 from transformers.pytorch_utils import Conv1D
 
-from hf_memopt.ddp import keep_model_out_of_ddp
-from hf_memopt.faults import install_fault_reporting
-from hf_memopt.galore.config import GaLoreConfig
-from hf_memopt.galore.layerwise import LayerwiseUpdates
-from hf_memopt.galore.optimizer import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, _GaLoreOptimizer
-from hf_memopt.integration import (
+from hf_memopt.core.attach import (
     OptimizerHyperparameters,
     install_method_optimizer,
     no_decay_parameter_names,
     trainable_parameters,
 )
-from hf_memopt.optim_state import unwrap_optimizer
+from hf_memopt.galore.config import GaLoreConfig
+from hf_memopt.galore.layerwise import LayerwiseUpdates
+from hf_memopt.galore.optimizer import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, _GaLoreOptimizer
+from hf_memopt.shared.faults import install_fault_reporting
 from hf_memopt.shared.layerwise import LayerwiseGradNormCallback
-from hf_memopt.targeting import match_target_modules
+from hf_memopt.shared.optim_state import unwrap_optimizer
+from hf_memopt.shared.parallel import keep_model_out_of_ddp
+from hf_memopt.shared.targeting import match_target_modules
 
 __all__ = ["build_galore", "capped_ranks", "create_galore_optimizer", "galore_target_parameters"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_memopt.targeting import validate_target_modules
-from hf_memopt.validation import check_bool, check_choice, check_float, check_int
+from hf_memopt.shared.targeting import validate_target_modules
+from hf_memopt.shared.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["GALORE_OPTIMIZERS", "PROJ_TYPES", "SVD_METHODS", "GaLoreConfig"]
 
@@ -30,7 +30,7 @@ class GaLoreConfig:
         proj_type: ``std`` projects the smaller side (right when m >= n), ``reverse_std`` the larger one, ``left``,
             ``right``, or ``full`` (both sides, R = P^T G Q).
         target_modules: names, a regex, or ``"all-linear"`` (every Linear and Conv1D except the output embedding
-            and the task head, as peft; see ``hf_memopt.targeting``). Linear, Embedding and GPT-2 Conv1D weights can
+            and the task head, as peft; see ``hf_memopt.shared.targeting``). Linear, Embedding and GPT-2 Conv1D weights can
             be targeted; other trainable parameters get the base optimizer without projection.
         optimizer: the base optimizer: ``adamw``, ``adamw_8bit`` (bitsandbytes block-wise 8-bit states) or
             ``adafactor``.
@@ -49,7 +49,7 @@ class GaLoreConfig:
         seed: seed of the random start of the first refresh (``subspace`` only), so runs are reproducible.
         max_consecutive_skips: an optimizer update with a non-finite (NaN/Inf) gradient is skipped whole (nothing
             changes) and logged; after this many skipped in a row the next one stops training with a clear error,
-            >= 0 (0: stop at the first). See ``hf_memopt.faults``.
+            >= 0 (0: stop at the first). See ``hf_memopt.shared.faults``.
     """
 
     rank: int = field(

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from hf_memopt.adam8bit import BLOCK_SIZE, adam_8bit_direction, adam_32bit_direction, init_8bit_moments
-from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
 from hf_memopt.galore.layerwise import LayerwiseUpdates
-from hf_memopt.optim_state import keep_state_dtypes_on_load
+from hf_memopt.shared.adam8bit import BLOCK_SIZE, adam_8bit_direction, adam_32bit_direction, init_8bit_moments
+from hf_memopt.shared.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
+from hf_memopt.shared.optim_state import keep_state_dtypes_on_load
 from hf_memopt.shared.projector import project, project_back, projection_sides, refresh_projector
 
 __all__ = ["GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit"]
@@ -67,7 +67,7 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             window. Defaults to accelerate's ``GradientState().sync_gradients``, which ``Trainer`` sets per micro-batch.
         parameter_names: ``{parameter: name}``, used in messages.
         max_consecutive_skips: updates with a non-finite gradient are skipped whole (no moment, projector, step
-            counter or parameter changes); after this many in a row the next one raises (``hf_memopt.faults``).
+            counter or parameter changes); after this many in a row the next one raises (``hf_memopt.shared.faults``).
     """
 
     def __init__(
@@ -305,7 +305,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
     Tensors (projected or not) with at least ``min_8bit_size`` elements keep uint8 moments with one absmax per
     256-element block, updated by bitsandbytes' fused kernel (CPU and CUDA). Smaller ones keep full-precision moments
     (float32; float64 for float64 weights) and take bitsandbytes' own 32-bit Adam update (``optimizer_update_32bit``),
-    whose eps convention differs from GaLoreAdamW's (``hf_memopt.adam8bit.adam_32bit_direction``: eps is added to
+    whose eps convention differs from GaLoreAdamW's (``hf_memopt.shared.adam8bit.adam_32bit_direction``: eps is added to
     sqrt(v_hat), not sqrt(v)). Groups without ``rank`` therefore step as ``bitsandbytes.optim.AdamW8bit`` does, large
     and small tensors alike (tested).
     """

@@ -1,6 +1,6 @@
 """Reroute transformers' stock ``optim="galore_*"`` names to hf_memopt's GaLore (done once, at ``import hf_memopt``).
 
-transformers dispatches ``TrainingArguments.optim`` through a private handler table (see :mod:`hf_memopt.compat`);
+transformers dispatches ``TrainingArguments.optim`` through a private handler table (see :mod:`hf_memopt.core.compat`);
 its GaLore handlers import ``galore_torch`` and pass only ``lr`` on. The rerouted handler keeps what the stock names
 promise a user of galore-torch:
 
@@ -27,12 +27,12 @@ from typing import Any
 
 from torch import nn
 
-from hf_memopt import compat
-from hf_memopt.compat import STOCK_GALORE_NAMES, decay_rule, target_module_rule
+from hf_memopt.core import compat
+from hf_memopt.core.attach import OptimizerHyperparameters, _ModelOptimizerFactory, warn_ignored_fp16
+from hf_memopt.core.compat import STOCK_GALORE_NAMES, decay_rule, target_module_rule
 from hf_memopt.galore.builder import check_layerwise_supported, create_galore_optimizer
 from hf_memopt.galore.config import GaLoreConfig
-from hf_memopt.integration import OptimizerHyperparameters, _ModelOptimizerFactory, warn_ignored_fp16
-from hf_memopt.targeting import ALL_LINEAR
+from hf_memopt.shared.targeting import ALL_LINEAR
 
 __all__ = ["STOCK_GALORE_NAMES", "config_from_optim_args", "reroute_stock_galore_names", "stock_target_parameters"]
 
@@ -108,7 +108,7 @@ def stock_target_parameters(model: nn.Module, target_modules: str | list[str], o
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
-    """Biases and normalisation weights, by the Trainer's rule (through :func:`hf_memopt.compat.decay_rule`)."""
+    """Biases and normalisation weights, by the Trainer's rule (through :func:`hf_memopt.core.compat.decay_rule`)."""
     rule, reason = decay_rule()
     if rule is None:
         raise RuntimeError(f"cannot apply the Trainer's weight-decay rule without a Trainer: {reason}")

@@ -1,5 +1,6 @@
 """LoQT: low-rank adapters for quantized pretraining (https://arxiv.org/abs/2405.16528)."""
 
+from hf_memopt.core.registry import register_method
 from hf_memopt.loqt.builder import (
     LoQTCallback,
     build_loqt,
@@ -10,7 +11,6 @@ from hf_memopt.loqt.builder import (
 )
 from hf_memopt.loqt.config import LoQTConfig
 from hf_memopt.loqt.layer import LoQTLinear, quantize_with_error_compensation
-from hf_memopt.registry import register_method
 
 __all__ = [
     "LoQTCallback",

@@ -5,7 +5,7 @@ checkpoint (``_save_checkpoint`` -> ``save_model`` -> ``save_pretrained``, safet
 Trainer's own ``load_state_dict``. Everything a *user* saves (``trainer.save_model``, ``model.save_pretrained``,
 ``push_to_hub``) is a plain Hugging Face model instead: the LoQT layers are swapped for ``nn.Linear`` layers holding
 W_q + s P B, dequantized to the model's dtype, for the duration of the save (the plain form registered with
-:func:`hf_memopt.saving.register_plain_save`, shared with VeLoRA so both apply when the two are attached).
+:func:`hf_memopt.shared.saving.register_plain_save`, shared with VeLoRA so both apply when the two are attached).
 """
 
 from __future__ import annotations
@@ -19,22 +19,22 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_memopt.ddp import broadcast_from_rank0_, is_distributed, keep_model_out_of_ddp
-from hf_memopt.faults import (
+from hf_memopt.loqt.config import LoQTConfig
+from hf_memopt.loqt.layer import LoQTLinear
+from hf_memopt.shared.faults import (
     all_finite,
     install_fault_reporting,
     install_skip_counter,
     out_of_memory_advice,
     skip_counter_of,
 )
-from hf_memopt.loqt.config import LoQTConfig
-from hf_memopt.loqt.layer import LoQTLinear
-from hf_memopt.optim_state import unwrap_optimizer
-from hf_memopt.saving import register_plain_save
 from hf_memopt.shared.layerwise import LayerwiseGradNormCallback, OptimizerStepRule, PerParameterUpdates
 from hf_memopt.shared.modules import rewritten_by
+from hf_memopt.shared.optim_state import unwrap_optimizer
+from hf_memopt.shared.parallel import broadcast_from_rank0_, is_distributed, keep_model_out_of_ddp
 from hf_memopt.shared.projector import projection_sides
-from hf_memopt.targeting import match_target_modules, refuse_peft_model
+from hf_memopt.shared.saving import register_plain_save
+from hf_memopt.shared.targeting import match_target_modules, refuse_peft_model
 
 __all__ = [
     "LoQTCallback",
@@ -151,7 +151,7 @@ def save_plain_pretrained(model: nn.Module, save_directory, *args, **kwargs):
 
 
 def _plain_form(model: nn.Module, save_kwargs: dict) -> contextlib.AbstractContextManager:
-    """LoQT's plain form for :func:`~hf_memopt.saving.register_plain_save`: merged ``nn.Linear`` layers."""
+    """LoQT's plain form for :func:`~hf_memopt.shared.saving.register_plain_save`: merged ``nn.Linear`` layers."""
     if save_kwargs.get("state_dict") is not None:
         raise ValueError("a LoQT model saves its merged weights itself; do not pass state_dict to save_pretrained")
     save_kwargs.pop("state_dict", None)
@@ -169,7 +169,7 @@ class LoQTCallback(TrainerCallback):
       merges W <- Q(W_q + s P B), takes its new P, sets B (zero or error compensation); B's optimizer state is dropped
       (``optimizer_state_on_merge="reset"``) or kept.
     * ``on_train_begin``: drops the full-precision copies kept for the initialisation when a checkpoint was loaded.
-    * ``on_pre_optimizer_step`` (faults, ``hf_memopt.faults``): when a gradient is non-finite (B's, another trained
+    * ``on_pre_optimizer_step`` (faults, ``hf_memopt.shared.faults``): when a gradient is non-finite (B's, another trained
       parameter's, or a layer's collected weight gradient) the update is skipped whole: every gradient is dropped, so
       the stock optimizer leaves parameters and moments alone, and a merge due at this update is not done (W_q and P
       never see the non-finite values) but retried at the next update. A retry pending across a checkpoint is not

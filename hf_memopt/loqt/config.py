@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_memopt.targeting import validate_target_modules
-from hf_memopt.validation import check_bool, check_choice, check_float, check_int
+from hf_memopt.shared.targeting import validate_target_modules
+from hf_memopt.shared.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["LOQT_PROJ_TYPES", "LOQT_QUANT_TYPES", "MERGE_SCHEDULES", "MOMENT_POLICIES", "SVD_METHODS", "LoQTConfig"]
 
@@ -57,7 +57,7 @@ class LoQTConfig:
         proj_type: side of the gradient projection, as GaLore: ``std`` puts P on the smaller side of the weight,
             ``reverse_std`` on the larger, ``left`` (P is m x r, B is r x n) or ``right`` (B is m x r, P is r x n).
         target_modules: names, a regex, or ``"all-linear"`` (every Linear except the output embedding
-            and the task head, as peft; see ``hf_memopt.targeting``).
+            and the task head, as peft; see ``hf_memopt.shared.targeting``).
         svd_method: how P is found from the gradient: ``exact`` (``torch.linalg.svd``, as the paper) or
             ``subspace`` (randomized subspace iteration, O(m n r); shared with GaLore).
         svd_iterations: subspace iterations for ``svd_method="subspace"``, >= 1.
@@ -68,7 +68,7 @@ class LoQTConfig:
         max_consecutive_skips: an optimizer update with a non-finite (NaN/Inf) gradient is skipped whole (B, the
             other trained parameters and their optimizer state keep their values; a merge due at it waits for the
             next finite update, so W_q and P never see a non-finite value) and logged; after this many skipped in a
-            row the next one stops training with a clear error, >= 0 (0: stop at the first). See ``hf_memopt.faults``.
+            row the next one stops training with a clear error, >= 0 (0: stop at the first). See ``hf_memopt.shared.faults``.
         layerwise: per-layer gradient updates (the paper's 13B-on-24GB setting): every trainable parameter (B, and
             embeddings, norms, head, biases when they train) is updated by the Trainer's optimizer inside backward
             as soon as its gradient is complete, and the gradient is freed at once (``hf_memopt.shared.layerwise``).

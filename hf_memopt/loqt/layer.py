@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_memopt.ddp import all_reduce_mean_, is_distributed
-from hf_memopt.faults import all_finite, out_of_memory_advice
 from hf_memopt.loqt.quant import dequantize, quantize
+from hf_memopt.shared.faults import all_finite, out_of_memory_advice
 from hf_memopt.shared.layerwise import accelerate_sync_gradients
+from hf_memopt.shared.parallel import all_reduce_mean_, is_distributed
 from hf_memopt.shared.projector import refresh_projector
 
 __all__ = ["LoQTLinear", "quantize_with_error_compensation"]

@@ -18,7 +18,7 @@ hooks and everything around them:
   so clipping then raises.
 * Non-finite gradients: without clipping a hook sees one parameter while others may already be updated, so a
   non-finite gradient skips this parameter (before any state is touched) and ``finish_step`` counts the whole update
-  as skipped in the optimizer's :class:`~hf_memopt.faults.SkipCounter`. With clipping every update waits for
+  as skipped in the optimizer's :class:`~hf_memopt.shared.faults.SkipCounter`. With clipping every update waits for
   ``finish_step``, which skips them all.
 * Under data parallelism (``distributed``: by default, whether a multi-rank process group runs; the caller keeps the
   model out of DDP) each hook averages across ranks what its update uses, once per update: the compressed gradient
@@ -40,8 +40,8 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import TrainerCallback
 
-from hf_memopt.ddp import all_reduce_mean_, is_distributed
-from hf_memopt.faults import SkipCounter, all_finite, skip_counter_of
+from hf_memopt.shared.faults import SkipCounter, all_finite, skip_counter_of
+from hf_memopt.shared.parallel import all_reduce_mean_, is_distributed
 
 __all__ = [
     "LayerwiseGradNormCallback",
@@ -84,7 +84,7 @@ class LayerwiseRule:
     def skip_counter(self) -> SkipCounter:
         counter = skip_counter_of(self.optimizer)
         if counter is None:
-            raise RuntimeError(f"layer-wise {self.name}: the optimizer has no skip counter (hf_memopt.faults)")
+            raise RuntimeError(f"layer-wise {self.name}: the optimizer has no skip counter (hf_memopt.shared.faults)")
         return counter
 
     def compressor(self, p: torch.nn.Parameter) -> Callable[[torch.Tensor], torch.Tensor] | None:

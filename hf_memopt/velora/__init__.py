@@ -1,8 +1,7 @@
 """VeLoRA: compress the inputs Linear layers save for backward with rank-1 sub-token projections
 (https://arxiv.org/abs/2405.17991)."""
 
-from hf_memopt.distributed import ENGINES
-from hf_memopt.registry import register_method
+from hf_memopt.core.registry import ENGINES, register_method
 from hf_memopt.velora.builder import apply_velora, build_velora, remove_velora, without_velora_buffers
 from hf_memopt.velora.config import VeLoRAConfig
 from hf_memopt.velora.function import VeLoRALinearFunction, compress, reconstruct, velora_linear

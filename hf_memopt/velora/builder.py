@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from transformers import Trainer
 
-from hf_memopt.saving import register_plain_save
+from hf_memopt.shared.saving import register_plain_save
 from hf_memopt.velora.config import VeLoRAConfig
 from hf_memopt.velora.layer import BUFFER_NAME, install_velora_linear, is_velora_linear, uninstall_velora_linear
 from hf_memopt.velora.targets import resolve_targets, warn_partial_groups

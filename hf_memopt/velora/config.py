@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_memopt.targeting import validate_target_modules
-from hf_memopt.validation import check_choice, check_float, check_int
+from hf_memopt.shared.targeting import validate_target_modules
+from hf_memopt.shared.validation import check_choice, check_float, check_int
 
 __all__ = ["AUTO", "COEFFICIENT_DTYPES", "INIT_TYPES", "VeLoRAConfig"]
 

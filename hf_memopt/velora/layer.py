@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_memopt.ddp import all_reduce_mean_, is_distributed
 from hf_memopt.shared.modules import mark_rewritten, unmark_rewritten
+from hf_memopt.shared.parallel import all_reduce_mean_, is_distributed
 from hf_memopt.velora.function import VeLoRALinearFunction, compress
 
 __all__ = ["BUFFER_NAME", "VeLoRAState", "install_velora_linear", "is_velora_linear", "uninstall_velora_linear"]

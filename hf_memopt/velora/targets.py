@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_memopt.targeting import match_target_modules, refuse_peft_model
+from hf_memopt.shared.targeting import match_target_modules, refuse_peft_model
 from hf_memopt.velora.config import AUTO
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Zeroth-order fine-tuning: MeZO (https://arxiv.org/abs/2305.17333) with ZO2 offloading
 (https://arxiv.org/abs/2503.12668)."""
 
-from hf_memopt.registry import register_method
+from hf_memopt.core.registry import register_method
 from hf_memopt.zo.blocks import find_block_list
 from hf_memopt.zo.builder import ZOCallback, build_zo, create_zo_optimizer, zo_engine, zo_training_step
 from hf_memopt.zo.config import ZOConfig

@@ -11,15 +11,15 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_memopt.ddp import keep_model_out_of_ddp
-from hf_memopt.faults import install_fault_reporting
-from hf_memopt.integration import (
+from hf_memopt.core.attach import (
     OptimizerHyperparameters,
     install_optimizer_factory,
     no_decay_parameter_names,
     trainable_parameters,
 )
-from hf_memopt.optim_state import unwrap_optimizer
+from hf_memopt.shared.faults import install_fault_reporting
+from hf_memopt.shared.optim_state import unwrap_optimizer
+from hf_memopt.shared.parallel import keep_model_out_of_ddp
 from hf_memopt.zo.blocks import find_block_list
 from hf_memopt.zo.config import ZOConfig
 from hf_memopt.zo.offload import ZO2Engine

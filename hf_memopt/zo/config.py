@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hf_memopt.validation import check_bool, check_choice, check_float, check_int
+from hf_memopt.shared.validation import check_bool, check_choice, check_float, check_int
 
 __all__ = ["OFFLOAD_CHOICES", "OFFLOAD_DTYPES", "ZOConfig"]
 
@@ -41,7 +41,7 @@ class ZOConfig:
         overlap: with CUDA, upload the next block on a side stream while the current one computes.
         max_consecutive_skips: an optimizer update with a non-finite (NaN/Inf) perturbed loss is skipped whole (nothing
             changes) and logged; after this many skipped in a row the next one stops training with a clear error,
-            >= 0 (0: stop at the first). See ``hf_memopt.faults``.
+            >= 0 (0: stop at the first). See ``hf_memopt.shared.faults``.
     """
 
     eps: float = field(default=1e-3, metadata={"help": "Perturbation scale epsilon, in (0, 1]."})

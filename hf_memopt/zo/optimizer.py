@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from hf_memopt.ddp import all_reduce_mean_, is_distributed
-from hf_memopt.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
-from hf_memopt.optim_state import keep_state_dtypes_on_load
+from hf_memopt.shared.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
+from hf_memopt.shared.optim_state import keep_state_dtypes_on_load
+from hf_memopt.shared.parallel import all_reduce_mean_, is_distributed
 from hf_memopt.zo.perturb import apply_zo_update_, mix_seed
 
 __all__ = ["ZOSGD"]

@@ -1,4 +1,4 @@
-"""Run a validated :class:`~hf_memopt.recipes.recipe.Recipe` through the task's runner and write ``results.json``.
+"""Run a validated :class:`~hf_memopt.tools.recipes.recipe.Recipe` through the task's runner and write ``results.json``.
 
 The runners (``run_glue``, ``run_instruct``, ``run_pretrain``) are the same functions the benchmarks and the demo
 use; a recipe's ``training:`` section is passed to them whole as ``TrainingArguments`` overrides.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hf_memopt.recipes.recipe import Recipe, check_runnable, method_configs
+from hf_memopt.tools.recipes.recipe import Recipe, check_runnable, method_configs
 
 __all__ = ["environment", "run_recipe"]
 
@@ -79,7 +79,7 @@ def run_recipe(
     data = recipe.data
     started = time.perf_counter()
     if recipe.task == "glue":
-        from hf_memopt.recipes.glue import run_glue
+        from hf_memopt.tools.recipes.glue import run_glue
 
         result = run_glue(
             data.name,
@@ -99,7 +99,7 @@ def run_recipe(
             resume_from_checkpoint=resume_from_checkpoint,
         )
     elif recipe.task == "instruct":
-        from hf_memopt.recipes.instruct import run_instruct
+        from hf_memopt.tools.recipes.instruct import run_instruct
 
         if prepare_model is not None or optimizers is not None:
             raise NotImplementedError("prepare_model / optimizers are not supported by the instruct runner")
@@ -117,7 +117,7 @@ def run_recipe(
             resume_from_checkpoint=resume_from_checkpoint,
         )
     else:
-        from hf_memopt.recipes.pretrain import run_pretrain
+        from hf_memopt.tools.recipes.pretrain import run_pretrain
 
         result = run_pretrain(
             None,

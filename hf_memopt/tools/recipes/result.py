@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hf_memopt.integration import attach, warn_ignored_fp16
-from hf_memopt.memory import MemoryBreakdown, MemoryReportCallback, add_memory_report
-from hf_memopt.modelcard import install_model_card
-from hf_memopt.registry import method_name_of
-from hf_memopt.timing import StepTimerCallback
+from hf_memopt.core.attach import attach, warn_ignored_fp16
+from hf_memopt.core.registry import method_name_of
+from hf_memopt.tools.memory import MemoryBreakdown, MemoryReportCallback, add_memory_report
+from hf_memopt.tools.modelcard import install_model_card
+from hf_memopt.tools.timing import StepTimerCallback
 
 __all__ = ["RunResult", "held_out_loss", "measured_run_arguments", "train_and_measure"]
 

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from hf_memopt.distributed import check_engine_supported
-from hf_memopt.registry import METHODS, method_name_of
+from hf_memopt.core.registry import METHODS, attached_configs, method_name_of
+from hf_memopt.shared.parallel import check_engine_supported
+from hf_memopt.tools.memory import MemoryReportCallback, add_memory_report
+from hf_memopt.tools.modelcard import install_model_card
 
 __all__ = [
     "OptimizerHyperparameters",
     "attach",
-    "attached_configs",
     "install_method_optimizer",
     "install_optimizer_factory",
     "warn_ignored_fp16",
@@ -35,7 +36,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_ATTACHED = "hf_memopt_configs"
 _STOCK_OPTIMS = {"adamw_torch", "adamw_torch_fused"}
 
 
@@ -61,13 +61,9 @@ def attach(trainer: Trainer, config: Any) -> Trainer:
     if not attached:
         warn_ignored_fp16(trainer.args)
     spec.builder(trainer, config)
-    from hf_memopt.memory import MemoryReportCallback, add_memory_report
-
     if any(isinstance(cb, MemoryReportCallback) for cb in trainer.callback_handler.callbacks):
         add_memory_report(trainer)  # its mem/*_mb figures must reach the reporters (they read the logs first)
     attached.append(config)
-    from hf_memopt.modelcard import install_model_card  # imported here: modelcard imports this module
-
     install_model_card(trainer)
     logger.info("hf_memopt: attached %s", spec.name)
     return trainer
@@ -88,11 +84,6 @@ def warn_ignored_fp16(args: Any) -> bool:
         )
         return True
     return False
-
-
-def attached_configs(trainer: Trainer) -> list[Any]:
-    """The configs attached to ``trainer`` so far, in attachment order (the model card reads this)."""
-    return trainer.__dict__.setdefault(_ATTACHED, [])
 
 
 @dataclass(frozen=True)

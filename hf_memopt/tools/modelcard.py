@@ -3,7 +3,7 @@
 The card is written through ``huggingface_hub.ModelCard`` / ``ModelCardData``, holding what a well-made Hub card
 holds: YAML metadata (``base_model``, ``datasets``, ``license``, ``language``, ``pipeline_tag``, tags, ``model-index``
 with the last evaluation's metrics), a title and a description, how to load and use the model, and the training
-procedure: each attached method's settings, the memory measured by a :class:`~hf_memopt.memory.MemoryReportCallback`,
+procedure: each attached method's settings, the memory measured by a :class:`~hf_memopt.tools.memory.MemoryReportCallback`,
 transformers' training hyperparameters (with the ``optimizer`` line corrected when hf_memopt supplied the optimizer)
 and the evaluation history.
 
@@ -31,10 +31,9 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from hf_memopt.integration import attached_configs
-from hf_memopt.memory import MemoryReportCallback, format_breakdown_table
-from hf_memopt.optim_state import unwrap_optimizer
-from hf_memopt.registry import METHODS, method_name_of
+from hf_memopt.core.registry import METHODS, attached_configs, method_name_of
+from hf_memopt.shared.optim_state import unwrap_optimizer
+from hf_memopt.tools.memory import MemoryReportCallback, format_breakdown_table
 
 __all__ = [
     "ModelCardCallback",

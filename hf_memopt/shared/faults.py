@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from hf_memopt.optim_state import unwrap_optimizer
-from hf_memopt.validation import check_int
+from hf_memopt.shared.optim_state import unwrap_optimizer
+from hf_memopt.shared.validation import check_int
 
 __all__ = [
     "DEFAULT_MAX_CONSECUTIVE_SKIPS",

@@ -86,7 +86,7 @@ def load_glue_metric(task: str):
     """``evaluate.load`` of the local GLUE module for ``task`` (works offline; ``evaluate`` is imported on use)."""
     import evaluate
 
-    from hf_memopt.recipes.data import GLUE_TASKS
+    from hf_memopt.tools.recipes.data import GLUE_TASKS
 
     if task not in GLUE_TASKS:
         raise ValueError(f"task must be one of {tuple(GLUE_TASKS)}; got {task!r}")
@@ -95,7 +95,7 @@ def load_glue_metric(task: str):
 
 def glue_compute_metrics(task: str) -> Callable[[object], dict[str, float]]:
     """A ``compute_metrics`` for ``Trainer`` that returns the task's GLUE metrics from an ``EvalPrediction``."""
-    from hf_memopt.recipes.data import GLUE_TASKS
+    from hf_memopt.tools.recipes.data import GLUE_TASKS
 
     regression = GLUE_TASKS[task].num_labels == 1
     metric = load_glue_metric(task)

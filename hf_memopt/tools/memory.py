@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from hf_memopt.optim_state import unwrap_optimizer
+from hf_memopt.shared.optim_state import unwrap_optimizer
 
 __all__ = [
     "GradientMeter",

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from hf_memopt.recipes.data import load_text, stream_c4_text
-from hf_memopt.recipes.models import llama_config, resolve_model
-from hf_memopt.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
+from hf_memopt.tools.recipes.data import load_text, stream_c4_text
+from hf_memopt.tools.recipes.models import llama_config, resolve_model
+from hf_memopt.tools.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
 
 __all__ = ["SOURCE_DATASETS", "lm_blocks", "run_pretrain"]
 

@@ -4,10 +4,10 @@
 local ``evaluate`` module with the same interface and definitions (Wang et al., 2019, "GLUE", Table 1: accuracy,
 F1 of the positive class, Matthews correlation, Pearson and Spearman correlation), loaded by path::
 
-    metric = evaluate.load(hf_memopt.recipes.metrics.GLUE_METRIC_PATH, "mrpc")
+    metric = evaluate.load(hf_memopt.tools.recipes.metrics.GLUE_METRIC_PATH, "mrpc")
     metric.compute(predictions=[0, 1], references=[0, 1])   # {"accuracy": 1.0, "f1": 1.0}
 
-The arithmetic lives in ``hf_memopt.recipes.metrics`` (numpy only, so neither scipy nor scikit-learn is needed); this
+The arithmetic lives in ``hf_memopt.tools.recipes.metrics`` (numpy only, so neither scipy nor scikit-learn is needed); this
 module is the ``evaluate`` front end a user's own evaluation code can share.
 """
 
@@ -15,8 +15,8 @@ import datasets
 import evaluate
 import numpy as np
 
-from hf_memopt.recipes.data import GLUE_TASKS
-from hf_memopt.recipes.metrics import METRIC_FUNCTIONS
+from hf_memopt.tools.recipes.data import GLUE_TASKS
+from hf_memopt.tools.recipes.metrics import METRIC_FUNCTIONS
 
 _DESCRIPTION = "GLUE metrics for rte, mrpc, cola, stsb and sst2, computed locally (no Hub download)."
 _KWARGS_DESCRIPTION = """

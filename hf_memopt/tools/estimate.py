@@ -12,7 +12,7 @@ The model is built on the ``meta`` device, so every parameter shape is exact and
   float32 states for embeddings and tensors under 4096 values, GaLore's low-rank moments and projectors);
 * ``activations``: a forward pass on meta tensors traced under ``torch.autograd.graph.saved_tensors_hooks``, counting
   each storage saved for backward once and leaving parameters out: the same rule as
-  :class:`hf_memopt.memory.SavedActivationMeter`, so the estimate and the measurement agree on what is counted. The
+  :class:`hf_memopt.tools.memory.SavedActivationMeter`, so the estimate and the measurement agree on what is counted. The
   method's model transform is applied first (frozen embeddings for BlockLLM, VeLoRA's compressed inputs, LoQT's
   adapter path, both for an ordinary step and for a merge step); zeroth-order training saves nothing.
 
@@ -52,7 +52,7 @@ def load_model_config(config_or_id: Any):
     ``config.json`` path or a Hub id. Raises ``ValueError`` when nothing can be loaded."""
     from transformers import AutoConfig, PretrainedConfig
 
-    from hf_memopt.recipes.models import LLAMA_SIZES, llama_config, resolve_model
+    from hf_memopt.tools.recipes.models import LLAMA_SIZES, llama_config, resolve_model
 
     if isinstance(config_or_id, PretrainedConfig):
         return config_or_id
@@ -290,7 +290,7 @@ def _galore_rule_state(shape: tuple[int, ...], dtype: torch.dtype, optimizer: st
 
 
 def _method_config(method: str, rank: int | None, method_kwargs: dict[str, Any]):
-    from hf_memopt.registry import METHODS
+    from hf_memopt.core.registry import METHODS
 
     if method in ("adamw", "adamw_8bit"):
         if rank is not None or method_kwargs:

@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from hf_memopt.validation import check_bool, check_choice, check_int
+from hf_memopt.shared.validation import check_bool, check_choice, check_int
 
 __all__ = [
     "BASELINE",
@@ -99,7 +99,7 @@ class GlueData:
     max_length: int = field(default=128, metadata={"help": "Truncation length in tokens."})
 
     def __post_init__(self) -> None:
-        from hf_memopt.recipes.data import DATA_SOURCES, GLUE_TASKS
+        from hf_memopt.tools.recipes.data import DATA_SOURCES, GLUE_TASKS
 
         check_choice("name", self.name, tuple(GLUE_TASKS))
         check_choice("source", self.source, DATA_SOURCES)
@@ -376,7 +376,7 @@ class Recipe:
 
 def method_parts(name: str) -> list[str]:
     """``"velora+galore"`` -> ``["velora", "galore"]``; validates each name against the registry."""
-    from hf_memopt.registry import METHODS
+    from hf_memopt.core.registry import METHODS
 
     if not isinstance(name, str) or not name:
         raise RecipeError(f"method.name must be a method name; got {name!r}")
@@ -399,7 +399,7 @@ def method_parts(name: str) -> list[str]:
 
 def method_configs(recipe: Recipe) -> list[Any]:
     """The config instances of ``recipe.method`` (empty for the ``adamw`` baseline), in attach order."""
-    from hf_memopt.registry import METHODS
+    from hf_memopt.core.registry import METHODS
 
     return [
         build_dataclass(METHODS[p].config_cls, recipe.method_fields.get(p, {}), f"methods.{p}")
@@ -519,7 +519,7 @@ def check_runnable(recipe: Recipe) -> None:
 
 
 def _check_hub_model(key: str, name: str, filename: str) -> None:
-    from hf_memopt.recipes.models import OFFLINE_MODELS, offline_package_dir
+    from hf_memopt.tools.recipes.models import OFFLINE_MODELS, offline_package_dir
 
     if name in OFFLINE_MODELS:
         try:
@@ -572,7 +572,7 @@ def load_recipe(
     if not isinstance(model, str) or not model:
         raise RecipeError(f"model must be a model name, Hub id or folder; got {model!r}")
     if task == "pretrain":
-        from hf_memopt.recipes.models import LLAMA_SIZES
+        from hf_memopt.tools.recipes.models import LLAMA_SIZES
 
         sizes = tuple(f"llama-{s}" for s in LLAMA_SIZES)
         if model not in sizes:
@@ -606,7 +606,7 @@ def load_recipe(
             what = "the adamw baseline has no settings" if not parts else "a composite method takes its settings"
             raise RecipeError(f"method.{next(iter(section))}: {what} (use methods.<name>.<field>)")
         method_fields[parts[0]] = {**method_fields.get(parts[0], {}), **section}
-    from hf_memopt.registry import METHODS
+    from hf_memopt.core.registry import METHODS
 
     for key, values in method_fields.items():  # every table entry must be valid, not only the one run now
         where = "method" if parts and key == parts[0] and section else f"methods.{key}"

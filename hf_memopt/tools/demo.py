@@ -1,6 +1,6 @@
 """The README demo: GaLore fine-tuning of the offline MiniLM on bundled SST-2, against AdamW, in a few minutes.
 
-Run: ``python -m hf_memopt.demo`` (``bash scripts/demo.sh`` sets up the environment first).
+Run: ``python -m hf_memopt.tools.demo`` (``bash scripts/demo.sh`` sets up the environment first).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 from hf_memopt.galore import GaLoreConfig
-from hf_memopt.memory import MB, MemoryBreakdown, format_breakdown_table
-from hf_memopt.recipes.glue import run_glue
+from hf_memopt.tools.memory import MB, MemoryBreakdown, format_breakdown_table
+from hf_memopt.tools.recipes.glue import run_glue
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 

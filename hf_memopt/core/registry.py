@@ -15,9 +15,27 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hf_memopt.distributed import ENGINES
+__all__ = ["ENGINES", "METHODS", "MethodSpec", "attached_configs", "method_name_of", "register_method"]
 
-__all__ = ["METHODS", "MethodSpec", "method_name_of", "register_method"]
+# The sharding engines a method may declare it runs under (``MethodSpec.engines``); hf_memopt.shared.parallel
+# detects which one a Trainer runs under. Engine key -> (what the message calls it, what it does to the optimizer's view of the parameters)
+ENGINES: dict[str, tuple[str, str]] = {
+    "fsdp": ("FSDP", "FSDP gives each rank a shard of rows of every parameter and gradient"),
+    "zero0": (
+        "DeepSpeed ZeRO-0",
+        "DeepSpeed ZeRO-0 all-reduces the gradients after the whole backward, inside its own engine step",
+    ),
+    "zero0_lowp": (
+        "DeepSpeed ZeRO-0 with fp16/bf16",
+        "DeepSpeed wraps the optimizer in its own mixed-precision optimizer, which steps flat fp32 master copies",
+    ),
+    "zero1": ("DeepSpeed ZeRO-1", "DeepSpeed ZeRO-1 steps the optimizer on flat 1-D partitions of all parameters"),
+    "zero2": ("DeepSpeed ZeRO-2", "DeepSpeed ZeRO-2 steps the optimizer on flat 1-D partitions of all parameters"),
+    "zero3": (
+        "DeepSpeed ZeRO-3",
+        "DeepSpeed ZeRO-3 partitions the parameters themselves and steps the optimizer on flat 1-D partitions",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -31,7 +49,7 @@ class MethodSpec:
             callbacks, model transforms, training-step replacement).
         summary: one line for ``hf-memopt methods`` and the docs.
         sets_optimizer: whether the builder supplies the optimizer. Two such methods cannot be attached to one trainer.
-        engines: the sharding engines the method runs under, keys of ``hf_memopt.distributed.ENGINES`` (``"fsdp"``,
+        engines: the sharding engines the method runs under, keys of :data:`ENGINES` (``"fsdp"``,
             ``"zero0"`` ... ``"zero3"``), or a function of the config when the method's modes differ. One process and
             DDP are not listed: the builder checks those. Empty by default, so a new method refuses FSDP and DeepSpeed
             until it is shown to work there.
@@ -129,3 +147,11 @@ def method_name_of(config: Any) -> str:
             return spec.name
     known = ", ".join(f"{s.config_cls.__name__} ({s.name})" for s in METHODS.values())
     raise TypeError(f"{type(config).__name__} is not a registered hf_memopt config; known configs: {known}")
+
+
+_ATTACHED = "hf_memopt_configs"
+
+
+def attached_configs(trainer: Any) -> list[Any]:
+    """The configs ``attach()`` installed on ``trainer`` so far, in attachment order (the model card reads this)."""
+    return trainer.__dict__.setdefault(_ATTACHED, [])

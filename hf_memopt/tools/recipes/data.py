@@ -23,7 +23,7 @@ __all__ = [
     "stream_c4_text",
 ]
 
-BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data"
+BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from hf_memopt.recipes.data import load_alpaca
-from hf_memopt.recipes.models import BASE_LICENSES, hub_id, resolve_model
-from hf_memopt.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
+from hf_memopt.tools.recipes.data import load_alpaca
+from hf_memopt.tools.recipes.models import BASE_LICENSES, hub_id, resolve_model
+from hf_memopt.tools.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
 
 __all__ = ["CHATML_TEMPLATE", "alpaca_to_prompt_completion", "run_instruct"]
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from hf_memopt.recipes.data import GLUE_TASKS, load_glue
-from hf_memopt.recipes.metrics import glue_compute_metrics
-from hf_memopt.recipes.models import hub_id, resolve_model
-from hf_memopt.recipes.result import RunResult, measured_run_arguments, train_and_measure
+from hf_memopt.tools.recipes.data import GLUE_TASKS, load_glue
+from hf_memopt.tools.recipes.metrics import glue_compute_metrics
+from hf_memopt.tools.recipes.models import hub_id, resolve_model
+from hf_memopt.tools.recipes.result import RunResult, measured_run_arguments, train_and_measure
 
 __all__ = ["run_glue"]
 
@@ -125,7 +125,7 @@ def run_glue(
         trainer, method, extra_methods, evaluate, task=task, card=card, resume_from_checkpoint=resume_from_checkpoint
     )
     if print_table:
-        from hf_memopt.memory import format_breakdown_table
+        from hf_memopt.tools.memory import format_breakdown_table
 
         print(format_breakdown_table({result.method: result.memory}))
     return result

@@ -191,8 +191,8 @@ def _quiet_loading() -> None:
 
 def _methods(args: argparse.Namespace, argv: list[str]) -> int:
     import hf_memopt  # noqa: F401  (importing the package registers every method)
-    from hf_memopt.recipes.recipe import BASELINE
-    from hf_memopt.registry import METHODS
+    from hf_memopt.core.registry import METHODS
+    from hf_memopt.tools.recipes.recipe import BASELINE
 
     width = max(len(name) for name in [BASELINE, *METHODS])
     print(f"{BASELINE:<{width}}  {'-':<16}  baseline: the Trainer's own AdamW, no hf_memopt method")
@@ -205,7 +205,7 @@ def _methods(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _load(path: str, sets: list[str], method: str | None):
     import hf_memopt  # noqa: F401
-    from hf_memopt.recipes.recipe import load_recipe
+    from hf_memopt.tools.recipes.recipe import load_recipe
 
     return load_recipe(path, sets, method=method)
 
@@ -214,8 +214,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     recipe = _load(args.recipe, args.sets, args.method)
     resume = _checkpoint_to_resume(recipe.run_dir, args.resume)
     _quiet_loading()
-    from hf_memopt.memory import MemoryBreakdown, format_breakdown_table
-    from hf_memopt.recipes.run import run_recipe
+    from hf_memopt.tools.memory import MemoryBreakdown, format_breakdown_table
+    from hf_memopt.tools.recipes.run import run_recipe
 
     where = getattr(recipe.data, "name", None) or recipe.task
     start = f" (resuming from {resume})" if resume else ""
@@ -244,7 +244,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 def _checkpoint_to_resume(run_dir: str, resume: str | bool | None) -> str | None:
     """The checkpoint ``--resume`` names (``True``: the last complete one in ``run_dir``); without ``--resume``, a run
     folder that holds checkpoints of an earlier run is refused rather than mixed with this one's."""
-    from hf_memopt.checkpoints import is_complete_checkpoint, last_complete_checkpoint
+    from hf_memopt.tools.checkpoints import is_complete_checkpoint, last_complete_checkpoint
 
     if resume is True:
         found = last_complete_checkpoint(run_dir)
@@ -282,7 +282,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
     if len(set(names)) != len(names):
         raise CLIError(f"--methods names a method twice: {args.methods}")
     recipes = {name: _load(args.recipe, args.sets, name) for name in names}  # all validated before anything runs
-    from hf_memopt.recipes.recipe import check_runnable
+    from hf_memopt.tools.recipes.recipe import check_runnable
 
     for recipe in recipes.values():
         check_runnable(recipe)
@@ -306,7 +306,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
             shutil.rmtree(old)
         log = run_dir / "train.log"
         # A fresh interpreter per method: the peak RSS and allocator state are that method's own.
-        cmd = [sys.executable, "-m", "hf_memopt.cli", "train", str(recipe_file), "--no-progress"]
+        cmd = [sys.executable, "-m", "hf_memopt.tools.cli", "train", str(recipe_file), "--no-progress"]
         print(f"[{i}/{len(recipes)}] {name}: training (log: {log})", flush=True)
         with open(log, "w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -325,7 +325,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         json.dumps({"command": command, "results": results, "failures": failures}, indent=2, default=str)
     )
     if results:
-        from hf_memopt.memory import MemoryBreakdown, plot_memory_breakdown
+        from hf_memopt.tools.memory import MemoryBreakdown, plot_memory_breakdown
 
         stem = Path(args.recipe).stem
         plot_memory_breakdown(
@@ -342,7 +342,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
 
 def comparison_table(results: dict[str, dict[str, Any]], failures: dict[str, str], *, recipe: Any, command: str) -> str:
     """The Markdown comparison: memory breakdown (MB), ratio of tensor memory to adamw, time per step, loss, metrics."""
-    from hf_memopt.memory import MemoryBreakdown
+    from hf_memopt.tools.memory import MemoryBreakdown
 
     metric_names: list[str] = []
     for r in results.values():
@@ -379,7 +379,7 @@ def comparison_table(results: dict[str, dict[str, Any]], failures: dict[str, str
         else ""
     )
     note = (
-        f"\n\nMB = 2^20 bytes. Tensor parts are measured by `hf_memopt.memory` (peaks over the run); peak RSS / GPU is "
+        f"\n\nMB = 2^20 bytes. Tensor parts are measured by `hf_memopt.tools.memory` (peaks over the run); peak RSS / GPU is "
         f"the process peak ({'CUDA max allocated' if env.get('device', 'cpu') != 'cpu' else 'resident set size'}), "
         f"one fresh process per method. s / step is the median wall time of an optimizer update. Final train loss is "
         f"the mean of the last 10% of logged losses.\n"
@@ -402,10 +402,10 @@ def _estimate(args: argparse.Namespace, argv: list[str]) -> int:
             raise CLIError(f"--set expects key=value; got {assignment!r}")
         kwargs[key.strip()] = yaml.safe_load(text) if text.strip() else ""
     try:
-        from hf_memopt.estimate import estimate_memory, format_estimate
+        from hf_memopt.tools.estimate import estimate_memory, format_estimate
     except ImportError as err:
-        if err.name in ("hf_memopt.estimate", None) or "estimate" in str(err):
-            raise CLIError("the memory estimator (hf_memopt.estimate) is not available in this installation") from None
+        if err.name in ("hf_memopt.tools.estimate", None) or "estimate" in str(err):
+            raise CLIError("the memory estimator (hf_memopt.tools.estimate) is not available in this installation") from None
         raise
     result = estimate_memory(args.model, args.method, args.rank, args.batch, args.seq, **kwargs)
     print(format_estimate(result))
