@@ -227,3 +227,13 @@ def test_state_dict_reloads_with_weights_only_keeping_dtypes_and_resumes_exactly
         resumed.step()
     torch.testing.assert_close(resumed_params, params, rtol=0, atol=0)
     _assert_identical(resumed.state_dict(), optimizer.state_dict())
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0].set_grads is _set_grads])
+def test_sparse_gradient_is_refused_naming_the_class(case):
+    params = _params()
+    optimizer = case.build(params, lr=1e-2)
+    _set_grads(optimizer, params, 0)
+    params[0].grad = params[0].grad.to_sparse()
+    with pytest.raises(RuntimeError, match=rf"^{case.cls.__name__} does not support sparse gradients"):
+        optimizer.step()

@@ -62,7 +62,7 @@ class _MemoptOptimizer(torch.optim.Optimizer):
             one raises (``hf_memopt.shared.faults``), >= 0.
     """
 
-    fault_label: str = "optimizer"  # names the method in skip warnings and NonFiniteError
+    fault_label: str  # set by each subclass: names the method in skip warnings and NonFiniteError
 
     def __init__(
         self,
