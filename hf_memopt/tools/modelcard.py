@@ -135,7 +135,7 @@ def _base_model_card(trainer: Trainer, base_model: str | None):
     """The base model's own card, when it is on disk: the model's source folder, else the Hub cache (no download)."""
     from huggingface_hub import ModelCard, try_to_load_from_cache
 
-    source = getattr(getattr(trainer.model, "config", None), "_name_or_path", "") or ""
+    source = getattr(getattr(trainer.model, "config", None), "name_or_path", "") or ""
     path: str | None = os.path.join(source, "README.md") if source and os.path.isdir(source) else None
     if path is None and base_model:
         try:
