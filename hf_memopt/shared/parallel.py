@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hf_memopt.core import compat
 from hf_memopt.core.registry import ENGINES
 
 if TYPE_CHECKING:
@@ -80,21 +81,24 @@ def keep_model_out_of_ddp(trainer: Trainer) -> None:
 
     # NOTE: the Trainer offers no switch for this; accelerate's ``prepare_model(evaluation_mode=True)`` is the path
     # transformers itself takes for models that own their gradient reduction (``is_distributed_loading_by_transformers``
-    # in ``Trainer._prepare_for_training``). The accelerator's ``prepare_model`` is replaced on this instance only.
+    # in ``Trainer._prepare_for_training``). The accelerator's ``prepare_model`` is replaced on this instance only,
+    # through :func:`hf_memopt.core.compat.wrap_prepare_model`, which checks it still takes ``evaluation_mode``.
     """
     accelerator = trainer.accelerator
     if getattr(accelerator.prepare_model, "hf_memopt_keeps_out_of_ddp", False):
         return
-    prepare_model = accelerator.prepare_model
 
-    def prepare_without_ddp(model, device_placement=None, evaluation_mode=False):
-        model = prepare_model(model, device_placement=device_placement, evaluation_mode=True)
-        if is_distributed():
-            broadcast_from_rank0_([*model.parameters(), *model.buffers()])
-        return model
+    def without_ddp(prepare_model):
+        def prepare_without_ddp(model, device_placement=None, evaluation_mode=False):
+            model = prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+            if is_distributed():
+                broadcast_from_rank0_([*model.parameters(), *model.buffers()])
+            return model
 
-    prepare_without_ddp.hf_memopt_keeps_out_of_ddp = True
-    accelerator.prepare_model = prepare_without_ddp
+        prepare_without_ddp.hf_memopt_keeps_out_of_ddp = True
+        return prepare_without_ddp
+
+    compat.wrap_prepare_model(accelerator, without_ddp)
 
 
 def detect_engine(trainer: Any) -> str | None:
