@@ -107,7 +107,9 @@ def main() -> None:
     torch.set_num_threads(1)
     r = measure(args)
     b = r["bound"]
-    print(f"LLaMA hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp32, batch {args.batch} x {args.seq}")
+    print(
+        f"LLaMA hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp32, batch {args.batch} x {args.seq}"
+    )
     print(f"bound terms: two blocks {b['two_blocks'] / MIB:.1f} MiB, outside {b['outside'] / MIB:.1f} MiB, "
           f"activations (plain forward at 2B) {b['activations_2B'] / MIB:.1f} MiB")  # fmt: skip
     for name in ("mezo", "zo2"):

@@ -33,9 +33,11 @@ KV cache handed to a block (both streams would append to it).
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -63,19 +65,19 @@ _INPLACE_DUNDERS = frozenset(
 _SCALARS = (bool, int, float, complex, str, torch.dtype, torch.device, torch.Size, type(None))
 
 
-def _walk(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``obj`` with ``fn`` applied to each tensor, rebuilding tuples (named too), lists and dicts."""
-    if isinstance(obj, torch.Tensor):
+def _walk(obj: Any, fn: Callable[[Any], Any], leaf: type | tuple[type, ...] = torch.Tensor) -> Any:
+    """``obj`` with ``fn`` applied to each ``leaf`` (a tensor), rebuilding tuples (named too), lists and dicts."""
+    if isinstance(obj, leaf):
         return fn(obj)
     if isinstance(obj, (list, tuple)):
-        items = [_walk(o, fn) for o in obj]
+        items = [_walk(o, fn, leaf) for o in obj]
         if isinstance(obj, list):
             return items
         if hasattr(obj, "_fields"):
             return type(obj)(*items)
         return tuple(items) if type(obj) is tuple else type(obj)(items)
     if isinstance(obj, dict):
-        mapped = {k: _walk(v, fn) for k, v in obj.items()}
+        mapped = {k: _walk(v, fn, leaf) for k, v in obj.items()}
         return mapped if type(obj) is dict else type(obj)(**mapped)
     return obj
 
@@ -115,6 +117,98 @@ class _DualMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return self.engine._dispatch(func, args, kwargs or {})
+
+
+class _Deferred:
+    """The -eps stream's result of one operation outside the blocks, computed when it is first needed.
+
+    ``args``/``kwargs`` hold what stream 2 reads, resolved when the operation was seen: twins (tensors or
+    :class:`_Twin`), :class:`_Param` markers (perturbed by -eps z when computed, one copy alive at a time) and the
+    tensors both streams share. Computing drops them, so a twin lives only while a stream-1 tensor or a pending
+    operation refers to it.
+    """
+
+    __slots__ = ("func", "args", "kwargs", "autocast", "versions", "order", "value", "done", "__weakref__")
+
+    def __init__(self, func, args, kwargs, autocast, versions, order):
+        self.func, self.args, self.kwargs, self.autocast, self.versions = func, args, kwargs, autocast, versions
+        self.order, self.value, self.done = order, None, False
+
+
+class _Twin:
+    """One tensor of a :class:`_Deferred` result: ``path`` indexes into it."""
+
+    __slots__ = ("node", "path")
+
+    def __init__(self, node: _Deferred, path: tuple):
+        self.node, self.path = node, path
+
+
+class _Param:
+    """A trainable parameter outside the blocks, read as theta - eps z when the deferred operation runs."""
+
+    __slots__ = ("p",)
+
+    def __init__(self, p: torch.Tensor):
+        self.p = p
+
+
+def _autocast_state() -> tuple | None:
+    """The autocast settings a deferred operation must run under (``None``: autocast off everywhere)."""
+    state = tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
+    return state or None
+
+
+@contextmanager
+def _autocast(state: tuple | None):
+    """Run under the autocast settings ``state`` recorded (a deferred operation may run after the model's
+    ``autocast`` region has closed: the Trainer's ``compute_loss_context_manager``)."""
+    wanted = dict(state or ())
+    with ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            dtype = wanted.get(device)
+            if dtype is None and torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+            elif dtype is not None and not (
+                torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == dtype
+            ):
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+        yield
+
+
+def _tensor_leaves(obj: Any, path: tuple = ()):
+    """``(path, tensor)`` for each tensor of a (nested) operation result."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, (list, tuple)):
+        for i, o in enumerate(obj):
+            yield from _tensor_leaves(o, (*path, i))
+    elif isinstance(obj, dict):
+        for k, o in obj.items():
+            yield from _tensor_leaves(o, (*path, k))
+
+
+def _tensor_markers(obj: Any):
+    """The :class:`_Twin` s among a deferred operation's arguments."""
+    if isinstance(obj, _Twin):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensor_markers(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensor_markers(o)
+
+
+def _only_tensors(obj: Any) -> bool:
+    """Whether a result holds nothing but tensors and ``None`` (else its values must be compared across streams)."""
+    if obj is None or isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return all(_only_tensors(o) for o in obj)
+    if isinstance(obj, dict):
+        return all(_only_tensors(o) for o in obj.values())
+    return False
 
 
 class _Block:
@@ -161,7 +255,9 @@ class ZO2Engine:
         self.uploads: dict[_Block, tuple[dict[str, torch.Tensor], Any]] = {}
         self.world: int | None = None  # None: no perturbed pass; 0: outside the blocks; +-1: inside one, that stream
         self.raw = 0  # > 0: the engine's own tensor work, not mirrored
-        self.twins: WeakIdKeyDictionary | None = None
+        self.twins: WeakIdKeyDictionary | None = None  # stream-1 tensor -> its stream-2 tensor or _Twin
+        self.pending: list[weakref.ref[_Deferred]] = []  # deferred -eps operations, in program order
+        self.counter = itertools.count()
         self.seen: set[int] | None = None  # trainable parameters the first perturbed pass used
         self.checked = False
         self.seed = 0
@@ -307,6 +403,7 @@ class ZO2Engine:
             if self.world != 0:  # no perturbed pass (evaluation, flush) or nested in a block's stream
                 return self._call(block, self.world or 0, args, kwargs)
             self._refuse_shared_state(block, args, kwargs)
+            self._flush_pending()  # the block may write in place into a tensor a pending operation reads
             recorded = _recorded_outputs()
             marks = {k: len(v) for k, v in recorded.items() if isinstance(v, list)} if recorded else {}
             out_plus = self._call(block, +1, *self._stream((args, kwargs), +1))
@@ -367,7 +464,8 @@ class ZO2Engine:
             if self._is_param(t):
                 return self._perturbed(t, sign)
             if sign < 0:
-                return self.twins.get(t, t)
+                twin = self.twins.get(t, t)
+                return self._materialize(twin) if isinstance(twin, _Twin) else twin
             return t
 
         return _walk(obj, swap)
@@ -388,6 +486,9 @@ class ZO2Engine:
                     return out
             args, kwargs = self._stream((args, kwargs), self.world)
             return func(*args, **kwargs)
+        inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+        if (inplace or "out" in kwargs) and self.pending:
+            self._flush_pending()  # a pending -eps operation may read the tensor this one writes
         if not self._dual((args, kwargs)):
             return func(*args, **kwargs)
         if name in _METADATA:
@@ -399,7 +500,6 @@ class ZO2Engine:
                 f"ZO2 offload: {name}(out=...) outside the transformer blocks takes perturbed inputs; the two streams "
                 "cannot share its output. Use ZOConfig(offload='none') for this model"
             )
-        inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
         target = args[0] if inplace and args and isinstance(args[0], torch.Tensor) else None
         shared = target is not None and not self._is_param(target) and target not in self.twins
         if shared:  # writes stream-2 values into a tensor both streams read: stream 2 writes into its own copy
@@ -412,6 +512,9 @@ class ZO2Engine:
         plus_args, plus_kwargs = self._stream((args, kwargs), +1)
         out_plus = func(*plus_args, **plus_kwargs)
         del plus_args, plus_kwargs
+        if not inplace and not hasattr(out_plus, "__next__") and _only_tensors(out_plus):
+            self._defer(func, args, kwargs, out_plus)
+            return out_plus
         minus_args, minus_kwargs = self._stream((args, kwargs), -1)
         if shared:
             minus_args = (copy, *minus_args[1:])
@@ -423,6 +526,82 @@ class ZO2Engine:
             return iter(out_plus)
         self._pair(out_plus, out_minus, name)
         return out_plus
+
+    # ---------------------------------------------------------------- the -eps stream, computed when needed
+    def _defer(self, func: Any, args: tuple, kwargs: dict, out_plus: Any) -> None:
+        """Record the -eps run of ``func`` instead of running it now; its results become :class:`_Twin` s.
+
+        Run at once, the -eps result would sit beside the +eps one until both are consumed: at the head, both streams'
+        logits plus the loss's ``log_softmax`` of one of them (1.5x the activations of a plain forward at twice the
+        batch, measured by ``scripts/zo2_working_set.py``). Deferred, it is computed when a block needs it as input,
+        or at the end, when the model's +eps outputs are gone: each stream's tail runs alone, as in plain MeZO.
+        """
+        shared: list[torch.Tensor] = []
+
+        def minus_side(t: torch.Tensor) -> Any:
+            if self._is_param(t):
+                return _Param(t)
+            twin = self.twins.get(t)
+            if twin is not None:
+                return twin
+            shared.append(t)
+            return t
+
+        margs, mkwargs = _walk((args, kwargs), minus_side)
+        versions = [(t, t._version) for t in shared if not t.is_inference()]
+        node = _Deferred(func, margs, mkwargs, _autocast_state(), versions, next(self.counter))
+        self.pending.append(weakref.ref(node))
+        inputs = {id(t) for t in shared}
+        for path, t in _tensor_leaves(out_plus):
+            if id(t) not in inputs:  # a shared input handed back unchanged is the same on both streams
+                self.twins[t] = _Twin(node, path)
+
+    def _materialize(self, twin: _Twin) -> torch.Tensor:
+        """The tensor ``twin`` stands for, computing its pending operations first (in program order, iteratively:
+        a chain outside the blocks can be long)."""
+        if not twin.node.done:
+            todo, stack, queued = [], [twin.node], set()
+            while stack:
+                node = stack.pop()
+                if node.done or id(node) in queued:
+                    continue
+                queued.add(id(node))
+                todo.append(node)
+                stack.extend(t.node for t in _tensor_markers((node.args, node.kwargs)))
+            todo.sort(key=lambda n: n.order, reverse=True)
+            while todo:  # popped, so a value no later operation reads is freed as soon as its consumers ran
+                self._compute(todo.pop())
+        value = twin.node.value
+        for key in twin.path:
+            value = value[key]
+        return value
+
+    def _compute(self, node: _Deferred) -> None:
+        for t, version in node.versions:
+            if t._version != version:
+                raise RuntimeError(
+                    f"ZO2 offload: a tensor read by {_name(node.func)} outside the transformer blocks was modified in "
+                    "place before its -eps stream ran, by an operation the engine cannot see; use "
+                    "ZOConfig(offload='none') for this model"
+                )
+
+        def minus_value(x: _Twin | _Param) -> torch.Tensor:
+            return self._perturbed(x.p, -1) if isinstance(x, _Param) else self._materialize(x)
+
+        with self._engine_work(), _autocast(node.autocast):
+            args, kwargs = _walk((node.args, node.kwargs), minus_value, (_Twin, _Param))
+            node.args = node.kwargs = node.versions = None
+            node.value = node.func(*args, **kwargs)
+            node.done = True
+
+    def _flush_pending(self) -> None:
+        """Compute every pending -eps operation still referred to (before an in-place write or a block call)."""
+        nodes = [n for n in (r() for r in reversed(self.pending)) if n is not None and not n.done]
+        self.pending.clear()
+        while nodes:
+            node = nodes.pop()
+            if not node.done:
+                self._compute(node)
 
     def _pair(self, plus: Any, minus: Any, where: str) -> None:
         """Record each stream-2 tensor of ``minus`` as the twin of the stream-1 tensor in the same place."""
@@ -467,6 +646,8 @@ class ZO2Engine:
             with _DualMode(self):
                 loss_plus = loss_fn()
             loss_minus = self.twins.get(loss_plus)
+            if isinstance(loss_minus, _Twin):  # the tail of the -eps stream runs now, the +eps outputs freed
+                loss_minus = self._materialize(loss_minus)
             if loss_minus is None:
                 raise RuntimeError(
                     "ZO2 offload: the loss does not depend on the perturbed parameters through operations the engine "
@@ -478,7 +659,7 @@ class ZO2Engine:
                 self._check_against_one_stream(loss_fn, loss_plus, loss_minus)
                 self.checked = True
         finally:
-            self.world, self.twins, self.seen = None, None, None
+            self.world, self.twins, self.seen, self.pending = None, None, None, []
         return loss_plus, loss_minus
 
     def _check_against_one_stream(self, loss_fn: Callable[[], torch.Tensor], plus: torch.Tensor, minus: torch.Tensor):
