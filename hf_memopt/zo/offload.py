@@ -218,6 +218,7 @@ class _Block:
         self.trainable = [(n, p) for n, p in self.params if p.requires_grad]
         self.compute_dtype = {n: p.dtype for n, p in self.params}
         self.busy = False
+        self.offset = 0  # the working copy holds theta + offset * eps * z (trainable parameters)
         self.orig_forward = module.forward
 
 
@@ -313,14 +314,19 @@ class ZO2Engine:
         optimizer.register_state_dict_pre_hook(lambda *_: self.flush())
 
     # ---------------------------------------------------------------- block upload
-    def _upload(self, block: _Block) -> dict[str, torch.Tensor]:
+    def _upload(self, block: _Block, private: bool = True) -> dict[str, torch.Tensor]:
+        """The block's parameters in their compute dtype on the compute device; ``private``: trainable ones are copies
+        (always, on a device: the upload), which the perturbed forwards may perturb in place."""
         out = {}
+        trainable = {n for n, _ in block.trainable} if private else ()
         for n, p in block.params:
             dtype = block.compute_dtype[n]
-            if self.device is None:
-                out[n] = p if p.dtype == dtype else p.detach().to(dtype)
-            else:
+            if self.device is not None:
                 out[n] = p.detach().to(self.device, non_blocking=True).to(dtype)
+            elif n in trainable:
+                out[n] = p.detach().to(dtype, copy=True)
+            else:
+                out[n] = p if p.dtype == dtype else p.detach().to(dtype)
         return out
 
     def _prefetch(self, block: _Block) -> None:
@@ -345,7 +351,8 @@ class ZO2Engine:
             for t in working.values():
                 t.record_stream(current)
         else:
-            working = self._upload(block)
+            working = self._upload(block, private=self.world is not None)
+        block.offset = 0
         if self.optimizer is not None:
             for n, p in block.trainable:
                 if self.optimizer.apply_pending(p, working[n]) and working[n] is not p:
@@ -380,21 +387,34 @@ class ZO2Engine:
     def _call(self, block: _Block, sign: int, args: tuple, kwargs: dict) -> Any:
         """One forward of ``block`` on stream ``sign`` (+1: theta + eps z, -1: theta - eps z, 0: theta)."""
         with self._engine_work():
-            base = self._working(block)
-            params = dict(base)
-            for n, p in block.trainable if sign else ():
-                params[n] = torch.add(
-                    base[n], perturbation(base[n], self.seed, self.index[id(p)]), alpha=sign * self.eps
-                )
+            params = self._working(block)
+            self._perturb_working(block, params, sign)
         outer, self.world = self.world, (sign if self.world is not None else None)
         block.busy = True
         try:
-            if sign == 0 and all(base[n] is p for n, p in block.params):
+            if sign == 0 and all(params[n] is p for n, p in block.params):
                 return block.orig_forward(*args, **kwargs)
             return torch.func.functional_call(block.module, params, args, kwargs, strict=False)
         finally:
             block.busy = False
             self.world = outer
+
+    def _perturb_working(self, block: _Block, params: dict[str, torch.Tensor], sign: int) -> None:
+        """Move the block's private working copy to theta + sign * eps * z in place.
+
+        The +eps forward runs first, then the -eps one, on the one upload: ``+eps z``, then ``-2 eps z``, as plain
+        MeZO moves its parameters (so the -eps values are bit for bit plain MeZO's, a -eps-only forward included).
+        In place, the device holds the working copy and the prefetched block, no perturbed copy besides; the stored
+        parameters are never touched."""
+        if block.offset == sign:
+            return
+        steps = (1, -2) if (block.offset, sign) == (0, -1) else (sign - block.offset,)
+        for n, p in block.trainable:
+            z = perturbation(params[n], self.seed, self.index[id(p)])
+            for k in steps:
+                params[n].add_(z, alpha=k * self.eps)
+            del z
+        block.offset = sign
 
     def _forward(self, block: _Block, args: tuple, kwargs: dict) -> Any:
         if block.busy:  # functional_call re-entering the wrapper
