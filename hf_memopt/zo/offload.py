@@ -37,7 +37,7 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -218,6 +218,9 @@ class _Block:
         self.trainable = [(n, p) for n, p in self.params if p.requires_grad]
         self.compute_dtype = {n: p.dtype for n, p in self.params}
         self.busy = False
+        # None: unknown; False: the first perturbed pass saw no parameter owned outside the block used inside it, so
+        # later passes run the block without the mode (each operation dispatched through Python costs microseconds)
+        self.reads_outside: bool | None = None
         self.offset = 0  # the working copy holds theta + offset * eps * z (trainable parameters)
         self.orig_forward = module.forward
 
@@ -262,6 +265,9 @@ class ZO2Engine:
         self.seen: set[int] | None = None  # trainable parameters the first perturbed pass used
         self.checked = False
         self.seed = 0
+        self.mode: _DualMode | None = None
+        self.running: list[_Block] = []  # blocks whose forward is running (nested calls: several)
+        self.seen_blocks: set[_Block] = set()  # blocks the first perturbed pass ran
         model.register_state_dict_pre_hook(lambda *_: self.flush())
 
     def _refuse_shared_block_parameters(self) -> None:
@@ -391,13 +397,26 @@ class ZO2Engine:
             self._perturb_working(block, params, sign)
         outer, self.world = self.world, (sign if self.world is not None else None)
         block.busy = True
+        self.running.append(block)
         try:
             if sign == 0 and all(params[n] is p for n, p in block.params):
                 return block.orig_forward(*args, **kwargs)
-            return torch.func.functional_call(block.module, params, args, kwargs, strict=False)
+            with self._mode_off() if block.reads_outside is False else nullcontext():
+                return torch.func.functional_call(block.module, params, args, kwargs, strict=False)
         finally:
+            self.running.pop()
             block.busy = False
             self.world = outer
+
+    @contextmanager
+    def _mode_off(self):
+        """Run without the mode if it is the innermost one (a mode the model entered after it stays in charge)."""
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is self.mode:
+            with torch.overrides._pop_mode_temporarily():
+                yield
+        else:
+            yield
 
     def _perturb_working(self, block: _Block, params: dict[str, torch.Tensor], sign: int) -> None:
         """Move the block's private working copy to theta + sign * eps * z in place.
@@ -440,6 +459,7 @@ class ZO2Engine:
                 self._pair(recorded[k][n:], minus_recorded[k][n:], f"{block.name} (recorded {k})")
             if self.seen is not None:
                 self.seen.update(id(p) for _, p in block.trainable)
+                self.seen_blocks.add(block)
         finally:
             self.loaded.pop(block, None)
         self._pair(out_plus, out_minus, block.name)
@@ -500,6 +520,8 @@ class ZO2Engine:
         if self.world != 0:  # inside a block's stream: only parameters owned outside it need perturbing
             if not any(self._is_param(t) for t in _tensors((args, kwargs))):
                 return func(*args, **kwargs)
+            for block in self.running:
+                block.reads_outside = True
             if name in _METADATA:
                 out = func(*args, **kwargs)
                 if not any(True for _ in _tensors(out)):
@@ -662,8 +684,9 @@ class ZO2Engine:
         """
         self.seed, self.world, self.twins = seed, 0, WeakIdKeyDictionary()
         self.seen = None if self.checked else set()
+        self.mode = _DualMode(self)
         try:
-            with _DualMode(self):
+            with self.mode:
                 loss_plus = loss_fn()
             loss_minus = self.twins.get(loss_plus)
             if isinstance(loss_minus, _Twin):  # the tail of the -eps stream runs now, the +eps outputs freed
@@ -678,6 +701,8 @@ class ZO2Engine:
                 self._check_all_parameters_used()
                 self._check_against_one_stream(loss_fn, loss_plus, loss_minus)
                 self.checked = True
+                for block in self.seen_blocks:  # what the first pass saw decides for the later ones
+                    block.reads_outside = bool(block.reads_outside)
         finally:
             self.world, self.twins, self.seen, self.pending = None, None, None, []
         return loss_plus, loss_minus
@@ -692,7 +717,7 @@ class ZO2Engine:
         (5% of |L+ - L-|, plus a few ulps of L) separates that from nondeterministic kernels. Costs one forward, once.
         """
         self.world, self.seen = -1, None
-        with _DualMode(self):
+        with self.mode:
             alone = float(loss_fn())
         lp, lm = float(plus), float(minus)
         tolerance = 0.05 * abs(lp - lm) + 64 * torch.finfo(minus.dtype).eps * max(abs(lm), 1.0)
