@@ -384,9 +384,12 @@ class ZO2Engine:
     # ---------------------------------------------------------------- blocks
     @contextmanager
     def _engine_work(self):
+        """The engine's own tensor work (uploads, perturbations, updates): not mirrored, and not dispatched through
+        the mode at all where it can be left (hundreds of small operations a step)."""
         self.raw += 1
         try:
-            yield
+            with self._mode_off():
+                yield
         finally:
             self.raw -= 1
 
