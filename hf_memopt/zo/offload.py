@@ -494,7 +494,8 @@ class ZO2Engine:
         if self.seen is not None:
             self.seen.add(key)
         with self._engine_work():
-            return torch.add(p.detach(), perturbation(p.detach(), self.seed, self.index[key]), alpha=sign * self.eps)
+            z = perturbation(p.detach(), self.seed, self.index[key])
+            return torch.add(p.detach(), z, alpha=sign * self.eps, out=z)  # written over z: one copy, not two
 
     def _is_param(self, t: torch.Tensor) -> bool:
         key = id(t)
