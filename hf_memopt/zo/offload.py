@@ -7,10 +7,11 @@ engine does the same for any Hugging Face model without rewriting it: the model'
 
 * every transformer block (the list found by :func:`~hf_memopt.zo.blocks.find_block_list`) is wrapped; its
   parameters live in CPU memory (pinned with CUDA, optionally in bf16/fp16) and are uploaded when it runs. A call
-  runs the block twice on that upload (``torch.func.functional_call`` with copies of its trainable parameters
-  perturbed by +eps z, then by -eps z; the stored ones are never perturbed), stream 1's inputs first, then
-  stream 2's. The pending update of the previous ``optimizer.step()`` is applied at upload and written back, so
-  each block crosses the bus once per step each way;
+  runs the block twice on that upload (``torch.func.functional_call``), stream 1's inputs first, then stream 2's;
+  the upload (on a CPU, a copy of the trainable parameters) is perturbed in place, by +eps z, then by -2 eps z, as
+  plain MeZO moves its parameters, so the device holds the working block and the prefetched one and nothing else of
+  the blocks; the stored parameters are never perturbed. The pending update of the previous ``optimizer.step()`` is
+  applied at upload and written back, so each block crosses the bus once per step each way;
 * every PyTorch operation outside the blocks (embeddings, positional tables, norms, the head, the glue between
   blocks, the model's loss code, the Trainer's scaling of the loss) is seen through a ``TorchFunctionMode`` and,
   when one of its inputs belongs to stream 2 or is a trainable parameter, run once per stream: trainable
@@ -18,7 +19,11 @@ engine does the same for any Hugging Face model without rewriting it: the model'
   a tied head read as ``embed.weight``, a positional table sliced directly, a parameter owned by the model itself).
 
 The model only ever sees stream 1; each of its tensors that differs on stream 2 has a twin (a weak map, so
-activations are freed as usual). The model's loss is L(theta + eps z); its twin is L(theta - eps z). Nothing is
+activations are freed as usual). The -eps run of an operation outside the blocks is deferred until its result is
+needed: by a block (its inputs), by an in-place write (which might change what it reads), or by the loss at the end.
+So each stream's tail (final norm, head, loss) runs alone, after the model's +eps outputs are freed, as in plain
+MeZO: never both streams' logits beside one stream's ``log_softmax``. The model's loss is L(theta + eps z); its twin
+is L(theta - eps z). Nothing is
 stacked or split along the batch, so tensors whose leading dimension is not the batch (T5's position bias, MoE
 router logits over tokens) and inputs that later blocks read from outside the block chain (BART's encoder states)
 are exact. Parameters used *inside* a block but owned outside it are perturbed there too.
@@ -27,8 +32,12 @@ Refused, never trained wrongly (see ``docs/methods/zo.md``): a trainable block p
 outside its block (``ValueError`` at construction); a trainable parameter the first forward never used (it could
 only reach the loss through an operation the mode cannot see: a custom kernel); a loss with no stream-2 twin (the
 same cause); operations outside the blocks whose non-tensor result differs between the streams (``.item()``,
-``bool()``: data-dependent control flow); in-place writes of stream-2 values into a view or an ``out=`` tensor; a
-KV cache handed to a block (both streams would append to it).
+``bool()``: data-dependent control flow); in-place writes of stream-2 values into a view or an ``out=`` tensor; an
+in-place write the mode cannot see into a tensor a deferred -eps operation reads; a KV cache handed to a block (both
+streams would append to it).
+
+Blocks run without the mode (each operation dispatched through Python costs microseconds, most of the engine's
+overhead over plain MeZO) once the first perturbed pass saw them read no trainable parameter owned outside them.
 """
 
 from __future__ import annotations
