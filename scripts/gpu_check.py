@@ -395,7 +395,7 @@ def section_zo2(ctx: Context) -> dict[str, Any]:
 
     shapes = ctx.shapes
     data = token_rows(shapes, shapes.vocab, shapes.batch * shapes.steps)
-    # Activations of a plain forward at 2B: ZO2 stacks the +eps and -eps halves into one batch per block upload.
+    # Activations of a plain forward at 2B: ZO2 runs both streams (+eps and -eps, B rows each) per block upload.
     model = build_llama(shapes).to(ctx.device)
     model.eval()
     resident, peak = forward_peak(ctx, model, stacked_batch(data[: 2 * shapes.batch]))

@@ -342,3 +342,39 @@ def test_an_untested_version_warns_once_and_goes_on(monkeypatch, caplog):
         compat.ignore_in_ddp(nn.Linear(2, 2), ["bias"])
     warnings = [r for r in caplog.records if "outside the range" in r.getMessage()]
     assert len(warnings) == 1 and "torch" in warnings[0].getMessage()
+
+
+def test_torch_dispatch_mode_sees_every_aten_operation_in_its_scope():
+    seen = []
+
+    class Recorder(compat.torch_dispatch_mode()):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.ones(3)
+    with Recorder():
+        (x * 2).sum()
+    assert any(name.startswith("mul") for name in seen) and any(name.startswith("sum") for name in seen)
+
+
+def test_stepping_out_of_the_innermost_function_mode_only():
+    calls = []
+
+    class Counter(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(self)
+            return func(*args, **(kwargs or {}))
+
+    outer, inner = Counter(), Counter()
+    x = torch.ones(2)
+    with outer:
+        with compat.without_innermost_function_mode(outer):
+            torch.add(x, 1)
+        assert calls == []  # outer was the innermost mode: stepped out of
+        with inner, compat.without_innermost_function_mode(outer):
+            torch.add(x, 1)
+        assert calls and calls[0] is inner  # a mode entered after it stays in charge
+        calls.clear()
+        torch.add(x, 1)
+    assert calls == [outer]  # back in the mode after the body

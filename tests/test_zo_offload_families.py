@@ -75,6 +75,21 @@ class _SharedBlock(nn.Module):
         return torch.tanh(self.shared(self.norm(h)))
 
 
+class InplaceAfterDeferredReadLM(FunctionalLM):
+    """A tensor both streams share, read with perturbed values and then written in place outside the blocks: the
+    engine's pending -eps run of the read must happen before the write."""
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        scale = torch.ones(input_ids.shape[1], 1, dtype=self.positions.dtype)
+        h = self.embed(input_ids) * scale + self.positions[: input_ids.shape[1]]
+        scale.mul_(0.5)
+        for layer in self.layers:
+            h = h + layer(h)
+        logits = (h * scale) @ self.embed.weight.T
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+        return {"loss": loss}
+
+
 def _lora_llama():
     """LoRA adapters inside the blocks and on the head (outside them): only adapters trainable."""
     from peft import LoraConfig, get_peft_model
@@ -122,6 +137,7 @@ FAMILIES = {
                    decoder_start_token_id=0), "seq2seq"),
     "functional_tied_head_and_sliced_positions": (FunctionalLM, "lm"),
     "parameter_owned_outside_the_blocks": (SharedOutsideLM, "lm"),
+    "shared_tensor_written_in_place_after_a_perturbed_read": (InplaceAfterDeferredReadLM, "lm"),
 }
 # fmt: on
 
@@ -274,6 +290,21 @@ class OpaqueGlueLM(FunctionalLM):
         return {"loss": nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))}
 
 
+class OpaqueInplaceWriteLM(InplaceAfterDeferredReadLM):
+    """Writes a tensor in place where no ``__torch_function__`` mode can see it, after a pending -eps operation
+    read it."""
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        scale = torch.ones(input_ids.shape[1], 1, dtype=self.positions.dtype)
+        h = self.embed(input_ids) * scale
+        with torch._C.DisableTorchFunction():
+            scale.mul_(0.5)
+        for layer in self.layers:
+            h = h + layer(h)
+        logits = h @ self.embed.weight.T
+        return {"loss": nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))}
+
+
 class TiedAcrossBlocksLM(FunctionalLM):
     def __init__(self):
         super().__init__()
@@ -288,6 +319,7 @@ class TiedAcrossBlocksLM(FunctionalLM):
         (ReadsOutLM, RuntimeError, "branches on .*perturbed values.*offload='none'"),
         (OpaqueLossLM, RuntimeError, "loss does not depend on the perturbed parameters.*offload='none'"),
         (OpaqueGlueLM, RuntimeError, "differs from a forward on the -eps parameters alone.*offload='none'"),
+        (OpaqueInplaceWriteLM, RuntimeError, "modified in place before its -eps stream ran.*offload='none'"),
         (WritesIntoViewLM, RuntimeError, "in-place add_ .*view of a tensor both streams share.*offload='none'"),
         (OutArgumentLM, RuntimeError, r"mul\(out=...\) outside the transformer blocks.*offload='none'"),
         (

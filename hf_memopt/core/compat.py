@@ -430,3 +430,41 @@ def storage_key(tensor: Any) -> int:
         _warn_if_untested("torch")
         _fail("torch", "UntypedStorage._cdata", "is missing", "count each saved storage once (memory estimator)")
     return value
+
+
+def torch_dispatch_mode() -> type:
+    """``torch.utils._python_dispatch.TorchDispatchMode``: the base class of a mode that sees every ATen operation
+    (the live-tensor tracker of :mod:`hf_memopt.tools.live_tensors`). PyTorch documents it under that path only."""
+    try:
+        from torch.utils._python_dispatch import TorchDispatchMode
+    except ImportError:
+        _warn_if_untested("torch")
+        _fail("torch", "torch.utils._python_dispatch.TorchDispatchMode", "is missing", "track live tensor storages")
+    if not callable(getattr(TorchDispatchMode, "__torch_dispatch__", None)):
+        _fail("torch", "TorchDispatchMode.__torch_dispatch__", "is missing", "track live tensor storages")
+    return TorchDispatchMode
+
+
+@contextlib.contextmanager
+def without_innermost_function_mode(mode: Any) -> Iterator[None]:
+    """Run the body without the ``TorchFunctionMode`` ``mode`` when it is the innermost active one (a mode entered
+    after it stays in charge, and then nothing changes). ZO2 runs a block whose reads it already knows this way, so
+    the block's operations skip the mode's per-operation Python dispatch. torch offers no public way to step out of
+    one mode for a while: ``torch._C._len_torch_function_stack``, ``torch._C._get_function_stack_at`` and
+    ``torch.overrides._pop_mode_temporarily`` are what ``torch.overrides`` itself uses."""
+    import torch
+
+    _warn_if_untested("torch")
+    length = getattr(torch._C, "_len_torch_function_stack", None)
+    at = getattr(torch._C, "_get_function_stack_at", None)
+    pop = getattr(torch.overrides, "_pop_mode_temporarily", None)
+    for name, value in (("torch._C._len_torch_function_stack", length), ("torch._C._get_function_stack_at", at),
+                        ("torch.overrides._pop_mode_temporarily", pop)):  # fmt: skip
+        if not callable(value):
+            _fail("torch", name, "is missing", "step out of ZO2's function mode inside a block")
+    depth = length()
+    if depth and at(depth - 1) is mode:
+        with pop():
+            yield
+    else:
+        yield

@@ -7,10 +7,11 @@ engine does the same for any Hugging Face model without rewriting it: the model'
 
 * every transformer block (the list found by :func:`~hf_memopt.zo.blocks.find_block_list`) is wrapped; its
   parameters live in CPU memory (pinned with CUDA, optionally in bf16/fp16) and are uploaded when it runs. A call
-  runs the block twice on that upload (``torch.func.functional_call`` with copies of its trainable parameters
-  perturbed by +eps z, then by -eps z; the stored ones are never perturbed), stream 1's inputs first, then
-  stream 2's. The pending update of the previous ``optimizer.step()`` is applied at upload and written back, so
-  each block crosses the bus once per step each way;
+  runs the block twice on that upload (``torch.func.functional_call``), stream 1's inputs first, then stream 2's;
+  the upload (on a CPU, a copy of the trainable parameters) is perturbed in place, by +eps z, then by -2 eps z, as
+  plain MeZO moves its parameters, so the device holds the working block and the prefetched one and nothing else of
+  the blocks; the stored parameters are never perturbed. The pending update of the previous ``optimizer.step()`` is
+  applied at upload and written back, so each block crosses the bus once per step each way;
 * every PyTorch operation outside the blocks (embeddings, positional tables, norms, the head, the glue between
   blocks, the model's loss code, the Trainer's scaling of the loss) is seen through a ``TorchFunctionMode`` and,
   when one of its inputs belongs to stream 2 or is a trainable parameter, run once per stream: trainable
@@ -18,7 +19,11 @@ engine does the same for any Hugging Face model without rewriting it: the model'
   a tied head read as ``embed.weight``, a positional table sliced directly, a parameter owned by the model itself).
 
 The model only ever sees stream 1; each of its tensors that differs on stream 2 has a twin (a weak map, so
-activations are freed as usual). The model's loss is L(theta + eps z); its twin is L(theta - eps z). Nothing is
+activations are freed as usual). The -eps run of an operation outside the blocks is deferred until its result is
+needed: by a block (its inputs), by an in-place write (which might change what it reads), or by the loss at the end.
+So each stream's tail (final norm, head, loss) runs alone, after the model's +eps outputs are freed, as in plain
+MeZO: never both streams' logits beside one stream's ``log_softmax``. The model's loss is L(theta + eps z); its twin
+is L(theta - eps z). Nothing is
 stacked or split along the batch, so tensors whose leading dimension is not the batch (T5's position bias, MoE
 router logits over tokens) and inputs that later blocks read from outside the block chain (BART's encoder states)
 are exact. Parameters used *inside* a block but owned outside it are perturbed there too.
@@ -27,15 +32,21 @@ Refused, never trained wrongly (see ``docs/methods/zo.md``): a trainable block p
 outside its block (``ValueError`` at construction); a trainable parameter the first forward never used (it could
 only reach the loss through an operation the mode cannot see: a custom kernel); a loss with no stream-2 twin (the
 same cause); operations outside the blocks whose non-tensor result differs between the streams (``.item()``,
-``bool()``: data-dependent control flow); in-place writes of stream-2 values into a view or an ``out=`` tensor; a
-KV cache handed to a block (both streams would append to it).
+``bool()``: data-dependent control flow); in-place writes of stream-2 values into a view or an ``out=`` tensor; an
+in-place write the mode cannot see into a tensor a deferred -eps operation reads; a KV cache handed to a block (both
+streams would append to it).
+
+Blocks run without the mode (each operation dispatched through Python costs microseconds, most of the engine's
+overhead over plain MeZO) once the first perturbed pass saw them read no trainable parameter owned outside them.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -64,19 +75,19 @@ _INPLACE_DUNDERS = frozenset(
 _SCALARS = (bool, int, float, complex, str, torch.dtype, torch.device, torch.Size, type(None))
 
 
-def _walk(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``obj`` with ``fn`` applied to each tensor, rebuilding tuples (named too), lists and dicts."""
-    if isinstance(obj, torch.Tensor):
+def _walk(obj: Any, fn: Callable[[Any], Any], leaf: type | tuple[type, ...] = torch.Tensor) -> Any:
+    """``obj`` with ``fn`` applied to each ``leaf`` (a tensor), rebuilding tuples (named too), lists and dicts."""
+    if isinstance(obj, leaf):
         return fn(obj)
     if isinstance(obj, (list, tuple)):
-        items = [_walk(o, fn) for o in obj]
+        items = [_walk(o, fn, leaf) for o in obj]
         if isinstance(obj, list):
             return items
         if hasattr(obj, "_fields"):
             return type(obj)(*items)
         return tuple(items) if type(obj) is tuple else type(obj)(items)
     if isinstance(obj, dict):
-        mapped = {k: _walk(v, fn) for k, v in obj.items()}
+        mapped = {k: _walk(v, fn, leaf) for k, v in obj.items()}
         return mapped if type(obj) is dict else type(obj)(**mapped)
     return obj
 
@@ -107,6 +118,98 @@ class _DualMode(TorchFunctionMode):
         return self.engine._dispatch(func, args, kwargs or {})
 
 
+class _Deferred:
+    """The -eps stream's result of one operation outside the blocks, computed when it is first needed.
+
+    ``args``/``kwargs`` hold what stream 2 reads, resolved when the operation was seen: twins (tensors or
+    :class:`_Twin`), :class:`_Param` markers (perturbed by -eps z when computed, one copy alive at a time) and the
+    tensors both streams share. Computing drops them, so a twin lives only while a stream-1 tensor or a pending
+    operation refers to it.
+    """
+
+    __slots__ = ("func", "args", "kwargs", "autocast", "versions", "order", "value", "done", "__weakref__")
+
+    def __init__(self, func, args, kwargs, autocast, versions, order):
+        self.func, self.args, self.kwargs, self.autocast, self.versions = func, args, kwargs, autocast, versions
+        self.order, self.value, self.done = order, None, False
+
+
+class _Twin:
+    """One tensor of a :class:`_Deferred` result: ``path`` indexes into it."""
+
+    __slots__ = ("node", "path")
+
+    def __init__(self, node: _Deferred, path: tuple):
+        self.node, self.path = node, path
+
+
+class _Param:
+    """A trainable parameter outside the blocks, read as theta - eps z when the deferred operation runs."""
+
+    __slots__ = ("p",)
+
+    def __init__(self, p: torch.Tensor):
+        self.p = p
+
+
+def _autocast_state() -> tuple | None:
+    """The autocast settings a deferred operation must run under (``None``: autocast off everywhere)."""
+    state = tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
+    return state or None
+
+
+@contextmanager
+def _autocast(state: tuple | None):
+    """Run under the autocast settings ``state`` recorded (a deferred operation may run after the model's
+    ``autocast`` region has closed: the Trainer's ``compute_loss_context_manager``)."""
+    wanted = dict(state or ())
+    with ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            dtype = wanted.get(device)
+            if dtype is None and torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+            elif dtype is not None and not (
+                torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == dtype
+            ):
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+        yield
+
+
+def _tensor_leaves(obj: Any, path: tuple = ()):
+    """``(path, tensor)`` for each tensor of a (nested) operation result."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, (list, tuple)):
+        for i, o in enumerate(obj):
+            yield from _tensor_leaves(o, (*path, i))
+    elif isinstance(obj, dict):
+        for k, o in obj.items():
+            yield from _tensor_leaves(o, (*path, k))
+
+
+def _tensor_markers(obj: Any):
+    """The :class:`_Twin` s among a deferred operation's arguments."""
+    if isinstance(obj, _Twin):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensor_markers(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensor_markers(o)
+
+
+def _only_tensors(obj: Any) -> bool:
+    """Whether a result holds nothing but tensors and ``None`` (else its values must be compared across streams)."""
+    if obj is None or isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return all(_only_tensors(o) for o in obj)
+    if isinstance(obj, dict):
+        return all(_only_tensors(o) for o in obj.values())
+    return False
+
+
 class _Block:
     def __init__(self, name: str, module: nn.Module, index: int):
         self.name, self.module, self.index = name, module, index
@@ -114,6 +217,10 @@ class _Block:
         self.trainable = [(n, p) for n, p in self.params if p.requires_grad]
         self.compute_dtype = {n: p.dtype for n, p in self.params}
         self.busy = False
+        # None: unknown; False: the first perturbed pass saw no parameter owned outside the block used inside it, so
+        # later passes run the block without the mode (each operation dispatched through Python costs microseconds)
+        self.reads_outside: bool | None = None
+        self.offset = 0  # the working copy holds theta + offset * eps * z (trainable parameters)
         self.orig_forward = module.forward
 
 
@@ -151,10 +258,15 @@ class ZO2Engine:
         self.uploads: dict[_Block, tuple[dict[str, torch.Tensor], Any]] = {}
         self.world: int | None = None  # None: no perturbed pass; 0: outside the blocks; +-1: inside one, that stream
         self.raw = 0  # > 0: the engine's own tensor work, not mirrored
-        self.twins: WeakIdKeyDictionary | None = None
+        self.twins: WeakIdKeyDictionary | None = None  # stream-1 tensor -> its stream-2 tensor or _Twin
+        self.pending: list[weakref.ref[_Deferred]] = []  # deferred -eps operations, in program order
+        self.counter = itertools.count()
         self.seen: set[int] | None = None  # trainable parameters the first perturbed pass used
         self.checked = False
         self.seed = 0
+        self.mode: _DualMode | None = None
+        self.running: list[_Block] = []  # blocks whose forward is running (nested calls: several)
+        self.seen_blocks: set[_Block] = set()  # blocks the first perturbed pass ran
         model.register_state_dict_pre_hook(lambda *_: self.flush())
 
     def _refuse_shared_block_parameters(self) -> None:
@@ -207,14 +319,19 @@ class ZO2Engine:
         optimizer.register_state_dict_pre_hook(lambda *_: self.flush())
 
     # ---------------------------------------------------------------- block upload
-    def _upload(self, block: _Block) -> dict[str, torch.Tensor]:
+    def _upload(self, block: _Block, private: bool = True) -> dict[str, torch.Tensor]:
+        """The block's parameters in their compute dtype on the compute device; ``private``: trainable ones are copies
+        (always, on a device: the upload), which the perturbed forwards may perturb in place."""
         out = {}
+        trainable = {n for n, _ in block.trainable} if private else ()
         for n, p in block.params:
             dtype = block.compute_dtype[n]
-            if self.device is None:
-                out[n] = p if p.dtype == dtype else p.detach().to(dtype)
-            else:
+            if self.device is not None:
                 out[n] = p.detach().to(self.device, non_blocking=True).to(dtype)
+            elif n in trainable:
+                out[n] = p.detach().to(dtype, copy=True)
+            else:
+                out[n] = p if p.dtype == dtype else p.detach().to(dtype)
         return out
 
     def _prefetch(self, block: _Block) -> None:
@@ -239,7 +356,8 @@ class ZO2Engine:
             for t in working.values():
                 t.record_stream(current)
         else:
-            working = self._upload(block)
+            working = self._upload(block, private=self.world is not None)
+        block.offset = 0
         if self.optimizer is not None:
             for n, p in block.trainable:
                 if self.optimizer.apply_pending(p, working[n]) and working[n] is not p:
@@ -265,30 +383,49 @@ class ZO2Engine:
     # ---------------------------------------------------------------- blocks
     @contextmanager
     def _engine_work(self):
+        """The engine's own tensor work (uploads, perturbations, updates): not mirrored, and not dispatched through
+        the mode at all where it can be left (hundreds of small operations a step)."""
         self.raw += 1
         try:
-            yield
+            with compat.without_innermost_function_mode(self.mode):
+                yield
         finally:
             self.raw -= 1
 
     def _call(self, block: _Block, sign: int, args: tuple, kwargs: dict) -> Any:
         """One forward of ``block`` on stream ``sign`` (+1: theta + eps z, -1: theta - eps z, 0: theta)."""
         with self._engine_work():
-            base = self._working(block)
-            params = dict(base)
-            for n, p in block.trainable if sign else ():
-                params[n] = torch.add(
-                    base[n], perturbation(base[n], self.seed, self.index[id(p)]), alpha=sign * self.eps
-                )
+            params = self._working(block)
+            self._perturb_working(block, params, sign)
         outer, self.world = self.world, (sign if self.world is not None else None)
         block.busy = True
+        self.running.append(block)
         try:
-            if sign == 0 and all(base[n] is p for n, p in block.params):
+            if sign == 0 and all(params[n] is p for n, p in block.params):
                 return block.orig_forward(*args, **kwargs)
-            return torch.func.functional_call(block.module, params, args, kwargs, strict=False)
+            with compat.without_innermost_function_mode(self.mode) if block.reads_outside is False else nullcontext():
+                return torch.func.functional_call(block.module, params, args, kwargs, strict=False)
         finally:
+            self.running.pop()
             block.busy = False
             self.world = outer
+
+    def _perturb_working(self, block: _Block, params: dict[str, torch.Tensor], sign: int) -> None:
+        """Move the block's private working copy to theta + sign * eps * z in place.
+
+        The +eps forward runs first, then the -eps one, on the one upload: ``+eps z``, then ``-2 eps z``, as plain
+        MeZO moves its parameters (so the -eps values are bit for bit plain MeZO's, a -eps-only forward included).
+        In place, the device holds the working copy and the prefetched block, no perturbed copy besides; the stored
+        parameters are never touched."""
+        if block.offset == sign:
+            return
+        steps = (1, -2) if (block.offset, sign) == (0, -1) else (sign - block.offset,)
+        for n, p in block.trainable:
+            z = perturbation(params[n], self.seed, self.index[id(p)])
+            for k in steps:
+                params[n].add_(z, alpha=k * self.eps)
+            del z
+        block.offset = sign
 
     def _forward(self, block: _Block, args: tuple, kwargs: dict) -> Any:
         if block.busy:  # functional_call re-entering the wrapper
@@ -297,6 +434,7 @@ class ZO2Engine:
             if self.world != 0:  # no perturbed pass (evaluation, flush) or nested in a block's stream
                 return self._call(block, self.world or 0, args, kwargs)
             self._refuse_shared_state(block, args, kwargs)
+            self._flush_pending()  # the block may write in place into a tensor a pending operation reads
             # transformers records router logits, attentions, hidden states through forward hooks into a context var
             recorder = compat.output_collector()
             recorded = recorder.get()
@@ -315,6 +453,7 @@ class ZO2Engine:
                 self._pair(recorded[k][n:], minus_recorded[k][n:], f"{block.name} (recorded {k})")
             if self.seen is not None:
                 self.seen.update(id(p) for _, p in block.trainable)
+                self.seen_blocks.add(block)
         finally:
             self.loaded.pop(block, None)
         self._pair(out_plus, out_minus, block.name)
@@ -346,7 +485,8 @@ class ZO2Engine:
         if self.seen is not None:
             self.seen.add(key)
         with self._engine_work():
-            return torch.add(p.detach(), perturbation(p.detach(), self.seed, self.index[key]), alpha=sign * self.eps)
+            z = perturbation(p.detach(), self.seed, self.index[key])
+            return torch.add(p.detach(), z, alpha=sign * self.eps, out=z)  # written over z: one copy, not two
 
     def _is_param(self, t: torch.Tensor) -> bool:
         key = id(t)
@@ -359,7 +499,8 @@ class ZO2Engine:
             if self._is_param(t):
                 return self._perturbed(t, sign)
             if sign < 0:
-                return self.twins.get(t, t)
+                twin = self.twins.get(t, t)
+                return self._materialize(twin) if isinstance(twin, _Twin) else twin
             return t
 
         return _walk(obj, swap)
@@ -374,12 +515,17 @@ class ZO2Engine:
         if self.world != 0:  # inside a block's stream: only parameters owned outside it need perturbing
             if not any(self._is_param(t) for t in _tensors((args, kwargs))):
                 return func(*args, **kwargs)
+            for block in self.running:
+                block.reads_outside = True
             if name in _METADATA:
                 out = func(*args, **kwargs)
                 if not any(True for _ in _tensors(out)):
                     return out
             args, kwargs = self._stream((args, kwargs), self.world)
             return func(*args, **kwargs)
+        inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+        if (inplace or "out" in kwargs) and self.pending:
+            self._flush_pending()  # a pending -eps operation may read the tensor this one writes
         if not self._dual((args, kwargs)):
             return func(*args, **kwargs)
         if name in _METADATA:
@@ -391,7 +537,6 @@ class ZO2Engine:
                 f"ZO2 offload: {name}(out=...) outside the transformer blocks takes perturbed inputs; the two streams "
                 "cannot share its output. Use ZOConfig(offload='none') for this model"
             )
-        inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
         target = args[0] if inplace and args and isinstance(args[0], torch.Tensor) else None
         shared = target is not None and not self._is_param(target) and target not in self.twins
         if shared:  # writes stream-2 values into a tensor both streams read: stream 2 writes into its own copy
@@ -404,6 +549,9 @@ class ZO2Engine:
         plus_args, plus_kwargs = self._stream((args, kwargs), +1)
         out_plus = func(*plus_args, **plus_kwargs)
         del plus_args, plus_kwargs
+        if not inplace and not hasattr(out_plus, "__next__") and _only_tensors(out_plus):
+            self._defer(func, args, kwargs, out_plus)
+            return out_plus
         minus_args, minus_kwargs = self._stream((args, kwargs), -1)
         if shared:
             minus_args = (copy, *minus_args[1:])
@@ -415,6 +563,82 @@ class ZO2Engine:
             return iter(out_plus)
         self._pair(out_plus, out_minus, name)
         return out_plus
+
+    # ---------------------------------------------------------------- the -eps stream, computed when needed
+    def _defer(self, func: Any, args: tuple, kwargs: dict, out_plus: Any) -> None:
+        """Record the -eps run of ``func`` instead of running it now; its results become :class:`_Twin` s.
+
+        Run at once, the -eps result would sit beside the +eps one until both are consumed: at the head, both streams'
+        logits plus the loss's ``log_softmax`` of one of them (1.5x the activations of a plain forward at twice the
+        batch, measured by ``scripts/zo2_working_set.py``). Deferred, it is computed when a block needs it as input,
+        or at the end, when the model's +eps outputs are gone: each stream's tail runs alone, as in plain MeZO.
+        """
+        shared: list[torch.Tensor] = []
+
+        def minus_side(t: torch.Tensor) -> Any:
+            if self._is_param(t):
+                return _Param(t)
+            twin = self.twins.get(t)
+            if twin is not None:
+                return twin
+            shared.append(t)
+            return t
+
+        margs, mkwargs = _walk((args, kwargs), minus_side)
+        versions = [(t, t._version) for t in shared if not t.is_inference()]
+        node = _Deferred(func, margs, mkwargs, _autocast_state(), versions, next(self.counter))
+        self.pending.append(weakref.ref(node))
+        inputs = {id(t) for t in shared}
+        for path, t in _tensor_leaves(out_plus):
+            if id(t) not in inputs:  # a shared input handed back unchanged is the same on both streams
+                self.twins[t] = _Twin(node, path)
+
+    def _materialize(self, twin: _Twin) -> torch.Tensor:
+        """The tensor ``twin`` stands for, computing its pending operations first (in program order, iteratively:
+        a chain outside the blocks can be long)."""
+        if not twin.node.done:
+            todo, stack, queued = [], [twin.node], set()
+            while stack:
+                node = stack.pop()
+                if node.done or id(node) in queued:
+                    continue
+                queued.add(id(node))
+                todo.append(node)
+                stack.extend(t.node for t in _tensor_markers((node.args, node.kwargs)))
+            todo.sort(key=lambda n: n.order, reverse=True)
+            while todo:  # popped, so a value no later operation reads is freed as soon as its consumers ran
+                self._compute(todo.pop())
+        value = twin.node.value
+        for key in twin.path:
+            value = value[key]
+        return value
+
+    def _compute(self, node: _Deferred) -> None:
+        for t, version in node.versions:
+            if t._version != version:
+                raise RuntimeError(
+                    f"ZO2 offload: a tensor read by {_name(node.func)} outside the transformer blocks was modified in "
+                    "place before its -eps stream ran, by an operation the engine cannot see; use "
+                    "ZOConfig(offload='none') for this model"
+                )
+
+        def minus_value(x: _Twin | _Param) -> torch.Tensor:
+            return self._perturbed(x.p, -1) if isinstance(x, _Param) else self._materialize(x)
+
+        with self._engine_work(), _autocast(node.autocast):
+            args, kwargs = _walk((node.args, node.kwargs), minus_value, (_Twin, _Param))
+            node.args = node.kwargs = node.versions = None
+            node.value = node.func(*args, **kwargs)
+            node.done = True
+
+    def _flush_pending(self) -> None:
+        """Compute every pending -eps operation still referred to (before an in-place write or a block call)."""
+        nodes = [n for n in (r() for r in reversed(self.pending)) if n is not None and not n.done]
+        self.pending.clear()
+        while nodes:
+            node = nodes.pop()
+            if not node.done:
+                self._compute(node)
 
     def _pair(self, plus: Any, minus: Any, where: str) -> None:
         """Record each stream-2 tensor of ``minus`` as the twin of the stream-1 tensor in the same place."""
@@ -455,10 +679,13 @@ class ZO2Engine:
         """
         self.seed, self.world, self.twins = seed, 0, WeakIdKeyDictionary()
         self.seen = None if self.checked else set()
+        self.mode = _DualMode(self)
         try:
-            with _DualMode(self):
+            with self.mode:
                 loss_plus = loss_fn()
             loss_minus = self.twins.get(loss_plus)
+            if isinstance(loss_minus, _Twin):  # the tail of the -eps stream runs now, the +eps outputs freed
+                loss_minus = self._materialize(loss_minus)
             if loss_minus is None:
                 raise RuntimeError(
                     "ZO2 offload: the loss does not depend on the perturbed parameters through operations the engine "
@@ -469,8 +696,10 @@ class ZO2Engine:
                 self._check_all_parameters_used()
                 self._check_against_one_stream(loss_fn, loss_plus, loss_minus)
                 self.checked = True
+                for block in self.seen_blocks:  # what the first pass saw decides for the later ones
+                    block.reads_outside = bool(block.reads_outside)
         finally:
-            self.world, self.twins, self.seen = None, None, None
+            self.world, self.twins, self.seen, self.pending = None, None, None, []
         return loss_plus, loss_minus
 
     def _check_against_one_stream(self, loss_fn: Callable[[], torch.Tensor], plus: torch.Tensor, minus: torch.Tensor):
@@ -483,7 +712,7 @@ class ZO2Engine:
         (5% of |L+ - L-|, plus a few ulps of L) separates that from nondeterministic kernels. Costs one forward, once.
         """
         self.world, self.seen = -1, None
-        with _DualMode(self):
+        with self.mode:
             alone = float(loss_fn())
         lp, lm = float(plus), float(minus)
         tolerance = 0.05 * abs(lp - lm) + 64 * torch.finfo(minus.dtype).eps * max(abs(lm), 1.0)
