@@ -28,8 +28,10 @@ from typing import Any
 from torch import nn
 
 from hf_memopt.core import compat
-from hf_memopt.core.attach import OptimizerHyperparameters, _ModelOptimizerFactory, warn_ignored_fp16
+from hf_memopt.core.attach import warn_ignored_fp16
 from hf_memopt.core.compat import STOCK_GALORE_NAMES, decay_rule, target_module_rule
+from hf_memopt.core.plan import OptimizerHyperparameters
+from hf_memopt.core.trainer_hooks import ModelOptimizerFactory
 from hf_memopt.galore.builder import check_layerwise_supported, create_galore_optimizer
 from hf_memopt.galore.config import GaLoreConfig
 from hf_memopt.shared.targeting import ALL_LINEAR
@@ -148,7 +150,7 @@ def _galore_handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
         targets = selected if model is ctx.model else stock_target_parameters(model, config.target_modules, optim)
         return create_galore_optimizer(model, config, hparams, no_decay_names=_no_decay_names(model), targets=targets)
 
-    return _ModelOptimizerFactory(build), {}
+    return ModelOptimizerFactory(build), {}
 
 
 def reroute_stock_galore_names() -> bool:

@@ -3,7 +3,7 @@
 
 from hf_memopt.core.registry import register_method
 from hf_memopt.zo.blocks import find_block_list
-from hf_memopt.zo.builder import ZOCallback, build_zo, create_zo_optimizer, zo_engine, zo_training_step
+from hf_memopt.zo.builder import ZOCallback, create_zo_optimizer, plan_zo, zo_engine, zo_training_step
 from hf_memopt.zo.config import ZOConfig
 from hf_memopt.zo.offload import ZO2Engine
 from hf_memopt.zo.optimizer import ZOSGD
@@ -13,7 +13,7 @@ __all__ = [
     "ZOCallback",
     "ZOConfig",
     "ZOSGD",
-    "build_zo",
+    "plan_zo",
     "create_zo_optimizer",
     "find_block_list",
     "zo_engine",
@@ -23,7 +23,7 @@ __all__ = [
 register_method(
     "zo",
     ZOConfig,
-    build_zo,
+    plan_zo,
     "Zeroth-order MeZO-SGD: two forwards per step, no backward (ZO2 block offloading)",
     engine_requirement="ZO replaces the training step with two forwards around an in-place perturbation of every "
     "whole parameter, bypassing the engine's backward and optimizer step",
