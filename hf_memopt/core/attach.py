@@ -52,6 +52,7 @@ __all__ = [
     "OptimizerHyperparameters",
     "applied_plans",
     "attach",
+    "check_data_parallel",
     "no_decay_parameter_names",
     "trainable_parameters",
     "warn_ignored_fp16",
@@ -117,18 +118,31 @@ def _check_plan(trainer: Trainer, spec: MethodSpec, plan: MethodPlan) -> None:
                 f"{spec.name} and {measuring[0]} both update the parameters outside the Trainer's backward + step "
                 "(inside backward, or without one); they cannot be combined"
             )
-    if trainer.args.world_size <= 1:
+    check_data_parallel(trainer.args, [*others, (spec.name, plan)])
+
+
+def check_data_parallel(
+    args: Any, plans: list[tuple[str, MethodPlan]], *, cannot_keep_out_of_ddp: str | None = None
+) -> None:
+    """Refuse plans that cannot train together on ``args.world_size`` > 1 processes: a plan's own
+    ``distributed_error``, and a method that averages its own gradients (the model kept out of DDP) beside one that
+    steps on the gradients DDP averages. ``cannot_keep_out_of_ddp``: the refusal for a caller that cannot keep the
+    model out of DDP (the stock ``optim=`` handler, which has no Trainer), raised when a plan needs it.
+    """
+    if args.world_size <= 1:
         return
-    if plan.distributed_error is not None:
-        raise plan.distributed_error
-    needs = {name: p.data_parallel for name, p in [*others, (spec.name, plan)]}
-    own = [name for name, need in needs.items() if need == "own"]
-    ddp = [name for name, need in needs.items() if need == "ddp"]
+    for _, plan in plans:
+        if plan.distributed_error is not None:
+            raise plan.distributed_error
+    own = [name for name, plan in plans if plan.data_parallel == "own"]
+    ddp = [name for name, plan in plans if plan.data_parallel == "ddp"]
     if own and ddp:
         raise ValueError(
             f"{ddp[0]} steps on gradients DDP averages, but {own[0]} averages its own and keeps the model out of "
-            f"DDP: the two cannot be combined under distributed training (world_size={trainer.args.world_size})"
+            f"DDP: the two cannot be combined under distributed training (world_size={args.world_size})"
         )
+    if own and cannot_keep_out_of_ddp is not None:
+        raise ValueError(cannot_keep_out_of_ddp)
 
 
 def _apply(trainer: Trainer, name: str, plan: MethodPlan) -> None:

@@ -18,7 +18,7 @@ from hf_memopt.galore.optimizer import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW
 from hf_memopt.shared.optim_state import unwrap_optimizer
 from hf_memopt.shared.targeting import match_target_modules
 
-__all__ = ["plan_galore", "capped_ranks", "create_galore_optimizer", "galore_target_parameters"]
+__all__ = ["capped_ranks", "create_galore_optimizer", "galore_plan", "galore_target_parameters", "plan_galore"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,25 +128,6 @@ def create_galore_optimizer(
     )
 
 
-def check_layerwise_supported(args: Any) -> None:
-    """Refuse layer-wise mode where it would be silently wrong or fail later, on one process or several."""
-    error = layerwise_distributed_error(args)
-    if error is not None and args.world_size > 1:
-        raise error
-    if args.fp16:
-        raise ValueError("layer-wise GaLore cannot run with fp16=True (the gradients are loss-scaled); use bf16=True")
-
-
-def layerwise_distributed_error(args: Any) -> ValueError | None:
-    """Why layer-wise GaLore so configured cannot run on several processes, or None."""
-    if args.max_grad_norm:
-        return ValueError(
-            "layer-wise GaLore under distributed training cannot clip gradients (the norm of the averaged full "
-            f"gradient of a projected weight is never formed): set max_grad_norm=0; got {args.max_grad_norm}"
-        )
-    return None
-
-
 def _layerwise_updates(trainer: Trainer) -> LayerwiseUpdates | None:
     """The layer-wise update machinery of the trainer's GaLore optimizer (None before it exists)."""
     optimizer = unwrap_optimizer(trainer.optimizer) if trainer.optimizer is not None else None
@@ -155,25 +136,40 @@ def _layerwise_updates(trainer: Trainer) -> LayerwiseUpdates | None:
 
 def plan_galore(trainer: Trainer, config: GaLoreConfig) -> MethodPlan:
     """Registry planner: validate the targets against the model now (not minutes later in ``train()``), build the
-    optimizer when training starts. Layer-wise mode updates inside backward: the hooks measure the true gradient
-    norm and, under DDP, average the (projected) gradients themselves, so the model stays out of DDP."""
+    optimizer when training starts (:func:`galore_plan`)."""
     galore_target_parameters(trainer.model, config)
+    return galore_plan(config, trainer.args, lambda: _layerwise_updates(trainer))
+
+
+def galore_plan(
+    config: GaLoreConfig, args: Any, layerwise_updates: Callable[[], LayerwiseUpdates | None]
+) -> MethodPlan:
+    """GaLore's plan for ``TrainingArguments`` ``args``; shared by :func:`plan_galore` and the stock ``optim=``
+    handler, which applies what a handler can (the optimizer, the refusals) and cannot apply the rest.
+
+    Whole-model mode steps on the gradients DDP averaged. Layer-wise mode updates inside backward: the hooks measure
+    the true gradient norm (``layerwise_updates()`` returns them once the optimizer exists) and, under DDP, average
+    the (projected) gradients themselves, so the model stays out of DDP; clipping is then impossible.
+    """
 
     def create(model: nn.Module, hparams: OptimizerHyperparameters, no_decay_names: set[str]) -> _GaLoreOptimizer:
         return create_galore_optimizer(model, config, hparams, no_decay_names=no_decay_names)
 
     if not config.layerwise:
         return MethodPlan(create_optimizer=create, data_parallel="ddp")
-    if trainer.args.fp16:
+    if args.fp16:
         raise ValueError("layer-wise GaLore cannot run with fp16=True (the gradients are loss-scaled); use bf16=True")
+    distributed_error = None
+    if args.max_grad_norm:
+        distributed_error = ValueError(
+            "layer-wise GaLore under distributed training cannot clip gradients (the norm of the averaged full "
+            f"gradient of a projected weight is never formed): set max_grad_norm=0; got {args.max_grad_norm}"
+        )
 
     def grad_norm() -> float | None:
-        updates = _layerwise_updates(trainer)
+        updates = layerwise_updates()
         return None if updates is None else updates.last_grad_norm
 
     return MethodPlan(
-        create_optimizer=create,
-        data_parallel="own",
-        distributed_error=layerwise_distributed_error(trainer.args),
-        grad_norm=grad_norm,
+        create_optimizer=create, data_parallel="own", distributed_error=distributed_error, grad_norm=grad_norm
     )
