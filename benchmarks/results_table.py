@@ -414,6 +414,97 @@ def plot_curves(task: str, cells: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+# Issue #15's targets, each against AdamW on the same schedule, data and seed: GLUE average gap in points (GaLore,
+# BlockLLM, VeLoRA 1.0; LoQT 1.5) and held-out perplexity within 5% for pretraining.
+GLUE_GAP_TARGET = {"galore": 1.0, "galore_8bit_layerwise": 1.0, "blockllm": 1.0, "velora": 1.0, "loqt": 1.5}
+PRETRAIN_PPL_TARGET = {"galore": 0.05, "loqt": 0.05, "velora": 0.05}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def glue_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Per row: the GLUE metric of every task run, the average over the tasks AdamW also ran, its gap to AdamW's
+    average over the same tasks, the target and whether it is met (``incomplete`` until all five tasks are in)."""
+    tasks = [t for t in GLUE_TASKS if t in cells]
+    summary: dict[str, dict[str, Any]] = {}
+    for row in ROWS:
+        per_task = {t: _mean(_seed_values(t, cells[t], row)) for t in tasks}
+        per_task = {t: v for t, v in per_task.items() if v is not None}
+        if not per_task:
+            continue
+        base = {t: _mean(_seed_values(t, cells[t], "adamw")) for t in per_task}
+        common = [t for t in per_task if base[t] is not None]
+        avg = _mean([per_task[t] for t in common])
+        gap = None if avg is None else avg - _mean([base[t] for t in common])
+        target = GLUE_GAP_TARGET.get(row)
+        if target is None or gap is None:
+            verdict = "-"
+        elif len(common) < len(GLUE_TASKS):
+            verdict = f"incomplete ({len(common)} of {len(GLUE_TASKS)} tasks): {'within' if -gap <= target else 'misses'} so far"
+        else:
+            verdict = "met" if -gap <= target else "**missed**"
+        summary[row] = {"per_task": per_task, "tasks": common, "average": avg, "gap": gap, "target": target,
+                        "verdict": verdict}
+    header = ["row", *[f"{t} ({METRIC_NAMES.get(t, 'acc')})" for t in tasks], "average", "gap to AdamW", "target",
+              "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row, s in summary.items():
+        lines.append("| " + " | ".join([
+            row, *[f"{s['per_task'][t]:.1f}" if t in s["per_task"] else "-" for t in tasks],
+            "-" if s["average"] is None else f"{s['average']:.1f}",
+            "-" if s["gap"] is None or row == "adamw" else f"{s['gap']:+.1f}",
+            "-" if s["target"] is None else f">= -{s['target']:.1f}", s["verdict"],
+        ]) + " |")
+    return "\n".join(lines), summary
+
+
+def _tensor_ratio(task_cells: dict[str, dict[str, Any]], row: str) -> float | None:
+    from hf_memopt.tools.memory import MemoryBreakdown
+
+    cell, base = task_cells.get(row, {}), task_cells.get("adamw", {})
+    if "memory_bytes" not in cell or "memory_bytes" not in base:
+        return None
+    return MemoryBreakdown(**cell["memory_bytes"]).tensors_total / MemoryBreakdown(**base["memory_bytes"]).tensors_total
+
+
+def _time_ratio(task_cells: dict[str, dict[str, Any]], row: str) -> float | None:
+    step = task_cells.get(row, {}).get("median_step_cpu_seconds")
+    base = task_cells.get("adamw", {}).get("median_step_cpu_seconds")
+    return step / base if step and base else None
+
+
+def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict[str, dict[str, Any]]) -> str:
+    """A short guide written from the measured figures only: for every row with a GLUE average, its accuracy gap,
+    tensor memory and CPU time against AdamW (medians over the tasks it ran), sorted by memory, and the least-memory
+    rows that keep accuracy within 1 point. Claims from the papers are not used here."""
+    rows = []
+    for row, s in summary.items():
+        if row == "adamw" or s["gap"] is None:
+            continue
+        mem = [r for r in (_tensor_ratio(cells[t], row) for t in s["tasks"]) if r is not None]
+        time_ = [r for r in (_time_ratio(cells[t], row) for t in s["tasks"]) if r is not None]
+        rows.append((row, s, sorted(mem)[len(mem) // 2] if mem else None, sorted(time_)[len(time_) // 2] if time_ else None))
+    if not rows:
+        return "Not enough full-schedule cells yet to compare methods.\n"
+    rows.sort(key=lambda r: (r[2] is None, r[2] or 0))
+    lines = []
+    for row, s, mem, time_ in rows:
+        lines.append(f"- **{row}**: GLUE average {s['gap']:+.1f} points vs AdamW over {len(s['tasks'])} task(s); "
+                     f"tensor memory {'-' if mem is None else f'{mem:.2f}x'}, CPU time per update "
+                     f"{'-' if time_ is None else f'{time_:.2f}x'} (medians over those tasks).")
+    kept = [r for r in rows if r[1]["gap"] >= -1.0 and r[2] is not None]
+    if kept:
+        best = min(kept, key=lambda r: r[2])
+        lines.append(f"- Least tensor memory with accuracy within 1 point of AdamW: **{best[0]}** "
+                     f"({best[2]:.2f}x AdamW, {best[1]['gap']:+.1f} points).")
+    lost = [r[0] for r in rows if r[1]["gap"] < -1.0]
+    if lost:
+        lines.append(f"- Lose more than 1 point at these schedules: {', '.join(lost)} (see each task's table).")
+    return "\n".join(lines) + "\n"
+
+
 def render_full() -> str:
     """The full-schedule section of docs/results.md (tables and curves), from ``out/results_full``."""
     cells = load_cells(SCHEDULE_PROFILES["full"][1])
@@ -421,6 +512,13 @@ def render_full() -> str:
     if cells:
         RESULTS_JSON.with_name("results_full.json").write_text(json.dumps(cells, indent=1, default=str))
         parts.append(f"Machine: {machine_line(cells)}.\n")
+        glue_cells = {t: cells[t] for t in GLUE_TASKS if t in cells}
+        if glue_cells:
+            table, summary = glue_summary(glue_cells)
+            parts.append("\n### GLUE summary (full schedules)\n\nMetric x 100 per task (mean over seeds where several "
+                         "ran), the average over the tasks both the row and AdamW ran, and issue #15's target for the "
+                         "gap.\n\n" + table + "\n\n### Which method when (from these numbers)\n\n"
+                         + which_method_when(glue_cells, summary))
     for task in TASKS:
         if task not in cells:
             parts.append(f"\n### {task} (full schedule)\n\nNot run yet (`python benchmarks/results_table.py run "

@@ -219,3 +219,59 @@ def test_estimate_matches_measurement_on_llama_20m(tmp_path):
     print(format_breakdown_table(measured))
     print(format_estimate(estimated))
     assert isinstance(next(iter(measured.values())), MemoryBreakdown)
+
+
+def test_a_registered_toy_method_is_estimated_through_its_hook_alone():
+    """The estimator holds no method-specific code: a method it has never seen is estimated by its registered hook."""
+    from dataclasses import dataclass
+
+    from hf_memopt.core.registry import register_method
+    from hf_memopt.shared.estimate import MemoryEstimate, parameter_bytes
+    from hf_memopt.tools.estimate import estimable_methods
+
+    @dataclass
+    class ToyConfig:
+        state_bytes: int = 3
+
+    def estimate_toy(model, config, trace):
+        return MemoryEstimate(
+            parameters=parameter_bytes(model),
+            trainable_parameters=0,
+            gradients=0,
+            optimizer_state=config.state_bytes,
+            activations=trace(model),
+            buffers=11,
+            targets=["lm_head"],
+            notes=["a toy"],
+            extra={"toy_figure": 7},
+        )
+
+    register_method("toy_estimated", ToyConfig, lambda trainer, config: None, "a toy", estimate=estimate_toy)
+    register_method("toy_unestimated", type("Unestimated", (), {}), lambda trainer, config: None, "no hook")
+    try:
+        assert "toy_estimated" in estimable_methods() and "toy_unestimated" not in estimable_methods()
+        toy = estimate_memory("llama-20m", "toy_estimated", seq=8, state_bytes=5)
+        adamw = estimate_memory("llama-20m", "adamw", seq=8)
+        assert (toy["optimizer_state"], toy["gradients"], toy["buffers"], toy["toy_figure"]) == (5, 0, 11, 7)
+        assert toy["parameters"] == adamw["parameters"] and toy["activations"] == adamw["activations"]
+        assert toy["weights"] == toy["parameters"] + 11 and toy["targets"] == ["lm_head"]
+        assert toy["method_config"] == {"state_bytes": 5}
+        assert "- toy_estimated: a toy" in format_estimate(toy)
+        with pytest.raises(ValueError, match="toy_unestimated' registers no memory estimate"):
+            estimate_memory("llama-20m", "toy_unestimated", seq=8)
+    finally:
+        METHODS._specs.pop("toy_estimated")
+        METHODS._specs.pop("toy_unestimated")
+
+
+def test_the_estimator_imports_no_method_package():
+    import ast
+    from pathlib import Path
+
+    import hf_memopt.tools.estimate as estimator
+    from hf_memopt.core.registry import BUILTIN_METHOD_PACKAGES
+
+    tree = ast.parse(Path(estimator.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {m for m in imported if m and m.startswith(BUILTIN_METHOD_PACKAGES)}

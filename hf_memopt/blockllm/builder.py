@@ -133,8 +133,8 @@ class BlockLLMCallback(TrainerCallback):
         if opt is None:
             return
         if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
-            if not getattr(model, "_require_grads_hooks", None) and not getattr(model, "_require_grads_hook", None):
-                model.enable_input_require_grads()
+            model.disable_input_require_grads()  # public and idempotent: hooks installed before are replaced, not doubled
+            model.enable_input_require_grads()
         self._loss = None
         if opt.num_selections == 0 and not opt.scoring:
             if opt.selection == "stored_norms":

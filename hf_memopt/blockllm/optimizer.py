@@ -53,13 +53,9 @@ import torch
 from hf_memopt.blockllm.blocks import Block, select_blocks
 from hf_memopt.blockllm.config import SELECTION_SOURCES
 from hf_memopt.shared.adam8bit import adam_8bit_direction, init_8bit_moments
-from hf_memopt.shared.faults import (
-    DEFAULT_MAX_CONSECUTIVE_SKIPS,
-    all_finite,
-    install_skip_counter,
-    out_of_memory_advice,
-)
-from hf_memopt.shared.optim_state import keep_state_dtypes_on_load, unwrap_optimizer
+from hf_memopt.shared.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, all_finite, out_of_memory_advice
+from hf_memopt.shared.optim_state import unwrap_optimizer
+from hf_memopt.shared.optimizer_base import _MemoptOptimizer
 from hf_memopt.shared.parallel import all_reduce_mean_, is_distributed
 from hf_memopt.shared.validation import check_choice, check_int
 
@@ -72,8 +68,10 @@ _STATE_KEY = "blockllm"
 _BUCKET_NUMEL = 1 << 24
 
 
-class _BlockLLMOptimizer(torch.optim.Optimizer):
+class _BlockLLMOptimizer(_MemoptOptimizer):
     """Selection, scoring and the masked AdamW step; subclasses supply the moments (see module docstring).
+    Hyperparameter checks, the closure, the skip counter and state dtypes on load come from
+    :class:`hf_memopt.shared.optimizer_base._MemoptOptimizer`.
 
     Args:
         params: parameters or groups; must contain every parameter of ``blocks``.
@@ -93,6 +91,8 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         distributed: average gradients and losses across ranks (module docstring); ``None``: whether a multi-rank
             process group runs.
     """
+
+    fault_label = "BlockLLM"
 
     def __init__(
         self,
@@ -114,20 +114,16 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
         distributed: bool | None = None,
     ):
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0; got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1); got {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"eps must be >= 0; got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
         if not blocks:
             raise ValueError("BlockLLM needs at least one selectable block; the model has no trainable parameter left")
         check_choice("selection", selection, SELECTION_SOURCES)
         check_int("explore_blocks", explore_blocks, 0)
         check_int("stall_check_interval", stall_check_interval, 1)
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        super().__init__(
+            params,
+            {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay},
+            max_consecutive_skips=max_consecutive_skips,
+        )
         in_groups = {id(p) for g in self.param_groups for p in g["params"]}
         self.blocks = blocks
         self._block_of: dict[int, int] = {}
@@ -176,8 +172,6 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.ddp_equivalent_bytes = 0
         self._selectable_bytes = sum(p.numel() * p.element_size() for b in blocks for p in b.params)
         self._grads_averaged = False  # this update's gradients are already the rank-average
-        keep_state_dtypes_on_load(self)
-        self.nonfinite_skips = install_skip_counter(self, max_consecutive_skips)
 
     # ---- the base rule: implemented by the public classes -------------------------------------------------------
     def _init_moments(self, state: dict[str, Any], p: torch.Tensor) -> None:
@@ -441,12 +435,7 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
             self.communicated_bytes += _average_bucket(bucket)
 
     # ---- the step ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         if self.distributed:
             self.ddp_equivalent_bytes += self._selectable_bytes
         try:
@@ -456,8 +445,8 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
             self.begin_update()
         updated = [(p, group) for group in self.param_groups for p in group["params"] if self._updates(p)]
         # checked before any update, so a skipped step leaves moments, masks, step counters and parameters untouched
-        if self.nonfinite_skips.skip_if_nonfinite([p.grad for p, _ in updated], "BlockLLM"):
-            return loss
+        if self._skip_if_nonfinite([p.grad for p, _ in updated]):
+            return
         self._allocate_states([p for p, _ in updated])
         for p, group in updated:
             lr, wd = group["lr"], group["weight_decay"]
@@ -478,14 +467,12 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
                 else:
                     p.mul_(torch.where(mask, 1.0 - lr * wd, 1.0).to(p.dtype))
             p.add_(direction.to(p.dtype), alpha=-lr)
-        return loss
 
     def _updates(self, p: torch.Tensor) -> bool:
         """Whether this step updates ``p`` (a selected block with a gradient)."""
         if p.grad is None or not self.is_selected(p):
             return False
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        self._refuse_sparse([p.grad])
         return True
 
     def _allocate_states(self, params: list[torch.Tensor]) -> None:
@@ -545,8 +532,12 @@ class _BlockLLMOptimizer(torch.optim.Optimizer):
         self.num_selections = int(extra["num_selections"])
         if "loss_history" in extra:  # checkpoints written before 2026-11-25 kept every loss since the selection
             history = [float(x) for x in extra["loss_history"].tolist()]
-            extra = {**extra, "loss_sum": sum(history), "loss_count": len(history),
-                     "recent_losses": torch.tensor(history[-self.patience :], dtype=torch.float64)}
+            extra = {
+                **extra,
+                "loss_sum": sum(history),
+                "loss_count": len(history),
+                "recent_losses": torch.tensor(history[-self.patience :], dtype=torch.float64),
+            }
         self.loss_sum, self.loss_count = float(extra["loss_sum"]), int(extra["loss_count"])
         self.recent_losses = deque((float(x) for x in extra["recent_losses"].tolist()), maxlen=self.patience)
         self.scoring = bool(extra["scoring"])
@@ -649,8 +640,15 @@ class BlockLLMAdamW8bit(_BlockLLMOptimizer):
     fused kernel (CPU and CUDA); smaller ones keep float32 moments and the AdamW math above."""
 
     def __init__(
-        self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay=0.0,
-        *, min_8bit_size: int = 4096, **kwargs,
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay=0.0,
+        *,
+        min_8bit_size: int = 4096,
+        **kwargs,
     ):
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
         self.min_8bit_size = min_8bit_size

@@ -4,8 +4,8 @@ Each method package registers itself once, at the bottom of its ``__init__.py``:
 
     register_method("galore", GaLoreConfig, plan_galore, "Gradient low-rank projection of optimizer states")
 
-Everything else (``attach``, the CLI, model cards, docs) looks the name up here, so a method's name is
-written exactly once.
+Everything else (``attach``, the CLI, the memory estimator, model cards, docs) looks the name up here, so a method's
+name is written exactly once.
 """
 
 from __future__ import annotations
@@ -60,9 +60,12 @@ class MethodSpec:
         sets_optimizer: whether the plan supplies the optimizer. Two such methods cannot be attached to one trainer.
         engines: the sharding engines the method runs under, keys of :data:`ENGINES` (``"fsdp"``,
             ``"zero0"`` ... ``"zero3"``), or a function of the config when the method's modes differ. One process and
-            DDP are not listed: the plan declares those (``MethodPlan.data_parallel``). Empty by default, so a new method refuses FSDP and DeepSpeed
-            until it is shown to work there.
+            DDP are not listed: the plan declares those (``MethodPlan.data_parallel``). Empty by default, so a new
+            method refuses FSDP and DeepSpeed until it is shown to work there.
         engine_requirement: what the method needs that sharding takes away, for the refusal message.
+        estimate: ``estimate(model, config, trace) -> hf_memopt.shared.estimate.MemoryEstimate``, the method's memory
+            for ``hf_memopt.tools.estimate`` (the estimator and ``hf-memopt estimate``), from a model on the ``meta``
+            device; ``None``: the estimator does not offer the method.
     """
 
     name: str
@@ -72,6 +75,7 @@ class MethodSpec:
     sets_optimizer: bool = True
     engines: frozenset[str] | Callable[[Any], frozenset[str]] = frozenset()
     engine_requirement: str = ""
+    estimate: Callable[[Any, Any, Callable[[Any], int]], Any] | None = None
 
 
 # the packages that register hf_memopt's own methods; reading METHODS imports them
@@ -133,6 +137,7 @@ def register_method(
     sets_optimizer: bool = True,
     engines: frozenset[str] | Callable[[Any], frozenset[str]] = frozenset(),
     engine_requirement: str = "",
+    estimate: Callable[[Any, Any, Callable[[Any], int]], Any] | None = None,
 ) -> MethodSpec:
     """Add a method to :data:`METHODS`; a name or config class may be registered only once."""
     specs = METHODS._specs  # not the public view: reading that would import the packages registering now
@@ -144,7 +149,9 @@ def register_method(
     unknown = set() if callable(engines) else set(engines) - set(ENGINES)
     if unknown:
         raise ValueError(f"engines: unknown engine(s) {sorted(unknown)} for {name!r}; known: {sorted(ENGINES)}")
-    spec = MethodSpec(name, config_cls, planner, summary, sets_optimizer, engines, engine_requirement)
+    if estimate is not None and not callable(estimate):
+        raise ValueError(f"estimate: must be a function estimate(model, config, trace) or None for {name!r}")
+    spec = MethodSpec(name, config_cls, planner, summary, sets_optimizer, engines, engine_requirement, estimate)
     specs[name] = spec
     return spec
 

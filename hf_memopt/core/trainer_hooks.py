@@ -4,7 +4,8 @@ Each function changes one attribute of one *instance* (never a class, never a li
 it can be called once per method, and says why no public hook suffices. The plan fields they serve are in
 :class:`hf_memopt.core.plan.MethodPlan`. Two more instance attributes are wrapped outside this module, by the tools
 that own them: ``save_model`` / ``create_model_card`` (the model card, :mod:`hf_memopt.tools.modelcard`) and
-``_save_checkpoint`` / the model's ``save_pretrained`` (plain user saves, :mod:`hf_memopt.shared.saving`).
+``_save_checkpoint`` / the model's ``save_pretrained`` (plain user saves, :mod:`hf_memopt.shared.saving`). Where a
+replacement relies on another library's private name or signature, it goes through :mod:`hf_memopt.core.compat`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from hf_memopt.core import compat
 from hf_memopt.shared.parallel import broadcast_from_rank0_, is_distributed
 
 if TYPE_CHECKING:
@@ -123,7 +125,8 @@ def keep_model_out_of_ddp(trainer: Trainer) -> None:
 
     # NOTE: the Trainer offers no switch for this; accelerate's ``prepare_model(evaluation_mode=True)`` is the path
     # transformers itself takes for models that own their gradient reduction (``is_distributed_loading_by_transformers``
-    # in ``Trainer._prepare_for_training``). The accelerator's ``prepare_model`` is replaced on this instance only.
+    # in ``Trainer._prepare_for_training``). The accelerator's ``prepare_model`` is replaced on this instance only,
+    # through :func:`hf_memopt.core.compat.wrap_prepare_model`, which checks it still takes ``evaluation_mode``.
     # DDP cannot instead be told to ignore every trainable parameter (``_set_params_and_buffers_to_ignore_for_model``):
     # its constructor then raises "DistributedDataParallel is not needed when a module doesn't have any parameter that
     # requires a gradient" (torch 2.13).
@@ -131,16 +134,18 @@ def keep_model_out_of_ddp(trainer: Trainer) -> None:
     accelerator = trainer.accelerator
     if getattr(accelerator.prepare_model, "hf_memopt_keeps_out_of_ddp", False):
         return
-    prepare_model = accelerator.prepare_model
 
-    def prepare_without_ddp(model, device_placement=None, evaluation_mode=False):
-        model = prepare_model(model, device_placement=device_placement, evaluation_mode=True)
-        if is_distributed():
-            broadcast_from_rank0_([*model.parameters(), *model.buffers()])
-        return model
+    def without_ddp(prepare_model):
+        def prepare_without_ddp(model, device_placement=None, evaluation_mode=False):
+            model = prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+            if is_distributed():
+                broadcast_from_rank0_([*model.parameters(), *model.buffers()])
+            return model
 
-    prepare_without_ddp.hf_memopt_keeps_out_of_ddp = True
-    accelerator.prepare_model = prepare_without_ddp
+        prepare_without_ddp.hf_memopt_keeps_out_of_ddp = True
+        return prepare_without_ddp
+
+    compat.wrap_prepare_model(accelerator, without_ddp)
 
 
 def put_callbacks_first(trainer: Trainer, callbacks: list[TrainerCallback]) -> None:

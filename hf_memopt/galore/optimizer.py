@@ -25,8 +25,8 @@ import torch
 
 from hf_memopt.galore.layerwise import LayerwiseUpdates
 from hf_memopt.shared.adam8bit import BLOCK_SIZE, adam_8bit_direction, adam_32bit_direction, init_8bit_moments
-from hf_memopt.shared.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
-from hf_memopt.shared.optim_state import keep_state_dtypes_on_load
+from hf_memopt.shared.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS
+from hf_memopt.shared.optimizer_base import _MemoptOptimizer
 from hf_memopt.shared.projector import project, project_back, projection_sides, refresh_projector
 
 __all__ = ["GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit"]
@@ -53,8 +53,9 @@ def _slices(numel: int, device: torch.device) -> list[tuple[int, int]]:
     return [(start, min(start + size, numel)) for start in range(0, numel, size)]
 
 
-class _GaLoreOptimizer(torch.optim.Optimizer):
-    """GaLore mechanics around a base rule (see module docstring).
+class _GaLoreOptimizer(_MemoptOptimizer):
+    """GaLore mechanics around a base rule (see module docstring); hyperparameter checks, the closure, the skip counter
+    and state dtypes on load come from :class:`hf_memopt.shared.optimizer_base._MemoptOptimizer`.
 
     Args:
         params: parameters or groups; groups with ``rank`` set are projected (keys: ``rank``, ``update_proj_gap``,
@@ -70,6 +71,8 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             counter or parameter changes); after this many in a row the next one raises (``hf_memopt.shared.faults``).
     """
 
+    fault_label = "GaLore"
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -83,11 +86,11 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
         parameter_names: dict[torch.nn.Parameter, str] | None = None,
         max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ):
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0; got {lr}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **_PROJECTION_DEFAULTS, **defaults})
+        super().__init__(
+            params,
+            {"lr": lr, "weight_decay": weight_decay, **_PROJECTION_DEFAULTS, **defaults},
+            max_consecutive_skips=max_consecutive_skips,
+        )
         self._names = parameter_names or {}
         self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for group in self.param_groups:
@@ -102,8 +105,6 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
                             f"rank must be in [1, {min(p.shape)}] for {self._name(p)} of shape {tuple(p.shape)}; "
                             f"got {group['rank']}"
                         )
-        keep_state_dtypes_on_load(self)
-        self.nonfinite_skips = install_skip_counter(self, max_consecutive_skips)
         self.layerwise: LayerwiseUpdates | None = None
         if layerwise:
             self.layerwise = LayerwiseUpdates(self, max_grad_norm, is_accumulation_boundary)
@@ -219,26 +220,19 @@ class _GaLoreOptimizer(torch.optim.Optimizer):
             direction, step_size = self._direction(view, flat_grad[start:stop], group)
             flat_p[start:stop].add_(direction.to(p.dtype), alpha=-step_size)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         if self.layerwise is not None:
             self.layerwise.finish_step()
-            return loss
+            return
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if any(g.is_sparse for g in grads):
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        self._refuse_sparse(grads)
         # checked before any update, so a skipped step leaves moments, projectors and step counters untouched
-        if self.nonfinite_skips.skip_if_nonfinite(grads, "GaLore"):
-            return loss
+        if self._skip_if_nonfinite(grads):
+            return
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     self.apply_update(p, group, p.grad)
-        return loss
 
     @property
     def last_grad_norm(self) -> float | None:
@@ -266,20 +260,12 @@ def _moment_slice(state: dict[str, Any], start: int, stop: int) -> dict[str, Any
     return view
 
 
-def _adam_defaults(betas: tuple[float, float], eps: float) -> dict[str, Any]:
-    if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-        raise ValueError(f"betas must be in [0, 1); got {betas}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0; got {eps}")
-    return {"betas": tuple(betas), "eps": eps}
-
-
 class GaLoreAdamW(_GaLoreOptimizer):
     """AdamW with GaLore projection (paper Alg. 2). Bias correction as in the reference: step size lr sqrt(1-b2^t) /
     (1-b1^t), eps added to sqrt(v) before it. Moments have the (projected) gradient's dtype."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay=0.0, **kwargs):
-        super().__init__(params, lr, _adam_defaults(betas, eps), weight_decay=weight_decay, **kwargs)
+        super().__init__(params, lr, {"betas": betas, "eps": eps}, weight_decay=weight_decay, **kwargs)
 
     def _init_rule_state(self, state, grad, group):
         state["exp_avg"] = torch.zeros_like(grad)
@@ -314,7 +300,7 @@ class GaLoreAdamW8bit(_GaLoreOptimizer):
         self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay=0.0,
         *, min_8bit_size: int = 4096, **kwargs,
     ):  # fmt: skip
-        super().__init__(params, lr, _adam_defaults(betas, eps), weight_decay=weight_decay, **kwargs)
+        super().__init__(params, lr, {"betas": betas, "eps": eps}, weight_decay=weight_decay, **kwargs)
         self.min_8bit_size = min_8bit_size
 
     def _init_rule_state(self, state, grad, group):

@@ -10,6 +10,7 @@ from hf_memopt.loqt.builder import (
     save_plain_pretrained,
 )
 from hf_memopt.loqt.config import LoQTConfig
+from hf_memopt.loqt.estimate import estimate_loqt
 from hf_memopt.loqt.layer import LoQTLinear, quantize_with_error_compensation
 
 __all__ = [
@@ -32,4 +33,5 @@ register_method(
     sets_optimizer=False,
     engine_requirement="LoQT holds its frozen weights as quantized uint8 buffers and initialises its factors from an "
     "SVD of each whole gradient",
+    estimate=estimate_loqt,
 )

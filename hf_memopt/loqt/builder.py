@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from hf_memopt.core import compat
 from hf_memopt.core.plan import MethodPlan
 from hf_memopt.loqt.config import LoQTConfig
 from hf_memopt.loqt.layer import LoQTLinear
@@ -263,8 +264,7 @@ def _keep_frozen_buffers_out_of_ddp(model: nn.Module, layers: dict[str, LoQTLine
     """Tell DDP not to broadcast W_q, P and their tables at every forward (``broadcast_buffers``): every rank computes
     the same merges from the same averaged gradients, so after :func:`_broadcast_frozen_state` they stay equal."""
     names = [f"{name}.{buffer}" for name, layer in layers.items() for buffer, _ in layer.named_buffers(recurse=False)]
-    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored + names)
+    compat.ignore_in_ddp(model, names)
 
 
 def _broadcast_frozen_state(layers: dict[str, LoQTLinear]) -> None:

@@ -57,10 +57,11 @@ class NonFiniteError(RuntimeError):
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """Whether every element of every tensor is finite, with one host synchronisation.
 
-    The max-norm of each tensor is one fused reduction (``_foreach_norm``); it is NaN or Inf exactly when the tensor
-    holds a NaN or Inf, and unlike a sum it cannot overflow on large finite values. On CPU, where ``_foreach_norm``
-    loops over the tensors anyway and its max-norm costs about 10x a plain reduction, each tensor's ``aminmax`` (one
-    pass, NaN-propagating, no overflow either) answers the same question.
+    The max-norm over all tensors (``torch.nn.utils.get_total_norm(..., inf)``: one fused reduction per device and
+    dtype, as ``clip_grad_norm_`` computes it) is NaN or Inf exactly when a tensor holds a NaN or Inf, and unlike a
+    sum it cannot overflow on large finite values. On CPU, where the fused norm loops over the tensors anyway and its
+    max-norm costs about 10x a plain reduction, each tensor's ``aminmax`` (one pass, NaN-propagating, no overflow
+    either) answers the same question.
     """
     tensors = [t for t in tensors if t is not None and t.numel() > 0]
     if not tensors:
@@ -69,7 +70,7 @@ def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     if device.type == "cpu":
         extrema = [x for t in tensors for x in torch.aminmax(t)]
     else:
-        extrema = torch._foreach_norm(tensors, ord=float("inf"))
+        extrema = [torch.nn.utils.get_total_norm(tensors, float("inf"))]
     return bool(torch.isfinite(torch.stack([x.float().to(device) for x in extrema])).all())
 
 

@@ -8,8 +8,8 @@ returns a context manager inside which ``save_pretrained(**kwargs)`` writes the 
 e.g. filter a ``state_dict`` the Trainer computed beforehand under FSDP or DeepSpeed).
 
 One wrapper on the model instance's ``save_pretrained`` enters every registered plain form, except while the Trainer
-writes a checkpoint: one wrapper on the trainer's ``_save_checkpoint`` (the only private Trainer name used) marks that
-save as raw. ``Trainer.save_model`` cannot tell the two apart by itself: its ``_internal_call=True`` is used both by
+writes a checkpoint: one wrapper on the trainer's ``_save_checkpoint`` (a private Trainer name, reached through
+:func:`hf_memopt.core.compat.wrap_save_checkpoint`) marks that save as raw. ``Trainer.save_model`` cannot tell the two apart by itself: its ``_internal_call=True`` is used both by
 checkpoints and by ``push_to_hub``.
 """
 
@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import nn
 from transformers import Trainer
+
+from hf_memopt.core import compat
 
 __all__ = ["register_plain_save"]
 
@@ -38,8 +40,29 @@ def register_plain_save(trainer: Trainer, model: nn.Module, plain: PlainForm) ->
 
     Idempotent per (model, plain) pair; several methods' plain forms are entered together, in registration order.
     """
-    if not hasattr(trainer, "_save_checkpoint"):
-        raise ImportError("plain saves need Trainer._save_checkpoint (transformers 5.x) to keep checkpoints resumable")
+    # the checkpoint hook first: if transformers changed, it raises before anything is wrapped
+    models: list[nn.Module] | None = trainer.__dict__.get(_CHECKPOINT_HOOK)
+    if models is None:
+        models = []
+
+        def raw_while_saving(save_checkpoint):
+            @functools.wraps(save_checkpoint)
+            def _save_checkpoint(*args, **kwargs):
+                for m in models:
+                    m.__dict__[_RAW_SAVE] = True
+                try:
+                    return save_checkpoint(*args, **kwargs)
+                finally:
+                    for m in models:
+                        m.__dict__[_RAW_SAVE] = False
+
+            return _save_checkpoint
+
+        compat.wrap_save_checkpoint(trainer, raw_while_saving)
+        trainer.__dict__[_CHECKPOINT_HOOK] = models
+    if not any(m is model for m in models):
+        models.append(model)
+
     forms: list[PlainForm] | None = model.__dict__.get(_PLAIN_FORMS)
     if forms is None:
         forms = model.__dict__[_PLAIN_FORMS] = []
@@ -57,22 +80,3 @@ def register_plain_save(trainer: Trainer, model: nn.Module, plain: PlainForm) ->
         model.save_pretrained = save_pretrained
     if plain not in forms:
         forms.append(plain)
-
-    models: list[nn.Module] | None = trainer.__dict__.get(_CHECKPOINT_HOOK)
-    if models is None:
-        models = trainer.__dict__[_CHECKPOINT_HOOK] = []
-        save_checkpoint = trainer._save_checkpoint
-
-        @functools.wraps(save_checkpoint)
-        def _save_checkpoint(*args, **kwargs):
-            for m in models:
-                m.__dict__[_RAW_SAVE] = True
-            try:
-                return save_checkpoint(*args, **kwargs)
-            finally:
-                for m in models:
-                    m.__dict__[_RAW_SAVE] = False
-
-        trainer._save_checkpoint = _save_checkpoint
-    if not any(m is model for m in models):
-        models.append(model)

@@ -31,6 +31,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
+from hf_memopt.core import compat
 from hf_memopt.core.registry import METHODS, attached_configs, method_name_of
 from hf_memopt.shared.optim_state import unwrap_optimizer
 from hf_memopt.tools.memory import MemoryReportCallback, format_breakdown_table
@@ -134,7 +135,7 @@ def _base_model_card(trainer: Trainer, base_model: str | None):
     """The base model's own card, when it is on disk: the model's source folder, else the Hub cache (no download)."""
     from huggingface_hub import ModelCard, try_to_load_from_cache
 
-    source = getattr(getattr(trainer.model, "config", None), "_name_or_path", "") or ""
+    source = getattr(getattr(trainer.model, "config", None), "name_or_path", "") or ""
     path: str | None = os.path.join(source, "README.md") if source and os.path.isdir(source) else None
     if path is None and base_model:
         try:
@@ -525,21 +526,22 @@ def install_model_card(trainer: Trainer, **card_kwargs: Any) -> ModelCardCallbac
     Installs a :class:`ModelCardCallback` and wraps two public methods on this instance only: ``save_model`` (the card
     is written into the folder just saved; checkpoints are left to ``on_save``) and ``create_model_card``
     (``push_to_hub`` calls it; TRL's trainers call it at each checkpoint): transformers' own card is replaced by this
-    one, a library's own card (TRL's) is extended.
+    one, a library's own card (TRL's) is extended. Both go through :mod:`hf_memopt.core.compat`, which checks their
+    signatures (``save_model``'s private ``_internal_call`` parameter tells the Trainer's own saves from a user's).
     """
     installed = trainer.__dict__.get(_INSTALLED)
     if installed is not None:
         installed.card_kwargs.update(card_kwargs)
         return installed
     callback = ModelCardCallback(trainer, **card_kwargs)
-    trainer.add_callback(callback)
-    original_save_model = trainer.save_model
-    callback.library_create_model_card = trainer.create_model_card
 
-    def save_model(output_dir: str | None = None, _internal_call: bool = False, **kwargs: Any) -> None:
-        original_save_model(output_dir, _internal_call=_internal_call, **kwargs)
-        if not _internal_call:
-            callback.write(output_dir, final=True)
+    def card_after_save(original_save_model):
+        def save_model(output_dir: str | None = None, _internal_call: bool = False, **kwargs: Any) -> None:
+            original_save_model(output_dir, _internal_call=_internal_call, **kwargs)
+            if not _internal_call:
+                callback.write(output_dir, final=True)
+
+        return save_model
 
     def create_model_card(*args: Any, **kwargs: Any) -> None:
         if not trainer.is_world_process_zero():
@@ -562,7 +564,13 @@ def install_model_card(trainer: Trainer, **card_kwargs: Any) -> ModelCardCallbac
                 card_args.setdefault(ours, kwargs[key])
         write_model_card(trainer, None, **card_args)
 
-    trainer.save_model = save_model
-    trainer.create_model_card = create_model_card
+    compat.wrap_save_model(trainer, card_after_save)
+
+    def replace_card(library_create_model_card):
+        callback.library_create_model_card = library_create_model_card
+        return create_model_card
+
+    compat.wrap_create_model_card(trainer, replace_card)
+    trainer.add_callback(callback)
     trainer.__dict__[_INSTALLED] = callback
     return callback

@@ -4,6 +4,7 @@
 from hf_memopt.core.registry import ENGINES, register_method
 from hf_memopt.velora.builder import apply_velora, plan_velora, remove_velora, without_velora_buffers
 from hf_memopt.velora.config import VeLoRAConfig
+from hf_memopt.velora.estimate import estimate_velora
 from hf_memopt.velora.function import VeLoRALinearFunction, compress, reconstruct, velora_linear
 from hf_memopt.velora.targets import AUTO_TARGETS, CompressionReport, compression_report
 
@@ -30,4 +31,5 @@ register_method(
     sets_optimizer=False,
     # a model transform: the compressed coefficients come from the input, with the weight the engine gathered
     engines=frozenset(ENGINES),
+    estimate=estimate_velora,
 )

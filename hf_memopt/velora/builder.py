@@ -84,12 +84,12 @@ def without_velora_buffers(model: nn.Module, save_kwargs: dict[str, Any] | None 
             k: v for k, v in save_kwargs["state_dict"].items() if k.rpartition(".")[2] != BUFFER_NAME
         }
     for module in layers:
-        module._non_persistent_buffers_set.add(BUFFER_NAME)
+        module.register_buffer(BUFFER_NAME, getattr(module, BUFFER_NAME), persistent=False)
     try:
         yield model
     finally:
         for module in layers:
-            module._non_persistent_buffers_set.discard(BUFFER_NAME)
+            module.register_buffer(BUFFER_NAME, getattr(module, BUFFER_NAME), persistent=True)
 
 
 def plan_velora(trainer: Trainer, config: VeLoRAConfig) -> MethodPlan:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_memopt.core import compat
 from hf_memopt.shared.modules import mark_rewritten, unmark_rewritten
 from hf_memopt.shared.parallel import all_reduce_mean_, is_distributed
 from hf_memopt.velora.function import VeLoRALinearFunction, compress
@@ -85,7 +86,7 @@ class _SharedCoefficients:
         self._v: torch.Tensor | None = None
 
     def _key_of(self, x: torch.Tensor, state: VeLoRAState) -> tuple:
-        return (x._version, x.shape, x.stride(), state.num_groups, state.coefficient_dtype)
+        return (compat.tensor_version(x), x.shape, x.stride(), state.num_groups, state.coefficient_dtype)
 
     def lookup(self, x: torch.Tensor, v: torch.Tensor, state: VeLoRAState) -> torch.Tensor | None:
         if self._x is None or self._x() is not x or self._key != self._key_of(x, state):
@@ -179,4 +180,4 @@ def uninstall_velora_linear(module: nn.Linear) -> None:
     del module.forward
     delattr(module, _STATE)
     unmark_rewritten(module)
-    del module._buffers[BUFFER_NAME]
+    delattr(module, BUFFER_NAME)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_memopt.core import compat
 from hf_memopt.shared.targeting import match_target_modules, refuse_peft_model
 from hf_memopt.velora.config import AUTO
 
@@ -95,7 +96,7 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | str) -> dict[s
                 f"target_modules='auto' has no default for model_type={model_type!r} (known: {sorted(AUTO_TARGETS)}); "
                 "list the Linear layers to compress, every reader of a shared input included"
             )
-        eager = getattr(model.config, "_attn_implementation", None) == "eager"
+        eager = compat.attn_implementation(model.config) == "eager"
         target_modules = (AUTO_TARGETS_EAGER if eager else AUTO_TARGETS)[model_type]
     return match_target_modules(model, target_modules, allowed_types=(nn.Linear,))
 

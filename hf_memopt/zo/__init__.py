@@ -5,6 +5,7 @@ from hf_memopt.core.registry import register_method
 from hf_memopt.zo.blocks import find_block_list
 from hf_memopt.zo.builder import ZOCallback, create_zo_optimizer, plan_zo, zo_engine, zo_training_step
 from hf_memopt.zo.config import ZOConfig
+from hf_memopt.zo.estimate import estimate_zo
 from hf_memopt.zo.offload import ZO2Engine
 from hf_memopt.zo.optimizer import ZOSGD
 
@@ -27,4 +28,5 @@ register_method(
     "Zeroth-order MeZO-SGD: two forwards per step, no backward (ZO2 block offloading)",
     engine_requirement="ZO replaces the training step with two forwards around an in-place perturbation of every "
     "whole parameter, bypassing the engine's backward and optimizer step",
+    estimate=estimate_zo,
 )

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from hf_memopt.core import compat
 from hf_memopt.core.attach import no_decay_parameter_names, trainable_parameters
 from hf_memopt.core.plan import MethodPlan, OptimizerHyperparameters
 from hf_memopt.shared.optim_state import unwrap_optimizer
@@ -86,7 +87,7 @@ def zo_training_step(
     estimate of L(theta)) for logging.
     """
     optimizer = _unwrap_optimizer(trainer.optimizer)
-    inputs = trainer._prepare_inputs(inputs)
+    inputs = compat.prepare_inputs(trainer, inputs)
     scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
     if scaled is None:
         scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (

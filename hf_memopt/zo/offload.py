@@ -43,6 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from hf_memopt.core import compat
 from hf_memopt.zo.optimizer import ZOSGD
 from hf_memopt.zo.perturb import perturbation
 
@@ -89,17 +90,6 @@ def _tensors(obj: Any):
     elif isinstance(obj, dict):
         for o in obj.values():
             yield from _tensors(o)
-
-
-try:  # transformers >= 5 records router logits, attentions, hidden states through forward hooks into a context var
-    from transformers.utils.output_capturing import _active_collector as _RECORDER
-except ImportError:  # pragma: no cover - older transformers return them from the blocks
-    _RECORDER = None
-
-
-def _recorded_outputs() -> dict | None:
-    """The dict transformers' ``capture_outputs`` hooks append to during this forward (``None`` if none)."""
-    return _RECORDER.get() if _RECORDER is not None else None
 
 
 def _name(func: Any) -> str:
@@ -307,18 +297,20 @@ class ZO2Engine:
             if self.world != 0:  # no perturbed pass (evaluation, flush) or nested in a block's stream
                 return self._call(block, self.world or 0, args, kwargs)
             self._refuse_shared_state(block, args, kwargs)
-            recorded = _recorded_outputs()
+            # transformers records router logits, attentions, hidden states through forward hooks into a context var
+            recorder = compat.output_collector()
+            recorded = recorder.get()
             marks = {k: len(v) for k, v in recorded.items() if isinstance(v, list)} if recorded else {}
             out_plus = self._call(block, +1, *self._stream((args, kwargs), +1))
             minus = self._stream((args, kwargs), -1)
             if marks:  # what the -eps forward records goes to a copy, paired below with the +eps records
                 minus_recorded = {k: list(v[: marks[k]]) if k in marks else v for k, v in recorded.items()}
-                token = _RECORDER.set(minus_recorded)
+                token = recorder.set(minus_recorded)
             try:
                 out_minus = self._call(block, -1, *minus)
             finally:
                 if marks:
-                    _RECORDER.reset(token)
+                    recorder.reset(token)
             for k, n in marks.items():
                 self._pair(recorded[k][n:], minus_recorded[k][n:], f"{block.name} (recorded {k})")
             if self.seen is not None:
@@ -403,7 +395,7 @@ class ZO2Engine:
         target = args[0] if inplace and args and isinstance(args[0], torch.Tensor) else None
         shared = target is not None and not self._is_param(target) and target not in self.twins
         if shared:  # writes stream-2 values into a tensor both streams read: stream 2 writes into its own copy
-            if target._base is not None:
+            if compat.view_base(target) is not None:
                 raise RuntimeError(
                     f"ZO2 offload: the in-place {name} outside the transformer blocks writes perturbed values into a "
                     "view of a tensor both streams share; use ZOConfig(offload='none') for this model"

@@ -7,15 +7,15 @@ from typing import Any
 
 import torch
 
-from hf_memopt.shared.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS, install_skip_counter
-from hf_memopt.shared.optim_state import keep_state_dtypes_on_load
+from hf_memopt.shared.faults import DEFAULT_MAX_CONSECUTIVE_SKIPS
+from hf_memopt.shared.optimizer_base import _MemoptOptimizer
 from hf_memopt.shared.parallel import all_reduce_mean_, is_distributed
 from hf_memopt.zo.perturb import apply_zo_update_, mix_seed
 
 __all__ = ["ZOSGD"]
 
 
-class ZOSGD(torch.optim.Optimizer):
+class ZOSGD(_MemoptOptimizer):
     """Zeroth-order SGD (MeZO, arXiv 2305.17333, Algorithm 1) driven by projected gradients, not ``.grad``.
 
     The training step perturbs the parameters with :meth:`sample_seed` and reports each SPSA sample's projected
@@ -30,10 +30,15 @@ class ZOSGD(torch.optim.Optimizer):
     averages the projected gradients across ranks: one all-reduce of ``n_samples`` numbers per update, the only
     communication ZO needs, since every rank draws the same z from the same seeds.
 
+    Hyperparameter checks, the closure, the skip counter and state dtypes on load (the float64 accumulators of a
+    lower-precision model stay float64) come from :class:`hf_memopt.shared.optimizer_base._MemoptOptimizer`.
+
     # NOTE: departs from the ``Optimizer`` contract: ``step()`` ignores ``.grad`` (there is none). Parameters listed
     # in ``deferred`` are not touched by ``step()``; their update is queued in ``pending`` and applied by the ZO2
     # offload engine when the block holding them is next uploaded (``apply_pending``).
     """
+
+    fault_label = "ZO"
 
     def __init__(
         self,
@@ -46,13 +51,9 @@ class ZOSGD(torch.optim.Optimizer):
         distributed: bool | None = None,
         max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ):
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0; got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1; got {n_samples}")
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, max_consecutive_skips=max_consecutive_skips)
         self.n_samples = n_samples
         ordered = [p for g in self.param_groups for p in g["params"]]
         if not ordered:
@@ -70,8 +71,6 @@ class ZOSGD(torch.optim.Optimizer):
         self.last_projected_grads: list[float] = []
         self.before_step: list[Callable[[], None]] = []
         self.distributed = is_distributed() if distributed is None else distributed
-        keep_state_dtypes_on_load(self)
-        self.nonfinite_skips = install_skip_counter(self, max_consecutive_skips)
 
     @property
     def _zo_state(self) -> dict[str, Any]:
@@ -92,12 +91,7 @@ class ZOSGD(torch.optim.Optimizer):
         """``(index, parameter)`` of every parameter not handled by the offload engine."""
         return [(i, p) for p, i in self.param_index.items() if p not in self.deferred]
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
         for hook in self.before_step:  # the offload engine flushes the previous step's queue first
             hook()
         state = self._zo_state
@@ -106,10 +100,10 @@ class ZOSGD(torch.optim.Optimizer):
             self._average_across_ranks(grads)
         # A non-finite L+ or L- makes its projected gradient non-finite: skip the update. The parameters are already
         # back at theta (the training step undid its perturbations) and zo_step stays, so nothing changed.
-        if self.nonfinite_skips.skip_if_nonfinite([grads], "ZO"):
+        if self._skip_if_nonfinite([grads]):
             self.last_projected_grads = []
             grads.zero_()
-            return loss
+            return
         seeds = tuple(self.sample_seed(k) for k in range(self.n_samples))
         coefficients = tuple(float(g) / self.n_samples for g in grads)
         for group in self.param_groups:
@@ -122,7 +116,6 @@ class ZOSGD(torch.optim.Optimizer):
         self.last_projected_grads = [float(g) for g in grads]
         grads.zero_()
         state["zo_step"] = int(state["zo_step"]) + 1
-        return loss
 
     def _average_across_ranks(self, grads: torch.Tensor) -> None:
         """Average the projected gradients over ranks, on the parameters' device (NCCL reduces no CPU tensors)."""

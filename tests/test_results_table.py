@@ -1,0 +1,66 @@
+"""The full-schedule summary of benchmarks/results_table.py: gaps, targets and the guide are computed from the cells."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "results_table.py"
+
+
+@pytest.fixture(scope="module")
+def rt():
+    spec = importlib.util.spec_from_file_location("results_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _cell(metric_key: str, value: float, total_bytes: int, step_s: float) -> dict:
+    memory = {"parameters": total_bytes, "gradients": 0, "optimizer_state": 0, "activations": 0, "buffers": 0,
+              "peak_process": 0}  # fmt: skip
+    return {"metrics": {metric_key: value}, "memory_bytes": memory, "median_step_cpu_seconds": step_s, "steps": 10}
+
+
+def _glue(rows: dict[str, float], tasks=("rte", "mrpc", "cola", "stsb", "sst2")) -> dict:
+    key = {"cola": "matthews_correlation", "stsb": "pearson"}
+    return {t: {row: _cell(key.get(t, "accuracy"), v, 100 if row == "adamw" else 40, 1.0) for row, v in rows.items()}
+            for t in tasks}  # fmt: skip
+
+
+def test_glue_gap_is_row_average_minus_adamw_average_in_points(rt):
+    _, summary = rt.glue_summary(_glue({"adamw": 0.80, "galore": 0.795, "loqt": 0.78}))
+    assert summary["galore"]["gap"] == pytest.approx(-0.5)
+    assert summary["galore"]["verdict"] == "met"
+    assert summary["loqt"]["gap"] == pytest.approx(-2.0)
+    assert summary["loqt"]["verdict"] == "**missed**"  # LoQT's target is 1.5 points
+
+
+def test_seeds_are_averaged_before_the_gap(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.78})
+    cells["rte"]["adamw@seed1"] = _cell("accuracy", 0.70, 100, 1.0)  # AdamW's RTE mean becomes 75.0
+    _, summary = rt.glue_summary(cells)
+    assert summary["adamw"]["per_task"]["rte"] == pytest.approx(75.0)
+    assert summary["galore"]["gap"] == pytest.approx((78.0 * 5 - (75.0 + 80.0 * 4)) / 5)
+
+
+def test_a_row_missing_tasks_is_incomplete_not_met(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.80})
+    for task in ("cola", "stsb", "sst2"):
+        del cells[task]["galore"]
+    _, summary = rt.glue_summary(cells)
+    assert summary["galore"]["tasks"] == ["rte", "mrpc"]
+    assert summary["galore"]["verdict"].startswith("incomplete (2 of 5 tasks)")
+
+
+def test_guide_names_the_least_memory_row_within_one_point(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.795, "blockllm": 0.70})
+    for task in cells:
+        cells[task]["blockllm"]["memory_bytes"]["parameters"] = 10  # least memory, but loses 10 points
+    _, summary = rt.glue_summary(cells)
+    guide = rt.which_method_when(cells, summary)
+    assert "within 1 point of AdamW: **galore** (0.40x AdamW" in guide
+    assert "Lose more than 1 point at these schedules: blockllm" in guide
