@@ -11,6 +11,7 @@ installed once per trainer, and combinations that cannot work refused before the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import sys
 import types
@@ -23,7 +24,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_memopt import BlockLLMConfig, GaLoreConfig, LoQTConfig, VeLoRAConfig, ZOConfig, attach
 from hf_memopt.core.attach import applied_plans
-from hf_memopt.core.registry import METHODS, unregister_method
+from hf_memopt.core.plan import MethodPlan
+from hf_memopt.core.registry import METHODS, register_method, unregister_method
 from hf_memopt.core.trainer_hooks import GradNormCallback
 from hf_memopt.loqt import loqt_layers
 from hf_memopt.shared.faults import SkippedUpdatesCallback
@@ -201,3 +203,66 @@ def test_ddp_averaging_beside_a_method_that_keeps_the_model_out_of_ddp_is_refuse
         attach(trainer, LoQTConfig(rank=4, layerwise=True))
     assert not loqt_layers(trainer.model)
     assert trainer.accelerator.prepare_model == prepare_model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The spine's own contract: plans compose in attach order, and a plan must match its registration
+
+
+class Recorder:
+    """Two toy methods that keep the Trainer's optimizer; each plan records when its pieces run."""
+
+    def __init__(self):
+        self.events: list[str] = []
+
+    def planner(self, tag: str, **fields):
+        def plan(trainer, config):
+            def wrap(current):
+                def training_step(*args, **kwargs):
+                    self.events.append(f"{tag}:step")
+                    return current(*args, **kwargs)
+
+                return training_step
+
+            def created(optimizer):
+                self.events.append(f"{tag}:created:{len(optimizer.state)}")
+
+            return MethodPlan(wrap_training_step=wrap, on_optimizer_created=created, data_parallel="any", **fields)
+
+        return plan
+
+
+@pytest.fixture
+def two_toy_methods():
+    recorder = Recorder()
+    configs = {tag: dataclasses.make_dataclass(f"Toy{tag}Config", []) for tag in ("a", "b")}
+    try:
+        for tag, cls in configs.items():
+            register_method(f"toy_{tag}", cls, recorder.planner(tag), "toy", sets_optimizer=False)
+        yield recorder, configs
+    finally:
+        for tag in configs:
+            if f"toy_{tag}" in METHODS:
+                unregister_method(f"toy_{tag}")
+
+
+def test_training_step_wrappers_and_optimizer_hooks_compose_in_attach_order(two_toy_methods, tmp_path):
+    recorder, configs = two_toy_methods
+    trainer = _trainer(tmp_path, max_steps=1)
+    attach(trainer, configs["a"]())
+    attach(trainer, configs["b"]())
+    trainer.train()
+    # hooks in attach order, on the optimizer before any state exists; the later wrapper is the outer one
+    assert recorder.events == ["a:created:0", "b:created:0", "b:step", "a:step"]
+
+
+def test_a_plan_that_contradicts_its_registration_is_refused(tmp_path):
+    config_cls = type("LiarConfig", (), {})
+    register_method("liar", config_cls, lambda trainer, config: MethodPlan(), "toy", sets_optimizer=True)
+    try:
+        trainer = _trainer(tmp_path)
+        with pytest.raises(TypeError, match="liar is registered with sets_optimizer=True, but its plan has no"):
+            attach(trainer, config_cls())
+        assert applied_plans(trainer) == []
+    finally:
+        unregister_method("liar")
