@@ -13,9 +13,9 @@ __all__ = [
     "BlockLLMAdamW8bit",
     "BlockLLMCallback",
     "BlockLLMConfig",
-    "plan_blockllm",
     "build_blocks",
     "create_blockllm_optimizer",
+    "plan_blockllm",
     "select_blocks",
 ]
 

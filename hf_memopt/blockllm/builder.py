@@ -21,7 +21,7 @@ from hf_memopt.core.attach import no_decay_parameter_names
 from hf_memopt.core.plan import MethodPlan, OptimizerHyperparameters
 from hf_memopt.shared.faults import out_of_memory_advice
 
-__all__ = ["BlockLLMCallback", "plan_blockllm", "create_blockllm_optimizer", "prepare_blockllm_model"]
+__all__ = ["BlockLLMCallback", "create_blockllm_optimizer", "plan_blockllm", "prepare_blockllm_model"]
 
 logger = logging.getLogger(__name__)
 _CACHE = "_hf_memopt_blockllm_blocks"

@@ -11,8 +11,8 @@ __all__ = [
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "GaLoreConfig",
-    "plan_galore",
     "create_galore_optimizer",
+    "plan_galore",
 ]
 
 register_method(

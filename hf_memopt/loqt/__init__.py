@@ -17,10 +17,10 @@ __all__ = [
     "LoQTCallback",
     "LoQTConfig",
     "LoQTLinear",
-    "plan_loqt",
     "convert_to_loqt",
     "loqt_layers",
     "plain_linear_modules",
+    "plan_loqt",
     "quantize_with_error_compensation",
     "save_plain_pretrained",
 ]

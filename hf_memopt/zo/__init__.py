@@ -10,13 +10,13 @@ from hf_memopt.zo.offload import ZO2Engine
 from hf_memopt.zo.optimizer import ZOSGD
 
 __all__ = [
+    "ZOSGD",
     "ZO2Engine",
     "ZOCallback",
     "ZOConfig",
-    "ZOSGD",
-    "plan_zo",
     "create_zo_optimizer",
     "find_block_list",
+    "plan_zo",
     "zo_engine",
     "zo_training_step",
 ]

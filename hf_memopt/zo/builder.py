@@ -20,7 +20,7 @@ from hf_memopt.zo.offload import ZO2Engine
 from hf_memopt.zo.optimizer import ZOSGD
 from hf_memopt.zo.perturb import perturb_
 
-__all__ = ["ZOCallback", "plan_zo", "create_zo_optimizer", "zo_engine", "zo_training_step"]
+__all__ = ["ZOCallback", "create_zo_optimizer", "plan_zo", "zo_engine", "zo_training_step"]
 
 _ENGINE = "hf_memopt_zo_engine"
 
