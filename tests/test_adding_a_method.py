@@ -155,6 +155,11 @@ BUILTIN_CASES = {
 MEASURE_GRAD_NORM = {"galore_layerwise", "loqt_layerwise", "zo", "loqt+galore_layerwise", "velora+zo"}
 
 
+def test_every_registered_method_has_a_row_in_the_builtin_table():
+    covered = {name for case in BUILTIN_CASES for name in case.replace("_layerwise", "").split("+")}
+    assert set(METHODS) <= covered
+
+
 def _trainer(tmp_path, **overrides) -> Trainer:
     return Trainer(model=tiny_llama(), args=training_args(tmp_path, **overrides), train_dataset=TokenDataset())
 
