@@ -17,11 +17,11 @@ from hf_memopt.blockllm.optimizer import (
     _BlockLLMOptimizer,
     unwrap_blockllm_optimizer,
 )
-from hf_memopt.core.attach import OptimizerHyperparameters, install_method_optimizer, no_decay_parameter_names
-from hf_memopt.shared.faults import install_fault_reporting, out_of_memory_advice
-from hf_memopt.shared.parallel import keep_model_out_of_ddp
+from hf_memopt.core.attach import no_decay_parameter_names
+from hf_memopt.core.plan import MethodPlan, OptimizerHyperparameters
+from hf_memopt.shared.faults import out_of_memory_advice
 
-__all__ = ["BlockLLMCallback", "build_blockllm", "create_blockllm_optimizer", "prepare_blockllm_model"]
+__all__ = ["BlockLLMCallback", "create_blockllm_optimizer", "plan_blockllm", "prepare_blockllm_model"]
 
 logger = logging.getLogger(__name__)
 _CACHE = "_hf_memopt_blockllm_blocks"
@@ -180,22 +180,36 @@ def _log_selection(opt: _BlockLLMOptimizer, step: int) -> None:
     )
 
 
-def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
-    """Registry builder: freeze the unselectable parameters now (so errors surface at ``attach``), build the
-    optimizer when training starts, and wrap ``training_step`` to read each micro-batch's loss and, under data
-    parallelism, average the gradients after the update's last backward (so the Trainer clips the averaged one)."""
+def plan_blockllm(trainer: Trainer, config: BlockLLMConfig) -> MethodPlan:
+    """Registry planner: freeze the unselectable parameters at ``attach`` (so an impossible budget fails there), build
+    the optimizer when training starts, and wrap ``training_step`` to read each micro-batch's loss and, under data
+    parallelism, average the gradients after the update's last backward (so the Trainer clips the averaged one).
+    DDP fixes its buckets from ``requires_grad`` at wrap time, which every re-selection changes: the optimizer
+    averages the selected gradients itself (``data_parallel="own"``, hf_memopt/shared/parallel.py)."""
     if trainer.is_model_parallel:
         raise NotImplementedError("BlockLLM under model-parallel training is not implemented")
-    prepare_blockllm_model(trainer.model, config)
     callback = BlockLLMCallback()
-    # first in line, so the printer and the loggers see the selection fractions it adds on_log
-    trainer.callback_handler.callbacks.insert(0, callback)
-    install_fault_reporting(trainer)
 
-    # NOTE: the loss of every step is needed for the stall test, but callbacks only see it on logging steps; wrapping
-    # the bound method keeps subclasses' own training_step (TRL's included) in place.
-    original_training_step = trainer.training_step
+    def create(model: nn.Module, hparams: OptimizerHyperparameters, no_decay_names: set[str]) -> _BlockLLMOptimizer:
+        return create_blockllm_optimizer(model, config, hparams, no_decay_names=no_decay_names)
 
+    def prepare(model: nn.Module) -> None:
+        prepare_blockllm_model(model, config)
+
+    return MethodPlan(
+        prepare_model=prepare,
+        create_optimizer=create,
+        # first in line, so the printer and the loggers see the selection fractions it adds on_log
+        first_callbacks=(callback,),
+        wrap_training_step=lambda original: _training_step(trainer, callback, original),
+        data_parallel="own",
+    )
+
+
+def _training_step(trainer: Trainer, callback: BlockLLMCallback, original_training_step):
+    """``training_step`` around the trainer's own: starts an update, adds each micro-batch's loss to the stall test
+    (callbacks see the loss only on logging steps), and ends the update's last micro-batch by averaging the gradients
+    across ranks and recording their norms, before the Trainer clips them."""
     first_micro_batch = True  # of the current update
 
     def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -222,10 +236,4 @@ def build_blockllm(trainer: Trainer, config: BlockLLMConfig) -> None:
             opt.record_gradient_norms()  # stored_norms: unclipped, and the exploring gradients leave before the clip
         return loss
 
-    trainer.training_step = training_step
-
-    if trainer.args.world_size > 1:
-        # DDP fixes its buckets from requires_grad at wrap time, which every re-selection changes: the optimizer
-        # averages the selected gradients itself (hf_memopt/shared/parallel.py)
-        keep_model_out_of_ddp(trainer)
-    install_method_optimizer(trainer, create_blockllm_optimizer, config)
+    return training_step

@@ -2,7 +2,7 @@
 
 Each method package registers itself once, at the bottom of its ``__init__.py``::
 
-    register_method("galore", GaLoreConfig, build_galore, "Gradient low-rank projection of optimizer states")
+    register_method("galore", GaLoreConfig, plan_galore, "Gradient low-rank projection of optimizer states")
 
 Everything else (``attach``, the CLI, the memory estimator, model cards, docs) looks the name up here, so a method's
 name is written exactly once.
@@ -15,7 +15,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ENGINES", "METHODS", "MethodSpec", "attached_configs", "method_name_of", "register_method"]
+__all__ = [
+    "ENGINES",
+    "METHODS",
+    "MethodSpec",
+    "attached_configs",
+    "method_name_of",
+    "register_method",
+    "unregister_method",
+]
 
 # The sharding engines a method may declare it runs under (``MethodSpec.engines``); hf_memopt.shared.parallel
 # detects which one a Trainer runs under. Engine key -> (what the message calls it, what it does to the optimizer's view of the parameters)
@@ -45,14 +53,15 @@ class MethodSpec:
     Args:
         name: the method's public name (``"galore"``, ``"blockllm"`` ...).
         config_cls: the typed dataclass that configures it.
-        builder: ``builder(trainer, config)``; installs the method on a ``transformers.Trainer`` (optimizer factory,
-            callbacks, model transforms, training-step replacement).
+        planner: ``planner(trainer, config) -> MethodPlan``; validates the config against the trainer and declares
+            what the method needs (:class:`hf_memopt.core.plan.MethodPlan`), changing nothing: ``attach()`` applies
+            the plan.
         summary: one line for ``hf-memopt methods`` and the docs.
-        sets_optimizer: whether the builder supplies the optimizer. Two such methods cannot be attached to one trainer.
+        sets_optimizer: whether the plan supplies the optimizer. Two such methods cannot be attached to one trainer.
         engines: the sharding engines the method runs under, keys of :data:`ENGINES` (``"fsdp"``,
             ``"zero0"`` ... ``"zero3"``), or a function of the config when the method's modes differ. One process and
-            DDP are not listed: the builder checks those. Empty by default, so a new method refuses FSDP and DeepSpeed
-            until it is shown to work there.
+            DDP are not listed: the plan declares those (``MethodPlan.data_parallel``). Empty by default, so a new
+            method refuses FSDP and DeepSpeed until it is shown to work there.
         engine_requirement: what the method needs that sharding takes away, for the refusal message.
         estimate: ``estimate(model, config, trace) -> hf_memopt.shared.estimate.MemoryEstimate``, the method's memory
             for ``hf_memopt.tools.estimate`` (the estimator and ``hf-memopt estimate``), from a model on the ``meta``
@@ -61,7 +70,7 @@ class MethodSpec:
 
     name: str
     config_cls: type
-    builder: Callable[[Any, Any], None]
+    planner: Callable[[Any, Any], Any]
     summary: str
     sets_optimizer: bool = True
     engines: frozenset[str] | Callable[[Any], frozenset[str]] = frozenset()
@@ -122,7 +131,7 @@ METHODS = _Registry()
 def register_method(
     name: str,
     config_cls: type,
-    builder: Callable[[Any, Any], None],
+    planner: Callable[[Any, Any], Any],
     summary: str,
     *,
     sets_optimizer: bool = True,
@@ -142,9 +151,19 @@ def register_method(
         raise ValueError(f"engines: unknown engine(s) {sorted(unknown)} for {name!r}; known: {sorted(ENGINES)}")
     if estimate is not None and not callable(estimate):
         raise ValueError(f"estimate: must be a function estimate(model, config, trace) or None for {name!r}")
-    spec = MethodSpec(name, config_cls, builder, summary, sets_optimizer, engines, engine_requirement, estimate)
+    spec = MethodSpec(name, config_cls, planner, summary, sets_optimizer, engines, engine_requirement, estimate)
     specs[name] = spec
     return spec
+
+
+def unregister_method(name: str) -> MethodSpec:
+    """Remove a method from :data:`METHODS` and return its spec: for a method registered for a while only (a test, a
+    notebook cell). Trainers it is attached to keep it; ``register_method`` may reuse the name afterwards."""
+    METHODS._load()  # a builtin name removed before the first read would come back when the packages load
+    try:
+        return METHODS._specs.pop(name)
+    except KeyError:
+        raise KeyError(f"no method {name!r} is registered; registered: {sorted(METHODS._specs)}") from None
 
 
 def method_name_of(config: Any) -> str:

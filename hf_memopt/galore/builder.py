@@ -10,22 +10,15 @@ from torch import nn
 from transformers import Trainer
 from transformers.pytorch_utils import Conv1D
 
-from hf_memopt.core.attach import (
-    OptimizerHyperparameters,
-    install_method_optimizer,
-    no_decay_parameter_names,
-    trainable_parameters,
-)
+from hf_memopt.core.attach import no_decay_parameter_names, trainable_parameters
+from hf_memopt.core.plan import MethodPlan, OptimizerHyperparameters
 from hf_memopt.galore.config import GaLoreConfig
 from hf_memopt.galore.layerwise import LayerwiseUpdates
 from hf_memopt.galore.optimizer import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, _GaLoreOptimizer
-from hf_memopt.shared.faults import install_fault_reporting
-from hf_memopt.shared.layerwise import LayerwiseGradNormCallback
 from hf_memopt.shared.optim_state import unwrap_optimizer
-from hf_memopt.shared.parallel import keep_model_out_of_ddp
 from hf_memopt.shared.targeting import match_target_modules
 
-__all__ = ["build_galore", "capped_ranks", "create_galore_optimizer", "galore_target_parameters"]
+__all__ = ["capped_ranks", "create_galore_optimizer", "galore_plan", "galore_target_parameters", "plan_galore"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,31 +128,48 @@ def create_galore_optimizer(
     )
 
 
-def check_layerwise_supported(args: Any) -> None:
-    """Refuse layer-wise mode where it would be silently wrong or fail later."""
-    if args.world_size > 1 and args.max_grad_norm:
-        raise ValueError(
-            "layer-wise GaLore under distributed training cannot clip gradients (the norm of the averaged full "
-            f"gradient of a projected weight is never formed): set max_grad_norm=0; got {args.max_grad_norm}"
-        )
-    if args.fp16:
-        raise ValueError("layer-wise GaLore cannot run with fp16=True (the gradients are loss-scaled); use bf16=True")
-
-
 def _layerwise_updates(trainer: Trainer) -> LayerwiseUpdates | None:
     """The layer-wise update machinery of the trainer's GaLore optimizer (None before it exists)."""
     optimizer = unwrap_optimizer(trainer.optimizer) if trainer.optimizer is not None else None
     return optimizer.layerwise if isinstance(optimizer, _GaLoreOptimizer) else None
 
 
-def build_galore(trainer: Trainer, config: GaLoreConfig) -> None:
-    """Registry builder: validate against the model now, build the optimizer when training starts."""
-    galore_target_parameters(trainer.model, config)  # fail at attach(), not minutes later in train()
-    install_fault_reporting(trainer)
-    if config.layerwise:
-        check_layerwise_supported(trainer.args)
-        # first in line, so the printer and loggers see the corrected value
-        trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback(lambda: _layerwise_updates(trainer)))
-    if config.layerwise and trainer.args.world_size > 1:
-        keep_model_out_of_ddp(trainer)  # the hooks average the (projected) gradients themselves
-    install_method_optimizer(trainer, create_galore_optimizer, config)
+def plan_galore(trainer: Trainer, config: GaLoreConfig) -> MethodPlan:
+    """Registry planner: validate the targets against the model now (not minutes later in ``train()``), build the
+    optimizer when training starts (:func:`galore_plan`)."""
+    galore_target_parameters(trainer.model, config)
+    return galore_plan(config, trainer.args, lambda: _layerwise_updates(trainer))
+
+
+def galore_plan(
+    config: GaLoreConfig, args: Any, layerwise_updates: Callable[[], LayerwiseUpdates | None]
+) -> MethodPlan:
+    """GaLore's plan for ``TrainingArguments`` ``args``; shared by :func:`plan_galore` and the stock ``optim=``
+    handler, which applies what a handler can (the optimizer, the refusals) and cannot apply the rest.
+
+    Whole-model mode steps on the gradients DDP averaged. Layer-wise mode updates inside backward: the hooks measure
+    the true gradient norm (``layerwise_updates()`` returns them once the optimizer exists) and, under DDP, average
+    the (projected) gradients themselves, so the model stays out of DDP; clipping is then impossible.
+    """
+
+    def create(model: nn.Module, hparams: OptimizerHyperparameters, no_decay_names: set[str]) -> _GaLoreOptimizer:
+        return create_galore_optimizer(model, config, hparams, no_decay_names=no_decay_names)
+
+    if not config.layerwise:
+        return MethodPlan(create_optimizer=create, data_parallel="ddp")
+    if args.fp16:
+        raise ValueError("layer-wise GaLore cannot run with fp16=True (the gradients are loss-scaled); use bf16=True")
+    distributed_error = None
+    if args.max_grad_norm:
+        distributed_error = ValueError(
+            "layer-wise GaLore under distributed training cannot clip gradients (the norm of the averaged full "
+            f"gradient of a projected weight is never formed): set max_grad_norm=0; got {args.max_grad_norm}"
+        )
+
+    def grad_norm() -> float | None:
+        updates = layerwise_updates()
+        return None if updates is None else updates.last_grad_norm
+
+    return MethodPlan(
+        create_optimizer=create, data_parallel="own", distributed_error=distributed_error, grad_norm=grad_norm
+    )

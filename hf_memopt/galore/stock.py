@@ -28,9 +28,11 @@ from typing import Any
 from torch import nn
 
 from hf_memopt.core import compat
-from hf_memopt.core.attach import OptimizerHyperparameters, _ModelOptimizerFactory, warn_ignored_fp16
+from hf_memopt.core.attach import check_data_parallel, warn_ignored_fp16
 from hf_memopt.core.compat import STOCK_GALORE_NAMES, decay_rule, target_module_rule
-from hf_memopt.galore.builder import check_layerwise_supported, create_galore_optimizer
+from hf_memopt.core.plan import OptimizerHyperparameters
+from hf_memopt.core.trainer_hooks import ModelOptimizerFactory
+from hf_memopt.galore.builder import create_galore_optimizer, galore_plan
 from hf_memopt.galore.config import GaLoreConfig
 from hf_memopt.shared.targeting import ALL_LINEAR
 
@@ -132,15 +134,16 @@ def _galore_handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
         layerwise=layerwise,
         svd_method=STOCK_SVD_METHOD,
     )
-    if layerwise:
-        check_layerwise_supported(args)
-        if args.world_size > 1:
-            # attach() keeps the model out of DDP so the hooks average gradients themselves; a handler cannot
-            raise ValueError(
-                f"optim={optim!r} cannot run under distributed training: the Trainer wraps the model in DDP, whose "
-                "gradients are not yet averaged when the layer-wise hooks fire. Use "
-                "hf_memopt.attach(trainer, GaLoreConfig(layerwise=True, ...)), which handles DDP"
-            )
+    # attach()'s refusals, from the same plan; a handler cannot keep the model out of DDP (it has no Trainer) and
+    # cannot install the plan's grad_norm callback
+    plan = galore_plan(config, args, lambda: None)
+    check_data_parallel(
+        args,
+        [("galore", plan)],
+        cannot_keep_out_of_ddp=f"optim={optim!r} cannot run under distributed training: the Trainer wraps the model in "
+        "DDP, whose gradients are not yet averaged when the layer-wise hooks fire. Use "
+        "hf_memopt.attach(trainer, GaLoreConfig(layerwise=True, ...)), which handles DDP",
+    )
     hparams = OptimizerHyperparameters.from_args(args)
     selected = stock_target_parameters(ctx.model, config.target_modules, optim)  # fails now, as the stock handler
 
@@ -148,7 +151,7 @@ def _galore_handler(ctx: Any) -> tuple[Any, dict[str, Any]]:
         targets = selected if model is ctx.model else stock_target_parameters(model, config.target_modules, optim)
         return create_galore_optimizer(model, config, hparams, no_decay_names=_no_decay_names(model), targets=targets)
 
-    return _ModelOptimizerFactory(build), {}
+    return ModelOptimizerFactory(build), {}
 
 
 def reroute_stock_galore_names() -> bool:

@@ -3,10 +3,10 @@
 from hf_memopt.core.registry import register_method
 from hf_memopt.loqt.builder import (
     LoQTCallback,
-    build_loqt,
     convert_to_loqt,
     loqt_layers,
     plain_linear_modules,
+    plan_loqt,
     save_plain_pretrained,
 )
 from hf_memopt.loqt.config import LoQTConfig
@@ -17,10 +17,10 @@ __all__ = [
     "LoQTCallback",
     "LoQTConfig",
     "LoQTLinear",
-    "build_loqt",
     "convert_to_loqt",
     "loqt_layers",
     "plain_linear_modules",
+    "plan_loqt",
     "quantize_with_error_compensation",
     "save_plain_pretrained",
 ]
@@ -28,7 +28,7 @@ __all__ = [
 register_method(
     "loqt",
     LoQTConfig,
-    build_loqt,
+    plan_loqt,
     "Quantized frozen weights + gradient-initialised low-rank factors, merged back periodically",
     sets_optimizer=False,
     engine_requirement="LoQT holds its frozen weights as quantized uint8 buffers and initialises its factors from an "

@@ -4,14 +4,13 @@ Saving: the model's ``state_dict`` is always LoQT's true state (quantized weight
 checkpoint (``_save_checkpoint`` -> ``save_model`` -> ``save_pretrained``, safetensors) resumes exactly through the
 Trainer's own ``load_state_dict``. Everything a *user* saves (``trainer.save_model``, ``model.save_pretrained``,
 ``push_to_hub``) is a plain Hugging Face model instead: the LoQT layers are swapped for ``nn.Linear`` layers holding
-W_q + s P B, dequantized to the model's dtype, for the duration of the save (the plain form registered with
+W_q + s P B, dequantized to the model's dtype, for the duration of the save (the plain form declared in the plan, ``MethodPlan.plain_save``, registered by ``attach()`` with
 :func:`hf_memopt.shared.saving.register_plain_save`, shared with VeLoRA so both apply when the two are attached).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Iterator
 
@@ -20,30 +19,24 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from hf_memopt.core import compat
+from hf_memopt.core.plan import MethodPlan
 from hf_memopt.loqt.config import LoQTConfig
 from hf_memopt.loqt.layer import LoQTLinear
-from hf_memopt.shared.faults import (
-    all_finite,
-    install_fault_reporting,
-    install_skip_counter,
-    out_of_memory_advice,
-    skip_counter_of,
-)
-from hf_memopt.shared.layerwise import LayerwiseGradNormCallback, OptimizerStepRule, PerParameterUpdates
+from hf_memopt.shared.faults import all_finite, install_skip_counter, out_of_memory_advice, skip_counter_of
+from hf_memopt.shared.layerwise import OptimizerStepRule, PerParameterUpdates
 from hf_memopt.shared.modules import rewritten_by
 from hf_memopt.shared.optim_state import unwrap_optimizer
-from hf_memopt.shared.parallel import broadcast_from_rank0_, is_distributed, keep_model_out_of_ddp
+from hf_memopt.shared.parallel import broadcast_from_rank0_, is_distributed
 from hf_memopt.shared.projector import projection_sides
-from hf_memopt.shared.saving import register_plain_save
 from hf_memopt.shared.targeting import match_target_modules, refuse_peft_model
 
 __all__ = [
     "LoQTCallback",
-    "build_loqt",
     "convert_to_loqt",
     "loqt_layers",
     "loqt_target_modules",
     "plain_linear_modules",
+    "plan_loqt",
     "save_plain_pretrained",
 ]
 
@@ -256,14 +249,15 @@ class LoQTCallback(TrainerCallback):
                 optimizer.state.pop(layer.B, None)
 
 
-def _check_ddp_finds_unused_parameters(trainer: Trainer) -> None:
+def _ddp_finds_no_unused_parameters(trainer: Trainer) -> ValueError | None:
     """DDP must expect missing gradients: on a merge update B gets none (its update would be in the old basis)."""
     handler = trainer.accelerator.ddp_handler  # None: DDP's own default, find_unused_parameters=False
     if handler is None or not handler.find_unused_parameters:
-        raise ValueError(
+        return ValueError(
             "LoQT under distributed training needs ddp_find_unused_parameters=True (the Trainer's default without "
             "activation checkpointing): B gets no gradient on merge updates, and DDP would wait for it"
         )
+    return None
 
 
 def _keep_frozen_buffers_out_of_ddp(model: nn.Module, layers: dict[str, LoQTLinear]) -> None:
@@ -278,20 +272,17 @@ def _broadcast_frozen_state(layers: dict[str, LoQTLinear]) -> None:
     broadcast_from_rank0_(t for layer in layers.values() for t in (*layer.buffers(recurse=False), layer._pending()))
 
 
-def _install_on_optimizer_creation(trainer: Trainer, config: LoQTConfig, callback: LoQTCallback) -> None:
-    """Give the optimizer the Trainer creates a skip counter (and, with ``layerwise=True``, the per-parameter hooks),
-    before a checkpoint is loaded into it.
+def _on_optimizer_created(config: LoQTConfig, callback: LoQTCallback):
+    """The plan's ``on_optimizer_created``: give the optimizer the Trainer creates a skip counter (and, with
+    ``layerwise=True``, the per-parameter hooks), before a checkpoint is loaded into it.
 
     LoQT trains B with the Trainer's own optimizer; the counter travels in its ``state_dict``, so it must exist
     before ``_load_optimizer_and_scheduler``, which runs before any callback event. An optimizer that already has one
     (an hf_memopt optimizer) keeps it and checks its own gradients; it cannot be stepped per parameter, since its own
     ``step()`` would then record every update as finite.
     """
-    create_optimizer = trainer.create_optimizer
 
-    @functools.wraps(create_optimizer)
-    def create(*args, **kwargs):
-        optimizer = create_optimizer(*args, **kwargs)
+    def created(optimizer: torch.optim.Optimizer) -> None:
         inner = unwrap_optimizer(optimizer)
         if skip_counter_of(inner) is None:
             setattr(inner, _OWN_COUNTER, install_skip_counter(inner, config.max_consecutive_skips))
@@ -305,9 +296,8 @@ def _install_on_optimizer_creation(trainer: Trainer, config: LoQTConfig, callbac
                 callback.layerwise.remove()
             params = [p for group in inner.param_groups for p in group["params"]]
             callback.layerwise = PerParameterUpdates(OptimizerStepRule(inner, "LoQT"), params)
-        return optimizer
 
-    trainer.create_optimizer = create
+    return created
 
 
 def _check_layerwise_supported(args) -> None:
@@ -321,36 +311,44 @@ def _check_layerwise_supported(args) -> None:
         raise ValueError("LoQT with layerwise=True cannot run with fp16=True (the gradients are loss-scaled); use bf16")
 
 
-def build_loqt(trainer: Trainer, config: LoQTConfig) -> None:
-    """Registry builder: convert the model now (B must exist before the Trainer builds its optimizer)."""
+def plan_loqt(trainer: Trainer, config: LoQTConfig) -> MethodPlan:
+    """Registry planner: validate now, convert the model at ``attach`` (B must exist before the Trainer builds its
+    optimizer), run the merge schedule from a callback. Layer-wise mode steps each parameter inside backward: the
+    hooks measure the true gradient norm and, under DDP, average each gradient themselves (the model stays out of
+    DDP); otherwise DDP averages B's gradients and the merges average the weight gradients they collect."""
     if trainer.optimizer is not None:
         raise ValueError("attach LoQT before the optimizer is created: B must be among the optimized parameters")
-    model = trainer.model
-    if loqt_layers(model):
+    if loqt_layers(trainer.model):
         raise ValueError("this model already has LoQT layers")
     if config.layerwise:
         _check_layerwise_supported(trainer.args)
+    loqt_target_modules(trainer.model, config)  # rank, shared weights, peft: refused before the model changes
     distributed = trainer.args.world_size > 1
-    if distributed and not config.layerwise:
-        _check_ddp_finds_unused_parameters(trainer)
-    layers = convert_to_loqt(model, config)
-    if distributed and config.layerwise:
-        # the hooks fire on each rank's local gradient, before DDP's all-reduce would: they average it themselves
-        keep_model_out_of_ddp(trainer)
-    elif distributed:
-        _keep_frozen_buffers_out_of_ddp(model, layers)
+    layers: dict[str, LoQTLinear] = {}  # filled by prepare(); the callback holds the same dict
     callback = LoQTCallback(config, layers)
-    trainer.add_callback(callback)
-    if config.layerwise:  # first in line, so the printer and loggers see the norm the hooks measured
-        trainer.callback_handler.callbacks.insert(0, LayerwiseGradNormCallback(lambda: callback.layerwise))
-    install_fault_reporting(trainer)
-    _install_on_optimizer_creation(trainer, config, callback)
-    register_plain_save(trainer, model, _plain_form)
-    frozen = sum(layer.in_features * layer.out_features for layer in layers.values())
-    trainable = sum(layer.B.numel() for layer in layers.values())
-    logger.info(
-        "LoQT: %d layers, %.2fM frozen quantized weights, %.2fM trainable B entries",
-        len(layers),
-        frozen / 1e6,
-        trainable / 1e6,
+
+    def prepare(model: nn.Module) -> None:
+        layers.update(convert_to_loqt(model, config))
+        if distributed and not config.layerwise:
+            _keep_frozen_buffers_out_of_ddp(model, layers)
+        frozen = sum(layer.in_features * layer.out_features for layer in layers.values())
+        trainable = sum(layer.B.numel() for layer in layers.values())
+        logger.info(
+            "LoQT: %d layers, %.2fM frozen quantized weights, %.2fM trainable B entries",
+            len(layers),
+            frozen / 1e6,
+            trainable / 1e6,
+        )
+
+    def grad_norm() -> float | None:
+        return None if callback.layerwise is None else callback.layerwise.last_grad_norm
+
+    return MethodPlan(
+        prepare_model=prepare,
+        on_optimizer_created=_on_optimizer_created(config, callback),
+        callbacks=(callback,),
+        data_parallel="own" if config.layerwise else "any",
+        distributed_error=None if config.layerwise or not distributed else _ddp_finds_no_unused_parameters(trainer),
+        grad_norm=grad_norm if config.layerwise else None,
+        plain_save=_plain_form,
     )

@@ -38,13 +38,11 @@ from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
-from transformers import TrainerCallback
 
 from hf_memopt.shared.faults import SkipCounter, all_finite, skip_counter_of
 from hf_memopt.shared.parallel import all_reduce_mean_, is_distributed
 
 __all__ = [
-    "LayerwiseGradNormCallback",
     "LayerwiseRule",
     "OptimizerStepRule",
     "PerParameterUpdates",
@@ -266,30 +264,3 @@ class PerParameterUpdates:
             if _OWNER_HOOKS.get(p) is handle:
                 del _OWNER_HOOKS[p]
         self._handles.clear()
-
-
-class LayerwiseGradNormCallback(TrainerCallback):
-    """Reports the true gradient norm of layer-wise updates.
-
-    Uses ``on_log``: the Trainer computes ``grad_norm`` from ``.grad`` after backward, when the hooks have already
-    freed every gradient (it would log 0). The hooks measured the norm instead; an unknown norm (compressed gradients
-    accumulated over micro-batches) is removed rather than shown as 0. Insert it first among the callbacks, so the
-    printer and loggers see the corrected value.
-
-    Args:
-        updates: returns the :class:`PerParameterUpdates` in use (None: not layer-wise, logs are left alone).
-    """
-
-    def __init__(self, updates: Callable[[], PerParameterUpdates | None]):
-        self.updates = updates
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        updates = self.updates()
-        if logs is None or "grad_norm" not in logs or updates is None:
-            return
-        last = state.log_history[-1] if state.log_history else {}
-        if updates.last_grad_norm is None:
-            logs.pop("grad_norm")
-            last.pop("grad_norm", None)
-        else:
-            logs["grad_norm"] = last["grad_norm"] = updates.last_grad_norm

@@ -4,21 +4,17 @@ do to a method, in one place.
 **Data parallelism**, for methods that do (some of) their own gradient communication.
 DDP all-reduces full gradients in buckets after backward and keeps a bucket copy of every gradient. Layer-wise GaLore
 updates each weight inside backward (before DDP's all-reduce) and only needs the small projected gradient averaged;
-ZO has no gradients at all and only needs its projected-gradient scalars averaged. Both keep the model out of DDP
-(:func:`keep_model_out_of_ddp`, which also starts every rank from rank 0's weights) and average
-what they need themselves (:func:`all_reduce_mean_`). BlockLLM does the same: DDP fixes its buckets from
+ZO has no gradients at all and only needs its projected-gradient scalars averaged. Both declare it in their plan
+(``MethodPlan.data_parallel="own"``), so ``attach()`` keeps the model out of DDP
+(:func:`hf_memopt.core.trainer_hooks.keep_model_out_of_ddp`, which also starts every rank from rank 0's weights), and
+average what they need themselves (:func:`all_reduce_mean_`). BlockLLM does the same: DDP fixes its buckets from
 ``requires_grad`` at wrap time, which every re-selection changes; its optimizer averages the selected blocks' gradients
 (every block's on a scoring step) and the loss of its stall test. LoQT stays under DDP and uses
 :func:`all_reduce_mean_` for the weight gradient its merges collect, which DDP never sees.
 
-DDP cannot simply be told to ignore the parameters the first two update
-(``_set_params_and_buffers_to_ignore_for_model``): when every trainable parameter is ignored its constructor raises
-"DistributedDataParallel is not needed when a module doesn't have any parameter that requires a gradient" (torch 2.13,
-``DistributedDataParallel.__init__``).
-
 **Sharding engines**: which one (FSDP, DeepSpeed ZeRO) a ``Trainer`` runs under, and the refusal of methods that cannot.
 Plain data parallelism (DDP) gives the optimizer every whole parameter and its averaged gradient, so each method's
-builder decides there on its own. The sharding engines change what the optimizer sees:
+plan declares what it needs there (``MethodPlan.data_parallel``). The sharding engines change what the optimizer sees:
 
 * FSDP (1 and 2) gives each rank a shard of rows of every parameter and gradient (a ``DTensor`` under FSDP2);
 * DeepSpeed ZeRO-1/2/3 hands the optimizer flat 1-D partitions of all parameters concatenated (ZeRO-3 also
@@ -37,11 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hf_memopt.core import compat
 from hf_memopt.core.registry import ENGINES
 
 if TYPE_CHECKING:
-    from transformers import Trainer
+    pass
 
 __all__ = [
     "all_reduce_mean_",
@@ -49,7 +44,6 @@ __all__ = [
     "check_engine_supported",
     "detect_engine",
     "is_distributed",
-    "keep_model_out_of_ddp",
     "supported_engines",
 ]
 
@@ -73,32 +67,6 @@ def broadcast_from_rank0_(tensors: Iterable[torch.Tensor | None]) -> None:
     for tensor in tensors:
         if tensor is not None:
             torch.distributed.broadcast(tensor.data, src=0)
-
-
-def keep_model_out_of_ddp(trainer: Trainer) -> None:
-    """Make ``trainer`` prepare its model without wrapping it in DDP (mixed precision and compilation still apply),
-    and start every rank from rank 0's parameters and buffers there, as DDP's wrap would.
-
-    # NOTE: the Trainer offers no switch for this; accelerate's ``prepare_model(evaluation_mode=True)`` is the path
-    # transformers itself takes for models that own their gradient reduction (``is_distributed_loading_by_transformers``
-    # in ``Trainer._prepare_for_training``). The accelerator's ``prepare_model`` is replaced on this instance only,
-    # through :func:`hf_memopt.core.compat.wrap_prepare_model`, which checks it still takes ``evaluation_mode``.
-    """
-    accelerator = trainer.accelerator
-    if getattr(accelerator.prepare_model, "hf_memopt_keeps_out_of_ddp", False):
-        return
-
-    def without_ddp(prepare_model):
-        def prepare_without_ddp(model, device_placement=None, evaluation_mode=False):
-            model = prepare_model(model, device_placement=device_placement, evaluation_mode=True)
-            if is_distributed():
-                broadcast_from_rank0_([*model.parameters(), *model.buffers()])
-            return model
-
-        prepare_without_ddp.hf_memopt_keeps_out_of_ddp = True
-        return prepare_without_ddp
-
-    compat.wrap_prepare_model(accelerator, without_ddp)
 
 
 def detect_engine(trainer: Any) -> str | None:

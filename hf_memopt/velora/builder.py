@@ -1,4 +1,4 @@
-"""Apply VeLoRA to a model, and the Trainer builder."""
+"""Apply VeLoRA to a model, and its plan for ``attach()``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 from torch import nn
 from transformers import Trainer
 
-from hf_memopt.shared.saving import register_plain_save
+from hf_memopt.core.plan import MethodPlan
 from hf_memopt.velora.config import VeLoRAConfig
 from hf_memopt.velora.layer import BUFFER_NAME, install_velora_linear, is_velora_linear, uninstall_velora_linear
 from hf_memopt.velora.targets import resolve_targets, warn_partial_groups
 
-__all__ = ["apply_velora", "build_velora", "remove_velora", "without_velora_buffers"]
+__all__ = ["apply_velora", "plan_velora", "remove_velora", "without_velora_buffers"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,14 @@ def without_velora_buffers(model: nn.Module, save_kwargs: dict[str, Any] | None 
             module.register_buffer(BUFFER_NAME, getattr(module, BUFFER_NAME), persistent=True)
 
 
-def build_velora(trainer: Trainer, config: VeLoRAConfig) -> None:
-    """Registry builder: a model transform done at ``attach()``; the optimizer is left to the Trainer or another
-    method. Checkpoints carry the ``velora_v`` buffers (resume restores v exactly); user saves (``save_model``,
+def plan_velora(trainer: Trainer, config: VeLoRAConfig) -> MethodPlan:
+    """Registry planner: a model transform done at ``attach()`` (:func:`apply_velora` validates every target before
+    it changes one); the optimizer is left to the Trainer or another method, and so is the gradient averaging under
+    DDP. Checkpoints carry the ``velora_v`` buffers (resume restores v exactly); user saves (``save_model``,
     ``save_pretrained``, ``push_to_hub``) leave them out (:func:`without_velora_buffers`), so the saved model is a
     plain transformers model."""
-    apply_velora(trainer.model, config)
-    register_plain_save(trainer, trainer.model, without_velora_buffers)
+
+    def prepare(model: nn.Module) -> None:
+        apply_velora(model, config)
+
+    return MethodPlan(prepare_model=prepare, data_parallel="any", plain_save=without_velora_buffers)

@@ -1,8 +1,7 @@
-"""Install MeZO / ZO2 on a Trainer: the optimizer, the replaced training step, and a small callback."""
+"""MeZO / ZO2 on a Trainer: the optimizer, the replaced training step, a small callback, and the plan of all three."""
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,22 +11,16 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from hf_memopt.core import compat
-from hf_memopt.core.attach import (
-    OptimizerHyperparameters,
-    install_optimizer_factory,
-    no_decay_parameter_names,
-    trainable_parameters,
-)
-from hf_memopt.shared.faults import install_fault_reporting
+from hf_memopt.core.attach import no_decay_parameter_names, trainable_parameters
+from hf_memopt.core.plan import MethodPlan, OptimizerHyperparameters
 from hf_memopt.shared.optim_state import unwrap_optimizer
-from hf_memopt.shared.parallel import keep_model_out_of_ddp
 from hf_memopt.zo.blocks import find_block_list
 from hf_memopt.zo.config import ZOConfig
 from hf_memopt.zo.offload import ZO2Engine
 from hf_memopt.zo.optimizer import ZOSGD
 from hf_memopt.zo.perturb import perturb_
 
-__all__ = ["ZOCallback", "build_zo", "create_zo_optimizer", "zo_engine", "zo_training_step"]
+__all__ = ["ZOCallback", "create_zo_optimizer", "plan_zo", "zo_engine", "zo_training_step"]
 
 _ENGINE = "hf_memopt_zo_engine"
 
@@ -136,8 +129,9 @@ class ZOCallback(TrainerCallback):
     * ``on_train_begin``: puts offloaded blocks back in CPU memory if the Trainer moved the model afterwards.
     * ``on_step_end`` (last step) and ``on_train_end``: applies the queued block updates so the model holds the
       final weights when training returns (saves flush through a ``state_dict`` hook on their own).
-    * ``on_log``: the Trainer's ``grad_norm`` is the norm of absent gradients (0); it is replaced by the mean
-      absolute projected gradient of the last step, ``zo_projected_grad``.
+    * ``on_log``: adds the mean absolute projected gradient of the last step, ``zo_projected_grad``, in place of
+      the Trainer's ``grad_norm`` (the norm of absent gradients, 0), which ``attach()`` removes (the plan's
+      ``grad_norm`` source says it is unknown).
     """
 
     def __init__(self, engine: ZO2Engine | None):
@@ -163,8 +157,6 @@ class ZOCallback(TrainerCallback):
         except RuntimeError:
             return
         last = state.log_history[-1] if state.log_history else {}
-        logs.pop("grad_norm", None)
-        last.pop("grad_norm", None)
         if zo.last_projected_grads:
             value = sum(abs(g) for g in zo.last_projected_grads) / len(zo.last_projected_grads)
             logs["zo_projected_grad"] = last["zo_projected_grad"] = value
@@ -175,50 +167,52 @@ def zo_engine(trainer: Trainer) -> ZO2Engine | None:
     return trainer.__dict__.get(_ENGINE)
 
 
-def build_zo(trainer: Trainer, config: ZOConfig) -> None:
-    """Registry builder: replace the training step, supply ZO-SGD, and set up offloading if asked."""
+def plan_zo(trainer: Trainer, config: ZOConfig) -> MethodPlan:
+    """Registry planner: supply ZO-SGD, replace the training step (two forwards, no backward), and set up offloading
+    if asked. There are no gradients for DDP to average (the ranks average their projected-gradient scalars), so the
+    model stays out of DDP, whose wrap would only allocate its gradient buckets."""
     args = trainer.args
-    distributed = args.world_size > 1
-    if distributed and config.offload == "cpu":
-        raise NotImplementedError(
+    if config.offload == "cpu":
+        find_block_list(trainer.model, config.blocks_attr)  # refused at attach, before the model changes
+    seed = args.seed if config.seed is None else config.seed
+    callback = ZOCallback(None)  # its engine is set by prepare()
+
+    def prepare(model: nn.Module) -> None:
+        engine = None
+        if config.offload == "cpu":
+            _, blocks = find_block_list(model, config.blocks_attr)
+            engine = ZO2Engine(
+                model, blocks, eps=config.eps, device=args.device, offload_dtype=config.offload_dtype,
+                overlap=config.overlap,
+            )  # fmt: skip
+        trainer.__dict__[_ENGINE] = callback.engine = engine
+
+    def create(model: nn.Module, hparams: OptimizerHyperparameters, no_decay_names: set[str]) -> ZOSGD:
+        optimizer = create_zo_optimizer(model, config, hparams, seed=seed, no_decay_names=no_decay_names)
+        if zo_engine(trainer) is not None:
+            zo_engine(trainer).bind(optimizer)
+        return optimizer
+
+    def wrap_training_step(original):  # replaced, not wrapped: the stock step's backward is what ZO does without
+        def training_step(model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+            return zo_training_step(trainer, model, inputs, num_items_in_batch, config=config, engine=callback.engine)
+
+        return training_step
+
+    distributed_error = None
+    if config.offload == "cpu":
+        distributed_error = NotImplementedError(
             "ZO2 offloading (offload='cpu') under distributed training is not implemented: the offloaded blocks live "
             "in CPU memory, which the initial broadcast from rank 0 would need a CPU (gloo) process group for. Use "
             "offload=None with DDP"
         )
-    if distributed:
-        keep_model_out_of_ddp(trainer)  # no gradients: DDP would only add its gradient buckets
-    engine = None
-    if config.offload == "cpu":
-        _, blocks = find_block_list(trainer.model, config.blocks_attr)
-        engine = ZO2Engine(
-            trainer.model,
-            blocks,
-            eps=config.eps,
-            device=args.device,
-            offload_dtype=config.offload_dtype,
-            overlap=config.overlap,
-        )
-    trainer.__dict__[_ENGINE] = engine
-    seed = args.seed if config.seed is None else config.seed
-
-    def build(model: nn.Module) -> torch.optim.Optimizer:
-        optimizer = create_zo_optimizer(
-            model,
-            config,
-            OptimizerHyperparameters.from_args(trainer.args),
-            seed=seed,
-            no_decay_names=no_decay_parameter_names(model, trainer),
-        )
-        if engine is not None:
-            engine.bind(optimizer)
-        return optimizer
-
-    install_optimizer_factory(trainer, build)
-
-    def training_step(self: Trainer, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None):
-        return zo_training_step(self, model, inputs, num_items_in_batch, config=config, engine=engine)
-
-    trainer.training_step = types.MethodType(training_step, trainer)
-    # first in line, so the printer and loggers see the projected gradient instead of grad_norm 0
-    trainer.callback_handler.callbacks.insert(0, ZOCallback(engine))
-    install_fault_reporting(trainer)
+    return MethodPlan(
+        prepare_model=prepare,
+        create_optimizer=create,
+        # first in line, so the printer and loggers see the projected gradient
+        first_callbacks=(callback,),
+        wrap_training_step=wrap_training_step,
+        data_parallel="own",
+        distributed_error=distributed_error,
+        grad_norm=lambda: None,  # no gradient is formed: the Trainer's grad_norm (0) is removed
+    )
