@@ -45,7 +45,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
-            logits = _upcast(h @ weight.t())
+            logits = _upcast(h.to(weight.dtype) @ weight.t())
             counted = y != IGNORE_INDEX
             picked = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
             total += ((torch.logsumexp(logits, dim=1) - picked) * counted).sum()
@@ -61,12 +61,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=_upcast(weight).dtype, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             h, y = hidden[start : start + ctx.chunk_size], labels[start : start + ctx.chunk_size]
-            dz = torch.softmax(_upcast(h @ weight.t()), dim=1)  # d CE / d logits = softmax - onehot(y)
+            dz = torch.softmax(_upcast(h.to(weight.dtype) @ weight.t()), dim=1)  # d CE / d logits = softmax - onehot(y)
             counted = y != IGNORE_INDEX
             dz[torch.arange(len(y), device=y.device)[counted], y[counted]] -= 1.0
             dz *= (counted * grad_total).unsqueeze(1)
             if need_h:
-                grad_h[start : start + ctx.chunk_size] = (dz @ _upcast(weight)).to(hidden.dtype)
+                grad_h[start : start + ctx.chunk_size] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
                 grad_w += dz.t() @ _upcast(h)
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
@@ -76,7 +76,8 @@ def chunked_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T`` (``N x D`` by ``V x D``) against ``labels`` (``N``, ``-100``
-    ignored), never holding more than ``chunk_size`` rows of logits. A float32 (float64 for float64 inputs) scalar."""
+    ignored), never holding more than ``chunk_size`` rows of logits. A weight stored in 16 bits (a frozen head) is
+    multiplied in its own dtype, as its ``nn.Linear`` would (the hidden states are cast to it chunk by chunk). A float32 (float64 for float64 inputs) scalar."""
     check_int("chunk_size", chunk_size, 1)
     if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(
