@@ -98,3 +98,45 @@ def test_composed_run_saves_a_plain_model_that_reloads_with_the_same_outputs(tmp
         got = reloaded(input_ids=ids).logits
     # the saved weights are W_q + s P B (dequantized) and the bf16 head; the reloaded head multiplies in float32
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_estimate_predicts_the_measured_composed_run_within_15_percent(tmp_path):
+    """``hf-memopt estimate`` with the recipe's settings against the memory report of the same run (tiny LLaMA,
+    batch 4 x 16; the report restarted after update 0, LoQT's initialisation)."""
+    from hf_memopt import MemoryReportCallback
+    from hf_memopt.tools.estimate import estimate_memory
+    from hf_memopt.tools.memory import MemoryBreakdown
+
+    class Steady(MemoryReportCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self.breakdown = MemoryBreakdown()
+                self._activations.peak = self._gradients.peak = 0
+
+    settings = {"freeze_modules": ["embed_tokens", "lm_head"], "frozen_dtype": "bfloat16", "loss_chunk_size": 16}
+    loqt = {"rank": 4, "quant": "nf4", "merge_every": 50, "layerwise": True}
+    model = tiny_llama(seed=2, hidden=64, vocab=256)
+    freeze_modules(model, settings["freeze_modules"], settings["frozen_dtype"])
+    use_chunked_lm_loss(model, settings["loss_chunk_size"])
+    args = training_args(tmp_path, max_steps=3, max_grad_norm=0.0, optim="adamw_bnb_8bit",
+                         gradient_checkpointing=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=12, seq=16, vocab=256))
+    attach(trainer, LoQTConfig(**loqt))
+    report = Steady(print_table=False)
+    trainer.add_callback(report)
+    trainer.train()
+    measured = report.breakdown.tensors_total
+    predicted = estimate_memory(
+        tiny_llama(hidden=64, vocab=256).config, "loqt", batch=4, seq=16, **loqt, **settings,
+        optim="adamw_bnb_8bit", gradient_checkpointing=True,
+    )["total"]  # fmt: skip
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured, report.breakdown)
+
+
+def test_estimate_refuses_an_8bit_optim_for_a_method_with_its_own_optimizer():
+    from hf_memopt.tools.estimate import estimate_memory
+
+    with pytest.raises(ValueError, match="supplies its own"):
+        estimate_memory("llama-20m", "galore", optim="adamw_bnb_8bit")
+    with pytest.raises(ValueError, match="frozen_dtype"):
+        estimate_memory("llama-20m", "loqt", frozen_dtype="bfloat16")
