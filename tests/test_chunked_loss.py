@@ -98,3 +98,18 @@ def test_logit_transforms_and_bad_chunk_sizes_are_refused():
         use_chunked_lm_loss(tiny_llama(False), 0)
     with pytest.raises(ValueError, match="no separate backbone"):
         use_chunked_lm_loss(torch.nn.Linear(3, 3))
+
+
+def test_trainer_evaluate_reports_the_same_loss_with_the_chunked_loss(tmp_path):
+    """The Trainer's evaluation loop accepts outputs without logits and averages the same loss."""
+    from conftest import TokenDataset, training_args
+    from transformers import Trainer
+
+    data = TokenDataset(n=8, vocab=97)
+    plain = tiny_llama(False).float()
+    chunked = use_chunked_lm_loss(copy.deepcopy(plain), 5)
+    losses = [
+        Trainer(model=m, args=training_args(tmp_path / str(i)), eval_dataset=data).evaluate()["eval_loss"]
+        for i, m in enumerate((plain, chunked))
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
