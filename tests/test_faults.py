@@ -37,6 +37,7 @@ class Case:
     config: Any
     args: dict[str, Any] = field(default_factory=dict)
     loss_drops: bool = True  # ZO's progress in a few steps is below its noise: its updates are checked instead
+    prepare: Any = None  # applied to the fresh model before the trainer is built
 
 
 def _loqt(**kw):
@@ -44,16 +45,32 @@ def _loqt(**kw):
                       error_compensation_steps=1, target_modules=["q_proj", "up_proj"], **kw)  # fmt: skip
 
 
+def _min_memory(model):
+    from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
+    from hf_memopt.shared.frozen import freeze_modules
+
+    freeze_modules(model, ["embed_tokens", "lm_head"], "bfloat16")
+    return use_chunked_lm_loss(model, chunk_size=16)
+
+
 CASES = {
     "galore": Case(GaLoreConfig(rank=4, update_proj_gap=2, target_modules=TARGETS)),
     # without clipping each hook skips its own parameter; with clipping finish_step skips the whole update
-    "galore_layerwise": Case(GaLoreConfig(rank=4, update_proj_gap=2, target_modules=TARGETS, layerwise=True),
-                             {"max_grad_norm": 0.0}),  # fmt: skip
+    "galore_layerwise": Case(
+        GaLoreConfig(rank=4, update_proj_gap=2, target_modules=TARGETS, layerwise=True), {"max_grad_norm": 0.0}
+    ),  # fmt: skip
     "galore_layerwise_clipped": Case(GaLoreConfig(rank=4, update_proj_gap=2, target_modules=TARGETS, layerwise=True)),
     "blockllm": Case(BlockLLMConfig(sparsity=0.8, patience=1, mask_fraction=0.5), {"learning_rate": 3e-2}),
     "loqt": Case(_loqt(), {"learning_rate": 1e-2}),
     "loqt_layerwise": Case(_loqt(layerwise=True), {"learning_rate": 1e-2, "max_grad_norm": 0.0}),
     "zo": Case(ZOConfig(eps=1e-2), {"learning_rate": 3e-2}, loss_drops=False),
+    # recipes/instruct/smollm2_min_memory.yaml: LoQT layer-wise, 8-bit states, checkpointing, frozen bf16 embeddings
+    # and head, the chunked loss
+    "min_memory_loqt": Case(
+        _loqt(layerwise=True),
+        {"learning_rate": 1e-2, "max_grad_norm": 0.0, "optim": "adamw_bnb_8bit", "gradient_checkpointing": True},
+        prepare=_min_memory,
+    ),
 }
 
 
@@ -122,6 +139,7 @@ def _zo_replay(model, optimizer) -> dict[str, torch.Tensor]:
 def _run(case: Case, tmp_path, steps: set[int], max_steps: int = 6, config: Any = None):
     dataset = TokenDataset(n=32)
     model = tiny_llama(seed=3)
+    model = case.prepare(model) if case.prepare is not None else model
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=max_steps, **case.args),
                       train_dataset=dataset)  # fmt: skip
     attach(trainer, config or case.config)

@@ -201,8 +201,9 @@ def test_the_composed_section_takes_the_min_memory_recipe_when_it_exists(tmp_pat
     assert type(velora).__name__ == "VeLoRAConfig" and velora.target_modules == ["down_proj"]
     assert velora.num_groups == 16 and loqt.rank == 32 and loqt.quant == "nf4" and "o_proj" in loqt.target_modules
     assert setup["overrides"] == {"bf16": bf16, "gradient_checkpointing": True}
-    assert setup["model"] is None and "not available offline here" in setup["note"]
+    assert setup["model"] is None and "dry run: the tiny LLaMA stands in" in setup["note"]
     assert note in setup["note"]
+    assert callable(setup["prepare"])  # the recipe's memory: section and the chunked loss (plain Trainer)
 
 
 @pytest.mark.slow

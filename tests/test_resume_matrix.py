@@ -10,7 +10,8 @@ runs one. The per-method test files pin down what their own state holds; this fi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -19,6 +20,8 @@ from conftest import TokenDataset, assert_same_trained_model, tiny_llama, traini
 from transformers import Trainer, TrainerCallback
 
 from hf_memopt import BlockLLMConfig, GaLoreConfig, LoQTConfig, VeLoRAConfig, ZOConfig, attach
+from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
+from hf_memopt.shared.frozen import freeze_modules
 
 N = 3
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -33,6 +36,7 @@ class Case:
     model: dict[str, Any] = field(default_factory=dict)  # tiny_llama overrides
     marks: tuple = ()  # marks of the whole row
     state_marks: tuple = ()  # marks of the optimizer-state check only
+    prepare: Callable[[Any], Any] | None = None  # applied to the fresh model before the trainer is built
 
 
 def _galore(**kw):
@@ -53,6 +57,15 @@ def _loqt(targets="all-linear"):
     )  # fmt: skip
 
 
+def _min_memory(model):
+    """The min-memory recipe's model settings: frozen bfloat16 embeddings and head, the chunked LM loss."""
+    freeze_modules(model, ["embed_tokens", "lm_head"], "bfloat16")
+    return use_chunked_lm_loss(model, chunk_size=16)
+
+
+# recipes/instruct/smollm2_min_memory.yaml and its GaLore switch (8-bit states need the width-64 model's sizes)
+_MIN_MEMORY_ARGS = {"max_grad_norm": 0.0, "gradient_checkpointing": True}
+
 CASES: dict[str, Case] = {
     "galore": Case([_galore()]),
     # slow: also pinned by tests/test_galore.py's layer-wise resume test
@@ -72,6 +85,18 @@ CASES: dict[str, Case] = {
     ),
     # LoQT replaces the Linear layers it targets, so the two methods split the layers between them
     "velora+loqt": Case([VeLoRAConfig(num_groups=8, target_modules=MLP), _loqt(ATTENTION)], {"learning_rate": 3e-3}),
+    "min_memory_loqt": Case(
+        [replace(_loqt(), layerwise=True)],
+        {"learning_rate": 3e-3, "optim": "adamw_bnb_8bit", **_MIN_MEMORY_ARGS},
+        model={"hidden": 64},
+        prepare=_min_memory,
+    ),
+    "min_memory_galore": Case(
+        [VeLoRAConfig(num_groups=8), _galore(optimizer="adamw_8bit", layerwise=True)],
+        _MIN_MEMORY_ARGS,
+        model={"hidden": 64},
+        prepare=_min_memory,
+    ),
 }
 
 
@@ -88,7 +113,9 @@ class _StopAfter(TrainerCallback):
 
 def _trainer(case: Case, output_dir, **overrides) -> Trainer:
     args = training_args(output_dir, max_steps=2 * N, **{**case.args, **overrides})
-    trainer = Trainer(model=tiny_llama(seed=7, **case.model), args=args, train_dataset=TokenDataset(n=48))
+    model = tiny_llama(seed=7, **case.model)
+    model = case.prepare(model) if case.prepare is not None else model
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=48))
     for config in case.configs:
         attach(trainer, config)
     return trainer

@@ -159,6 +159,15 @@ def install_skip_counter(optimizer: torch.optim.Optimizer, max_consecutive_skips
 
     optimizer.register_state_dict_post_hook(save)
     optimizer.register_load_state_dict_pre_hook(load, prepend=True)
+    if type(optimizer).load_state_dict is not torch.optim.Optimizer.load_state_dict:
+        # NOTE: bitsandbytes' 8-bit optimizers (``optim="adamw_bnb_8bit"``) replace ``load_state_dict`` without
+        # running the load hooks, so the counter would silently restart at a resume: read it before theirs runs.
+        own_load = optimizer.load_state_dict
+
+        def load_state_dict(state_dict: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            return own_load(load(optimizer, state_dict), *args, **kwargs)
+
+        optimizer.load_state_dict = load_state_dict
     return counter
 
 

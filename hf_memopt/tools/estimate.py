@@ -288,7 +288,9 @@ def estimate_memory(
         task: ``causal-lm`` or ``sequence-classification``; ``None`` picks from the config (encoders classify).
         num_labels: classes of the classification head.
         **method_kwargs: fields of the method's config (``optimizer="adamw_8bit"``, ``layerwise=True``,
-            ``target_modules=...``, ``sparsity=0.9``, ``quant="nf4"``, ``num_groups=32`` ...).
+            ``target_modules=...``, ``sparsity=0.9``, ``quant="nf4"``, ``num_groups=32`` ...), and the training-side
+            settings of :mod:`hf_memopt.tools.estimate_settings` (``freeze_modules``, ``frozen_dtype``,
+            ``loss_chunk_size``, ``gradient_checkpointing``, ``optim``).
 
     Returns a dict with the byte counts ``parameters``, ``buffers``, ``weights``, ``gradients``, ``optimizer_state``,
     ``activations``, ``total``; parameter counts; the method config used; ``targets`` (the modules the method
@@ -300,6 +302,13 @@ def estimate_memory(
     for field_name, value in (("batch", batch), ("seq", seq), ("num_labels", num_labels)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{field_name} must be an integer >= 1; got {value!r}")
+    from hf_memopt.tools.estimate_settings import (
+        apply_training_settings,
+        split_training_settings,
+        stock_optimizer_state,
+    )
+
+    training_settings = split_training_settings(method, method_kwargs)
     config = _method_config(method, rank, method_kwargs)
     model_config = load_model_config(config_or_id)
     task = task or _default_task(model_config)
@@ -307,6 +316,7 @@ def estimate_memory(
         raise ValueError(f"task must be one of {TASKS}; got {task!r}")
     torch_dtype = _DTYPES[dtype]
     model = _meta_model(model_config, task, num_labels, torch_dtype)
+    apply_training_settings(model, training_settings)
     result: dict[str, Any] = {
         "model": str(config_or_id) if not hasattr(config_or_id, "to_dict") else model_config.model_type,
         "model_type": model_config.model_type,
@@ -341,6 +351,8 @@ def estimate_memory(
         notes=list(part.notes),
         **part.extra,
     )
+    stock_optimizer_state(result, model, training_settings)
+    result["training_settings"] = training_settings
     result["weights"] = result["parameters"] + result["buffers"]
     result["total"] = result["weights"] + result["gradients"] + result["optimizer_state"] + result["activations"]
     return result

@@ -55,6 +55,7 @@ def run_instruct(
     extra_methods: tuple[Any, ...] = (),
     training_overrides: dict[str, Any] | None = None,
     resume_from_checkpoint: str | None = None,
+    prepare_model: Any = None,
 ) -> RunResult:
     """Fine-tune ``model`` (``smollm2`` offline, a Hub id, or a folder) on Alpaca-format ``data_path``.
 
@@ -62,6 +63,7 @@ def run_instruct(
     The last ``eval_limit`` records are held out for the final ``eval_loss`` / ``perplexity``; ``train_limit`` caps
     the rest. ``training_overrides`` are ``SFTConfig`` fields that take precedence over the arguments above.
     ``resume_from_checkpoint``: a checkpoint folder to continue from (``Trainer.train``'s argument).
+    ``prepare_model(model)``: applied to the loaded model before the trainer is built (a recipe's ``memory:``).
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,6 +87,8 @@ def run_instruct(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     torch.manual_seed(seed)
     net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if prepare_model is not None:
+        net = prepare_model(net)
 
     arguments = measured_run_arguments(
         seed,

@@ -45,6 +45,7 @@ __all__ = [
     "TASKS",
     "GlueData",
     "InstructData",
+    "MemorySettings",
     "PretrainData",
     "Recipe",
     "RecipeError",
@@ -69,6 +70,7 @@ TOP_LEVEL_KEYS = (
     "method_training",
     "output_dir",
     "save_model",
+    "memory",
 )
 
 
@@ -150,6 +152,54 @@ class PretrainData:
             raise ValueError(f"sources must be a non-empty list of names or paths; got {self.sources!r}")
         check_int("seq_len", self.seq_len, 8)
         check_int("eval_blocks", self.eval_blocks, 0)
+
+
+@dataclass
+class MemorySettings:
+    """The recipe's ``memory:`` section: model-side settings that cut training memory outside any one method.
+
+    Args:
+        freeze_modules: modules not trained at all (names or a regex, as ``target_modules``; embeddings and linear
+            layers), e.g. ``[embed_tokens]``: no gradient, no optimizer state. A tied LM head is frozen with the
+            embedding it shares its weight with. Empty: nothing frozen.
+        frozen_dtype: store the frozen modules in ``bfloat16`` or ``float16`` (their inputs and outputs are cast, so
+            the rest of the model computes as before); None: as loaded.
+        loss_chunk_size: compute the causal-LM loss this many tokens at a time, never holding the full
+            tokens x vocab logits (``hf_memopt.shared.chunked_loss``); None: the model's own loss. Pretraining only:
+            TRL's ``SFTTrainer`` (instruct recipes) computes its loss with its own fused LM head already.
+    """
+
+    freeze_modules: list[str] = field(
+        default_factory=list, metadata={"help": "Modules not trained (names or regex), e.g. [embed_tokens]."}
+    )
+    frozen_dtype: str | None = field(
+        default=None, metadata={"help": "Store frozen modules in bfloat16 or float16 (None: as loaded)."}
+    )
+    loss_chunk_size: int | None = field(
+        default=None, metadata={"help": "Tokens per chunk of the LM loss without full logits (None: off)."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.freeze_modules, str):
+            self.freeze_modules = [self.freeze_modules]
+        if not isinstance(self.freeze_modules, list) or not all(isinstance(n, str) and n for n in self.freeze_modules):
+            raise ValueError(f"freeze_modules must be a list of module names; got {self.freeze_modules!r}")
+        check_choice("frozen_dtype", self.frozen_dtype, ("bfloat16", "float16", None))
+        if self.frozen_dtype is not None and not self.freeze_modules:
+            raise ValueError("frozen_dtype needs freeze_modules (it sets the dtype of the frozen modules)")
+        _check_optional_int("loss_chunk_size", self.loss_chunk_size, 1)
+
+    def prepare(self, model: Any) -> Any:
+        """Apply the settings to a freshly loaded model (before any method is attached); returns it."""
+        if self.freeze_modules:
+            from hf_memopt.shared.frozen import freeze_modules
+
+            freeze_modules(model, self.freeze_modules, self.frozen_dtype)
+        if self.loss_chunk_size is not None:
+            from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
+
+            use_chunked_lm_loss(model, self.loss_chunk_size)
+        return model
 
 
 DATA_CLASSES: dict[str, type] = {"glue": GlueData, "instruct": InstructData, "pretrain": PretrainData}
@@ -367,6 +417,7 @@ class Recipe:
     save_model: bool
     raw: dict[str, Any]
     path: str | None = None
+    memory: MemorySettings = field(default_factory=MemorySettings)
 
     @property
     def run_dir(self) -> str:
@@ -645,6 +696,14 @@ def load_recipe(
     output_dir = raw.get("output_dir") or str(Path("out") / stem)
     if not isinstance(output_dir, str):
         raise RecipeError(f"output_dir must be a path; got {output_dir!r}")
+    memory = build_dataclass(MemorySettings, raw.get("memory") or {}, "memory")
+    if memory.loss_chunk_size is not None and task != "pretrain":
+        why = (
+            "TRL's SFTTrainer computes the instruct loss with its own fused LM head already"
+            if task == "instruct"
+            else ("a classification head has no vocabulary-sized logits")
+        )
+        raise RecipeError(f"memory.loss_chunk_size: pretraining recipes only ({why}); remove it")
     save_model = coerce(raw.get("save_model", False), bool)
     try:
         check_bool("save_model", save_model)
@@ -661,4 +720,5 @@ def load_recipe(
         save_model,
         raw,
         str(path) if path is not None else None,
+        memory,
     )

@@ -72,7 +72,15 @@ def run_recipe(
     a peer library's optimizer); the instruct runner refuses them.
     """
     configs = method_configs(recipe)
-    check_runnable(recipe)  # writable run folder, reachable models: before minutes of loading
+    check_runnable(recipe)
+    user_prepare = prepare_model
+    if recipe.memory != type(recipe.memory)():  # the recipe's memory: section, applied before any user wrapping
+
+        def prepare_model(model):
+            model = recipe.memory.prepare(model)
+            return user_prepare(model) if user_prepare is not None else model
+
+    # writable run folder, reachable models: before minutes of loading
     run_dir = recipe.run_dir
     training = dict(recipe.training)
     training.setdefault("disable_tqdm", not progress)
@@ -101,7 +109,7 @@ def run_recipe(
     elif recipe.task == "instruct":
         from hf_memopt.tools.recipes.instruct import run_instruct
 
-        if prepare_model is not None or optimizers is not None:
+        if user_prepare is not None or optimizers is not None:
             raise NotImplementedError("prepare_model / optimizers are not supported by the instruct runner")
 
         result = run_instruct(
@@ -115,6 +123,7 @@ def run_recipe(
             extra_methods=tuple(configs),
             training_overrides=training,
             resume_from_checkpoint=resume_from_checkpoint,
+            prepare_model=prepare_model,
         )
     else:
         from hf_memopt.tools.recipes.pretrain import run_pretrain
@@ -147,6 +156,7 @@ def run_recipe(
         "model": recipe.model,
         "method": recipe.method,
         "method_configs": {type(c).__name__: dataclasses.asdict(c) for c in configs},
+        "memory_settings": dataclasses.asdict(recipe.memory),
         "metrics": summary.get("metrics", {}),
         "memory_bytes": summary["memory_bytes"],
         "median_step_seconds": result.median_step_seconds,

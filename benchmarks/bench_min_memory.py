@@ -1,0 +1,249 @@
+"""Training in less tensor memory than fp16 inference: the composed recipe against what users run today.
+
+One command (about 10 minutes on 2 busy CPU cores)::
+
+    python benchmarks/bench_min_memory.py                     # all shapes
+    python benchmarks/bench_min_memory.py --shapes llama-60m   # one
+
+For each shape (SmolLM2-135M, batch 4 x 128; LLaMA 60M and 130M of recipes/pretrain, batch 4 x 256; random tokens,
+seed 0) it measures the peak tensor bytes, by category, of
+
+* ``fp16 inference``: the weights in fp16 plus the peak of the bytes allocated during one no-grad forward of the same
+  batch (CPU allocations recorded by ``torch.profiler(profile_memory=True)``; reported as ``activations``);
+* ``adamw fp32``: the Trainer's AdamW on the fp32 model, the model's own loss;
+* ``careful user``: bf16 weights, bitsandbytes ``AdamW8bit`` (runs on CPU in bitsandbytes 0.50), gradient
+  checkpointing, the model's own loss;
+* ``composed``: ``recipes/instruct/smollm2_min_memory.yaml``'s setting: LoQT NF4 (rank 64, layer-wise updates),
+  frozen token embeddings / head, bitsandbytes ``AdamW8bit``, gradient checkpointing, the chunked LM loss;
+* ``galore path``: the recipe's switch for users who cannot quantize: GaLore 8-bit layer-wise (rank 64) + VeLoRA on
+  the MLP inputs + the same frozen embeddings, checkpointing and chunked loss.
+
+Training figures are hf_memopt's ``MemoryReportCallback`` categories (parameters, buffers, gradients, optimizer
+state, saved activations), taken from the second update on (LoQT's initialisation keeps the full-precision weights
+and their gradient until its first merge, at update 1; the first-update peak is written beside it). Writes
+``benchmarks/results/min_memory.json`` and ``docs/figures/min_memory.png``. Bytes are exact; times are not on a
+loaded machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hf_memopt import GaLoreConfig, LoQTConfig, MemoryReportCallback, VeLoRAConfig, attach  # noqa: E402
+from hf_memopt.shared.chunked_loss import use_chunked_lm_loss  # noqa: E402
+from hf_memopt.shared.frozen import freeze_modules  # noqa: E402
+from hf_memopt.tools.memory import MB, MemoryBreakdown, plot_memory_breakdown  # noqa: E402
+from hf_memopt.tools.recipes.run import environment  # noqa: E402
+
+SHAPES = {  # name: (batch, sequence length)
+    "smollm2": (4, 128),
+    "llama-60m": (4, 256),
+    "llama-130m": (4, 256),
+}
+SETTINGS = ("fp16 inference", "adamw fp32", "careful user", "composed", "galore path")
+STEPS = 3  # update 0 (LoQT's initialisation), then the steady updates 1 and 2 are measured
+LOSS_CHUNK = 1024
+RANK = 64
+
+
+def make_model(shape: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from hf_memopt.tools.recipes.models import llama_config, smollm2_path
+
+    torch.manual_seed(0)
+    if shape == "smollm2":
+        return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+    return LlamaForCausalLM(llama_config(shape.removeprefix("llama-"), vocab_size=32000))
+
+
+def random_rows(vocab: int, batch: int, seq: int, n: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (seq,), generator=g)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+def inference_breakdown(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> MemoryBreakdown:
+    """fp16 weights + the peak of the bytes allocated during one no-grad forward (profiler memory events)."""
+    from hf_memopt.tools.memory import buffer_bytes, parameter_bytes
+
+    model = model.to(torch.float16).eval()
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        model(input_ids=ids[:, :8], use_cache=False)  # warm-up: lazily built tables (rotary) are not activations
+    with (
+        torch.no_grad(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
+        model(input_ids=ids, use_cache=False)
+    # allocations are attributed to the op that made them (its self usage, net at its end); frees outside any op are
+    # "[memory]" events: their running sum in time order is the bytes the forward holds beyond the weights
+    events = sorted(
+        (e.time_range.start, e.cpu_memory_usage)
+        if e.name == "[memory]"
+        else (e.time_range.end, e.self_cpu_memory_usage)
+        for e in prof.events()
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return MemoryBreakdown(parameters=parameter_bytes(model), buffers=buffer_bytes(model), activations=peak)
+
+
+class SteadyMemoryReport(MemoryReportCallback):
+    """The memory report restarted at update ``start`` (its peaks before it are kept in ``first_updates``)."""
+
+    def __init__(self, start: int):
+        super().__init__(print_table=False)
+        self.start = start
+        self.first_updates = MemoryBreakdown()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.start:
+            self._record()
+            self.first_updates = self.breakdown
+            self.breakdown = MemoryBreakdown()
+            if self._activations is not None:
+                self._activations.peak = 0
+            if self._gradients is not None:
+                self._gradients.peak = 0
+
+
+def train_breakdown(shape: str, setting: str, rows, out_dir: Path) -> dict:
+    import bitsandbytes as bnb
+    from transformers import Trainer, TrainingArguments
+
+    # NOTE: bitsandbytes keeps per-parameter overrides (the Trainer's 32-bit states for nn.Embedding) in a process-wide
+    # manager keyed by (group, index) positions: a second Trainer in this process would inherit the first's. Reset it.
+    bnb.optim.GlobalOptimManager.get_instance().initialize()
+    model = make_model(shape)
+    batch = len(rows) // STEPS
+    args = dict(
+        output_dir=str(out_dir), per_device_train_batch_size=batch, max_steps=STEPS, learning_rate=1e-4,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+        disable_tqdm=True, lr_scheduler_type="constant",
+    )  # fmt: skip
+    configs = []
+    if setting == "careful user":
+        model = model.to(torch.bfloat16)
+        args.update(optim="adamw_bnb_8bit", gradient_checkpointing=True)
+    elif setting in ("composed", "galore path"):
+        freeze_modules(
+            model, ["embed_tokens"] + ([] if model.config.tie_word_embeddings else ["lm_head"]), dtype=torch.bfloat16
+        )
+        use_chunked_lm_loss(model, LOSS_CHUNK)
+        args.update(gradient_checkpointing=True, max_grad_norm=0.0)
+        if setting == "composed":
+            args.update(optim="adamw_bnb_8bit")
+            configs = [LoQTConfig(rank=RANK, quant="nf4", merge_every=50, layerwise=True)]
+        else:
+            configs = [
+                VeLoRAConfig(target_modules="auto", num_groups=32),
+                GaLoreConfig(rank=RANK, optimizer="adamw_8bit", layerwise=True, target_modules="all-linear"),
+            ]
+    trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=rows)
+    for config in configs:
+        attach(trainer, config)
+    report = SteadyMemoryReport(start=1)
+    trainer.add_callback(report)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = (time.perf_counter() - started) / STEPS
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "steady": report.breakdown.to_dict(),
+        "first_update": report.first_updates.to_dict(),
+        "losses": losses,
+        "seconds_per_update": seconds,
+        "configs": [repr(c) for c in configs],
+        "training_arguments": {k: v for k, v in args.items() if k not in ("output_dir",)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "min_memory.json"))
+    parser.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "min_memory.png"))
+    options = parser.parse_args(argv)
+    import tempfile
+
+    results = {"environment": environment(), "command": " ".join(sys.argv), "shapes": {}}
+    out = Path(options.out)
+    if out.exists():  # settings measured before (other shapes, other settings) are kept
+        results["shapes"] = json.loads(out.read_text()).get("shapes", {})
+    for shape in options.shapes.split(","):
+        batch, seq = SHAPES[shape]
+        entry = results["shapes"].get(shape) or {"batch": batch, "seq_len": seq, "settings": {}}
+        if (entry["batch"], entry["seq_len"]) != (batch, seq):  # measured at another shape: start over
+            entry = {"batch": batch, "seq_len": seq, "settings": {}}
+        for setting in options.settings.split(","):
+            print(f"[{shape}] {setting} ...", flush=True)
+            if setting == "fp16 inference":
+                model = make_model(shape)
+                rows = random_rows(model.config.vocab_size, batch, seq, batch)
+                b = inference_breakdown(model, {"input_ids": torch.stack([r["input_ids"] for r in rows])})
+                entry["settings"][setting] = {"steady": b.to_dict()}
+            else:
+                vocab = 49152 if shape == "smollm2" else 32000
+                rows = random_rows(vocab, batch, seq, batch * STEPS)
+                with tempfile.TemporaryDirectory() as tmp:
+                    entry["settings"][setting] = train_breakdown(shape, setting, rows, Path(tmp))
+            total = MemoryBreakdown(**entry["settings"][setting]["steady"]).tensors_total
+            entry["settings"][setting]["tensors_total_bytes"] = total
+            print(f"[{shape}] {setting}: {total / MB:.1f} MiB", flush=True)
+        results["shapes"][shape] = entry
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    figure = Path(options.figure)
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    plot_all(results["shapes"], figure)
+    print(format_table(results["shapes"]))
+    return 0
+
+
+def format_table(shapes: dict) -> str:
+    lines = [
+        "| shape (batch x length) | setting | parameters | buffers | gradients | optimizer state | activations | total |"
+        " vs fp16 inference |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for shape, entry in shapes.items():
+        base = entry["settings"].get("fp16 inference", {}).get("tensors_total_bytes")
+        for setting, r in entry["settings"].items():
+            b = MemoryBreakdown(**r["steady"])
+            cells = [getattr(b, p) / MB for p in MemoryBreakdown.TENSOR_PARTS] + [b.tensors_total / MB]
+            ratio = f"x{b.tensors_total / base:.2f}" if base else ""
+            lines.append(
+                f"| {shape} ({entry['batch']} x {entry['seq_len']}) | {setting} | "
+                + " | ".join(f"{c:.1f}" for c in cells)
+                + f" | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def plot_all(shapes: dict, path: Path) -> None:
+    runs = {
+        f"{shape}\n{setting}": MemoryBreakdown(**r["steady"])
+        for shape, entry in shapes.items()
+        for setting, r in entry["settings"].items()
+    }
+    plot_memory_breakdown(runs, str(path), title="Peak tensor memory (MiB): training vs fp16 inference")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The min-memory composition (recipes/instruct/smollm2_min_memory.yaml): its recipe settings, frozen 16-bit modules,
+and a trained model that saves and reloads as a plain Hugging Face model. Resume and NaN skip of the same
+composition are rows of tests/test_resume_matrix.py and tests/test_faults.py (``min_memory_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TokenDataset, tiny_llama, training_args
+from transformers import AutoModelForCausalLM, Trainer
+
+from hf_memopt import LoQTConfig, attach
+from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
+from hf_memopt.shared.frozen import freeze_modules
+from hf_memopt.tools.recipes.recipe import MemorySettings, RecipeError, load_recipe, method_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "instruct" / "smollm2_min_memory.yaml"
+
+
+def test_min_memory_recipes_load_with_their_memory_settings():
+    recipe = load_recipe(RECIPE)
+    (loqt,) = method_configs(recipe)
+    assert isinstance(loqt, LoQTConfig) and loqt.layerwise and loqt.quant == "nf4"
+    assert recipe.memory == MemorySettings(freeze_modules=["embed_tokens"], frozen_dtype="bfloat16")
+    assert recipe.training["optim"] == "adamw_bnb_8bit" and recipe.training["gradient_checkpointing"]
+    assert recipe.training["max_grad_norm"] == 0.0
+    galore = load_recipe(RECIPE.with_name("smollm2_min_memory_galore.yaml"))
+    assert galore.method == "velora+galore" and galore.memory.freeze_modules == ["embed_tokens"]
+    assert [c.layerwise for c in method_configs(galore) if hasattr(c, "layerwise")] == [True]
+
+
+@pytest.mark.parametrize(
+    ("memory", "match"),
+    [
+        ({"frozen_dtype": "bfloat16"}, "frozen_dtype needs freeze_modules"),
+        ({"freeze_modules": ["embed_tokens"], "frozen_dtype": "int8"}, "frozen_dtype"),
+        ({"loss_chunk_size": 0}, "loss_chunk_size"),
+        ({"loss_chunk_size": 512}, "pretraining recipes only"),  # an instruct recipe: TRL fuses its own head
+        ({"freeze": ["embed_tokens"]}, "has no field 'freeze'"),
+    ],
+)
+def test_bad_memory_settings_raise_one_line_naming_the_key(memory, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(RECIPE, sets=[f"memory={memory}"])
+
+
+def test_pretraining_recipe_takes_the_chunked_loss():
+    recipe = load_recipe(ROOT / "recipes" / "pretrain" / "llama_60m.yaml", sets=["memory.loss_chunk_size=1024"])
+    assert recipe.memory.loss_chunk_size == 1024
+
+
+def test_frozen_bf16_modules_hold_no_gradient_and_compute_as_the_rounded_weights():
+    model = tiny_llama(seed=1)
+    reference = tiny_llama(seed=1)
+    with torch.no_grad():  # what the model computes with: the same weights rounded to bfloat16
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            reference.get_parameter(name).copy_(reference.get_parameter(name).bfloat16().float())
+    frozen = freeze_modules(model, ["embed_tokens", "lm_head"], "bfloat16")
+    assert frozen == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.float32
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.float32
+    # the head multiplies in bfloat16 (its input is rounded), the rest is exact
+    torch.testing.assert_close(out.logits, reference(input_ids=ids).logits, rtol=2e-2, atol=2e-2)
+    out.loss.backward()
+    assert model.lm_head.weight.grad is None and model.model.embed_tokens.weight.grad is None
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+def test_freezing_a_tied_embedding_freezes_the_head_with_it():
+    model = tiny_llama(seed=1)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert freeze_modules(model, ["embed_tokens"], "bfloat16") == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_composed_run_saves_a_plain_model_that_reloads_with_the_same_outputs(tmp_path):
+    model = tiny_llama(seed=2, hidden=64)
+    freeze_modules(model, ["embed_tokens", "lm_head"], "bfloat16")
+    use_chunked_lm_loss(model, chunk_size=16)
+    args = training_args(tmp_path / "run", max_steps=3, learning_rate=3e-3, max_grad_norm=0.0,
+                         optim="adamw_bnb_8bit", gradient_checkpointing=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16))
+    attach(trainer, LoQTConfig(rank=4, quant="nf4", merge_every=2, layerwise=True))
+    trainer.train()
+    trainer.save_model(tmp_path / "plain")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
+    assert not any("B" == n.rsplit(".", 1)[-1] for n, _ in reloaded.named_parameters())  # no LoQT factors left
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    # the saved weights are W_q + s P B (dequantized) and the bf16 head; the reloaded head multiplies in float32
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_estimate_predicts_the_measured_composed_run_within_15_percent(tmp_path):
+    """``hf-memopt estimate`` with the recipe's settings against the memory report of the same run (tiny LLaMA,
+    batch 4 x 16; the report restarted after update 0, LoQT's initialisation)."""
+    from hf_memopt import MemoryReportCallback
+    from hf_memopt.tools.estimate import estimate_memory
+    from hf_memopt.tools.memory import MemoryBreakdown
+
+    class Steady(MemoryReportCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self.breakdown = MemoryBreakdown()
+                self._activations.peak = self._gradients.peak = 0
+
+    settings = {"freeze_modules": ["embed_tokens", "lm_head"], "frozen_dtype": "bfloat16", "loss_chunk_size": 16}
+    loqt = {"rank": 4, "quant": "nf4", "merge_every": 50, "layerwise": True}
+    model = tiny_llama(seed=2, hidden=64, vocab=256)
+    freeze_modules(model, settings["freeze_modules"], settings["frozen_dtype"])
+    use_chunked_lm_loss(model, settings["loss_chunk_size"])
+    args = training_args(tmp_path, max_steps=3, max_grad_norm=0.0, optim="adamw_bnb_8bit",
+                         gradient_checkpointing=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=12, seq=16, vocab=256))
+    attach(trainer, LoQTConfig(**loqt))
+    report = Steady(print_table=False)
+    trainer.add_callback(report)
+    trainer.train()
+    measured = report.breakdown.tensors_total
+    predicted = estimate_memory(
+        tiny_llama(hidden=64, vocab=256).config, "loqt", batch=4, seq=16, **loqt, **settings,
+        optim="adamw_bnb_8bit", gradient_checkpointing=True,
+    )["total"]  # fmt: skip
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured, report.breakdown)
+
+
+def test_estimate_refuses_an_8bit_optim_for_a_method_with_its_own_optimizer():
+    from hf_memopt.tools.estimate import estimate_memory
+
+    with pytest.raises(ValueError, match="supplies its own"):
+        estimate_memory("llama-20m", "galore", optim="adamw_bnb_8bit")
+    with pytest.raises(ValueError, match="frozen_dtype"):
+        estimate_memory("llama-20m", "loqt", frozen_dtype="bfloat16")
