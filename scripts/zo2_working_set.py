@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_memopt.tools.live_tensors import LiveTensorTracker
 from hf_memopt.zo import ZOSGD, ZO2Engine, find_block_list
-from hf_memopt.zo.perturb import perturb_
+from hf_memopt.zo.builder import perturbed_losses
 
 MIB = 2**20
 
@@ -42,15 +42,7 @@ def step(model, optimizer, engine, batch, eps=1e-3):
         return model(**batch).loss
 
     with torch.no_grad():
-        if engine is not None:
-            lp, lm = engine.perturbed_losses(loss_fn, seed)
-        else:
-            params = optimizer.trainable()
-            perturb_(params, seed, eps)
-            lp = loss_fn()
-            perturb_(params, seed, -2 * eps)
-            lm = loss_fn()
-            perturb_(params, seed, eps)
+        lp, lm = perturbed_losses(optimizer, engine, loss_fn, seed, eps)
         optimizer.accumulate(0, (float(lp) - float(lm)) / (2 * eps))
         optimizer.step()
 

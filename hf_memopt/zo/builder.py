@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,7 +20,7 @@ from hf_memopt.zo.offload import ZO2Engine
 from hf_memopt.zo.optimizer import ZOSGD
 from hf_memopt.zo.perturb import perturb_
 
-__all__ = ["ZOCallback", "create_zo_optimizer", "plan_zo", "zo_engine", "zo_training_step"]
+__all__ = ["ZOCallback", "create_zo_optimizer", "perturbed_losses", "plan_zo", "zo_engine", "zo_training_step"]
 
 _ENGINE = "hf_memopt_zo_engine"
 
@@ -70,6 +70,22 @@ def _inference_forward(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def perturbed_losses(
+    optimizer: ZOSGD, engine: ZO2Engine | None, loss_fn: Callable[[], torch.Tensor], seed: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L(theta + eps z) and L(theta - eps z) for the noise z of ``seed`` (MeZO, Alg. 1), theta restored afterwards:
+    by the ZO2 engine when blocks are offloaded, else in place (+eps z, -2 eps z, +eps z, regenerating z each time)."""
+    if engine is not None:
+        return engine.perturbed_losses(loss_fn, seed)
+    params = optimizer.trainable()
+    perturb_(params, seed, eps)
+    loss_plus = loss_fn()
+    perturb_(params, seed, -2 * eps)
+    loss_minus = loss_fn()
+    perturb_(params, seed, eps)
+    return loss_plus, loss_minus
+
+
 def zo_training_step(
     trainer: Trainer,
     model: nn.Module,
@@ -107,16 +123,7 @@ def zo_training_step(
     total = torch.zeros((), dtype=torch.float64)
     with _inference_forward(model):
         for k in range(optimizer.n_samples):
-            seed = optimizer.sample_seed(k)
-            if engine is not None:
-                loss_plus, loss_minus = engine.perturbed_losses(loss_fn, seed)
-            else:
-                params = optimizer.trainable()
-                perturb_(params, seed, eps)
-                loss_plus = loss_fn()
-                perturb_(params, seed, -2 * eps)
-                loss_minus = loss_fn()
-                perturb_(params, seed, eps)
+            loss_plus, loss_minus = perturbed_losses(optimizer, engine, loss_fn, optimizer.sample_seed(k), eps)
             lp, lm = float(loss_plus), float(loss_minus)
             optimizer.accumulate(k, (lp - lm) / (2 * eps))
             total += (lp + lm) / 2
