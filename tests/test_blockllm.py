@@ -464,6 +464,27 @@ def test_budget_is_one_minus_sparsity_of_the_selectable_parameters(model_name, s
     assert selection_budget(sparsity, opt.blocks) == opt.budget
 
 
+def test_blocks_larger_than_the_budget_are_named_once_at_attach(tmp_path, caplog):
+    model = tiny_llama()
+    sizes = {n: p.numel() for n, p in model.named_parameters() if not n.startswith(("model.embed_tokens.", "lm_head."))}
+    budget = math.floor((1 - 0.95) * sum(sizes.values()) + 1e-9)
+    too_large = sorted(n for n, size in sizes.items() if size > budget)
+    assert too_large and len(too_large) < len(sizes)  # the case: some blocks fit, some never can
+    with caplog.at_level("WARNING", logger="hf_memopt.blockllm.builder"):
+        trainer = _trainer(tmp_path, model=model, max_steps=1, config=BlockLLMConfig(sparsity=0.95))
+        trainer.train()  # the optimizer is built from the same blocks: no second warning
+    warnings = [r.getMessage() for r in caplog.records if "can never be selected" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"{len(too_large)} of {len(sizes)} blocks" in warnings[0] and f"budget of {budget}" in warnings[0]
+    assert too_large[0] in warnings[0]
+
+
+def test_no_warning_when_every_block_fits_the_budget(caplog):
+    with caplog.at_level("WARNING", logger="hf_memopt.blockllm.builder"):
+        create_blockllm_optimizer(tiny_llama(), BlockLLMConfig(sparsity=0.5), HP)
+    assert not [r for r in caplog.records if "can never be selected" in r.getMessage()]
+
+
 @pytest.mark.parametrize("model_name", sorted(SELECTABLE))
 def test_trainer_logs_the_selection_as_a_fraction_of_selectable_and_of_trainable_parameters(tmp_path, model_name):
     build, frozen = SELECTABLE[model_name]

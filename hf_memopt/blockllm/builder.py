@@ -37,7 +37,8 @@ def prepare_blockllm_model(model: nn.Module, config: BlockLLMConfig):
     """
     key = (config.block_granularity, config.train_embeddings)
     cached = model.__dict__.get(_CACHE)
-    if cached is None or cached[0] != key:
+    fresh = cached is None or cached[0] != key
+    if fresh:
         cached = model.__dict__[_CACHE] = (key, *build_blocks(model, *key))
     _, blocks, trainable = cached
     if not blocks:
@@ -50,11 +51,28 @@ def prepare_blockllm_model(model: nn.Module, config: BlockLLMConfig):
             f"{sum(b.numel for b in blocks)} selectable parameters, and the smallest block holds {smallest}; lower "
             "sparsity or use block_granularity='parameter'"
         )
+    if fresh:
+        _warn_unselectable_blocks(blocks, budget, config.sparsity)
     in_blocks = {id(p) for b in blocks for p in b.params}
     for p in model.parameters():
         if id(p) not in in_blocks:
             p.requires_grad_(False)
     return blocks, budget, trainable
+
+
+def _warn_unselectable_blocks(blocks: list, budget: int, sparsity: float) -> None:
+    """Say once which blocks are larger than the whole budget: no selection can ever hold them (SelectParam skips a
+    block that overflows the budget), so they stay frozen for the whole run although they count as selectable."""
+    too_large = [b for b in blocks if b.numel > budget]
+    if not too_large:
+        return
+    share = sum(b.numel for b in too_large) / sum(b.numel for b in blocks)
+    names = ", ".join(f"{b.name} ({b.numel})" for b in too_large[:5]) + (" ..." if len(too_large) > 5 else "")
+    logger.warning(
+        "BlockLLM: %d of %d blocks hold more parameters than the budget of %d (sparsity=%s) and can never be "
+        "selected, so they stay frozen: %s; %.1f%% of the selectable parameters. Lower sparsity to train them",
+        len(too_large), len(blocks), budget, sparsity, names, 100 * share,
+    )  # fmt: skip
 
 
 def create_blockllm_optimizer(
