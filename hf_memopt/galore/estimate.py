@@ -17,18 +17,21 @@ from hf_memopt.shared.projector import projection_sides
 __all__ = ["estimate_galore"]
 
 
-def _state_bytes(shape: tuple[int, ...], dtype: torch.dtype, optimizer: str, min_8bit_size: int = 4096) -> int:
+def _state_bytes(shape: tuple[int, ...], dtype: torch.dtype, config: GaLoreConfig, min_8bit_size: int = 4096) -> int:
     """The inner optimizer's state for one tensor of ``shape``: AdamW's two moments, the 8-bit block-wise moments
-    (32-bit under ``min_8bit_size`` values), or Adafactor's factored second moment."""
+    (32-bit under ``min_8bit_size`` values), or Adafactor's factored second moment plus, with ``adafactor_beta1``,
+    a full first moment (``GaLoreAdafactor._init_rule_state``)."""
+    optimizer = config.optimizer
     numel = math.prod(shape)
-    elsize = torch.empty((), dtype=dtype).element_size()
+    state_size = 8 if dtype == torch.float64 else 4  # float32 state for half and float32 weights (_state_dtype)
     if optimizer == "adamw":
-        return 2 * numel * elsize
+        return 2 * numel * state_size
     if optimizer == "adamw_8bit":
         return 2 * 4 * numel if numel < min_8bit_size else blockwise_8bit_bytes(numel)
-    if len(shape) >= 2:  # adafactor: factored second moment
-        return 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:]))
-    return 4 * numel
+    first_moment = state_size * numel if config.adafactor_beta1 is not None else 0
+    if len(shape) >= 2:  # factored second moment: one row and one column vector
+        return state_size * (math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:])) + first_moment
+    return state_size * numel + first_moment
 
 
 def estimate_galore(model: nn.Module, config: GaLoreConfig, trace: Callable[[nn.Module], int]) -> MemoryEstimate:
@@ -41,7 +44,7 @@ def estimate_galore(model: nn.Module, config: GaLoreConfig, trace: Callable[[nn.
     projected = 0
     for _, p in params:
         if id(p) not in target_ids:
-            state += _state_bytes(tuple(p.shape), p.dtype, config.optimizer)
+            state += _state_bytes(tuple(p.shape), p.dtype, config)
             continue
         projected += p.numel()
         m, n = p.shape
@@ -50,7 +53,7 @@ def estimate_galore(model: nn.Module, config: GaLoreConfig, trace: Callable[[nn.
         left, right = projection_sides(config.proj_type, (m, n))
         rank = min(config.rank, m, n)  # capped at the smaller side, as the optimizer does
         low_m, low_n = (rank if left else m), (rank if right else n)
-        state += _state_bytes((low_m, low_n), compute, config.optimizer)
+        state += _state_bytes((low_m, low_n), compute, config)
         state += elsize * ((m * rank if left else 0) + (rank * n if right else 0))
     trainable = sum(p.numel() for _, p in params)
     gradients = sum(tensor_bytes(p) for _, p in params)
