@@ -336,16 +336,32 @@ def _mean_spread(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f} ({len(values)} seeds)"
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _tensor_ratio(task_cells: dict[str, dict[str, Any]], row: str) -> float | None:
+    from hf_memopt.tools.memory import MemoryBreakdown
+
+    cell, base = task_cells.get(row, {}), task_cells.get("adamw", {})
+    if "memory_bytes" not in cell or "memory_bytes" not in base:
+        return None
+    return MemoryBreakdown(**cell["memory_bytes"]).tensors_total / MemoryBreakdown(**base["memory_bytes"]).tensors_total
+
+
+def _time_ratio(task_cells: dict[str, dict[str, Any]], row: str) -> float | None:
+    step = task_cells.get(row, {}).get("median_step_cpu_seconds")
+    base = task_cells.get("adamw", {}).get("median_step_cpu_seconds")
+    return step / base if step and base else None
+
+
 def full_task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
     """Per row: the metric (mean and half-range over seeds), its gap to AdamW, memory, CPU time per update."""
     from hf_memopt.tools.memory import MemoryBreakdown
 
     digits = 1 if task in GLUE_TASKS else 2
     base_values = _seed_values(task, cells, "adamw")
-    base_mean = sum(base_values) / len(base_values) if base_values else None
-    base = cells.get("adamw", {})
-    base_total = MemoryBreakdown(**base["memory_bytes"]).tensors_total if "memory_bytes" in base else None
-    base_step = base.get("median_step_cpu_seconds")
+    base_mean = _mean(base_values)
     metric = METRIC_NAMES.get(task, "accuracy")
     gap_name = "gap to AdamW (points)" if task in GLUE_TASKS else "vs AdamW"
     header = ["row", metric, gap_name, "updates", "weights MB", "grads MB", "optimizer MB", "activations MB",
@@ -359,7 +375,7 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| {row} | failed: {cell['failed'].replace('|', '/')[:140]} |" + " |" * (len(header) - 2))
             continue
         values = _seed_values(task, cells, row)
-        mean = sum(values) / len(values) if values else None
+        mean = _mean(values)
         if mean is None or base_mean is None:
             gap = "-"
         elif task in GLUE_TASKS:
@@ -368,11 +384,12 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
             gap = f"{100 * (mean / base_mean - 1):+.1f}%"
         b = MemoryBreakdown(**cell["memory_bytes"])
         step = cell.get("median_step_cpu_seconds")
+        tensors, time_ = _tensor_ratio(cells, row), _time_ratio(cells, row)
         lines.append("| " + " | ".join([
             row, _mean_spread(values, digits), gap, str(cell.get("steps", "-")),
             f"{(b.parameters + b.buffers) / MB:.1f}", f"{b.gradients / MB:.1f}", f"{b.optimizer_state / MB:.1f}",
-            f"{b.activations / MB:.1f}", f"{b.tensors_total / base_total:.2f}x" if base_total else "-",
-            "-" if step is None else f"{step:.2f}", f"{step / base_step:.2f}x" if step and base_step else "-",
+            f"{b.activations / MB:.1f}", "-" if tensors is None else f"{tensors:.2f}x",
+            "-" if step is None else f"{step:.2f}", "-" if time_ is None else f"{time_:.2f}x",
         ]) + " |")
     return "\n".join(lines)
 
@@ -420,10 +437,6 @@ GLUE_GAP_TARGET = {"galore": 1.0, "galore_8bit_layerwise": 1.0, "blockllm": 1.0,
 PRETRAIN_PPL_TARGET = {"galore": 0.05, "loqt": 0.05, "velora": 0.05}
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def glue_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict[str, dict[str, Any]]]:
     """Per row: the GLUE metric of every task run, the average over the tasks AdamW also ran, its gap to AdamW's
     average over the same tasks, the target and whether it is met (``incomplete`` until all five tasks are in)."""
@@ -458,21 +471,6 @@ def glue_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict
             "-" if s["target"] is None else f">= -{s['target']:.1f}", s["verdict"],
         ]) + " |")
     return "\n".join(lines), summary
-
-
-def _tensor_ratio(task_cells: dict[str, dict[str, Any]], row: str) -> float | None:
-    from hf_memopt.tools.memory import MemoryBreakdown
-
-    cell, base = task_cells.get(row, {}), task_cells.get("adamw", {})
-    if "memory_bytes" not in cell or "memory_bytes" not in base:
-        return None
-    return MemoryBreakdown(**cell["memory_bytes"]).tensors_total / MemoryBreakdown(**base["memory_bytes"]).tensors_total
-
-
-def _time_ratio(task_cells: dict[str, dict[str, Any]], row: str) -> float | None:
-    step = task_cells.get(row, {}).get("median_step_cpu_seconds")
-    base = task_cells.get("adamw", {}).get("median_step_cpu_seconds")
-    return step / base if step and base else None
 
 
 def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict[str, dict[str, Any]]) -> str:

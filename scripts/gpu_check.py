@@ -434,7 +434,7 @@ def galore_optimizers(model, rank: int) -> dict[str, Callable[[], Any]]:
     """Factories of the compared optimizers, all on the same parameters and the same GaLore targets."""
     import torch
 
-    from hf_memopt.core.attach import OptimizerHyperparameters
+    from hf_memopt.core.plan import OptimizerHyperparameters
     from hf_memopt.galore import GaLoreConfig
     from hf_memopt.galore.builder import create_galore_optimizer, galore_target_parameters
 

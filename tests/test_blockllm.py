@@ -21,7 +21,7 @@ from hf_memopt.blockllm import (
 )
 from hf_memopt.blockllm.blocks import selection_budget
 from hf_memopt.blockllm.optimizer import unwrap_blockllm_optimizer
-from hf_memopt.core.attach import OptimizerHyperparameters
+from hf_memopt.core.plan import OptimizerHyperparameters
 from hf_memopt.core.registry import METHODS
 from hf_memopt.tools.memory import GradientMeter, SavedActivationMeter, optimizer_state_bytes
 

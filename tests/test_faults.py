@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 from hf_memopt import BlockLLMConfig, GaLoreConfig, LoQTConfig, ZOConfig, attach
 from hf_memopt.blockllm import create_blockllm_optimizer
 from hf_memopt.blockllm.optimizer import BlockLLMAdamW
-from hf_memopt.core.attach import OptimizerHyperparameters
+from hf_memopt.core.plan import OptimizerHyperparameters
 from hf_memopt.galore import GaLoreAdamW
 from hf_memopt.loqt import LoQTCallback, convert_to_loqt
 from hf_memopt.shared.faults import NonFiniteError, SkipCounter, all_finite, skip_counter_of

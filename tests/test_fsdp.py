@@ -167,7 +167,7 @@ def _galore_on_fsdp2_shards() -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from hf_memopt import GaLoreConfig
-    from hf_memopt.core.attach import OptimizerHyperparameters
+    from hf_memopt.core.plan import OptimizerHyperparameters
     from hf_memopt.galore.builder import create_galore_optimizer
 
     model = tiny_llama(seed=3)

@@ -12,7 +12,7 @@ from transformers import Trainer
 
 import hf_memopt
 from hf_memopt import GaLoreConfig, MemoryReportCallback, attach
-from hf_memopt.core.attach import OptimizerHyperparameters
+from hf_memopt.core.plan import OptimizerHyperparameters
 from hf_memopt.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, create_galore_optimizer
 from hf_memopt.shared.projector import low_rank_svd, project, project_back, projection_sides, refresh_projector
 from hf_memopt.tools.memory import optimizer_state_bytes

@@ -10,7 +10,7 @@ from conftest import TokenDataset, tiny_llama
 from torch import nn
 
 from hf_memopt import GaLoreConfig
-from hf_memopt.core.attach import OptimizerHyperparameters
+from hf_memopt.core.plan import OptimizerHyperparameters
 from hf_memopt.galore import create_galore_optimizer
 from hf_memopt.shared.faults import install_skip_counter
 from hf_memopt.shared.layerwise import OptimizerStepRule, PerParameterUpdates

@@ -48,8 +48,6 @@ from hf_memopt.tools.memory import MemoryReportCallback, add_memory_report
 from hf_memopt.tools.modelcard import install_model_card
 
 __all__ = [
-    "MethodPlan",
-    "OptimizerHyperparameters",
     "applied_plans",
     "attach",
     "check_data_parallel",
