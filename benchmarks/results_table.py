@@ -7,7 +7,8 @@
 ``--schedule short`` (the default) runs 20-40 updates per cell: memory exact, quality indicative only.
 ``--schedule full`` runs the recipes' own schedules (GLUE: 3 epochs, SST-2 one epoch over the bundled 20,000 rows, the
 full dev sets; LLaMA 20M 2,000 and 60M 1,000 updates with held-out perplexity every 100 updates), into
-``out/results_full``; a seed other than 0 is the cell ``<row>@seed<N>``.
+``out/results_full``; a seed other than 0 is the cell ``<row>@seed<N>``. ``--lrs 5e-5,2e-4`` adds learning-rate
+sweep cells ``<row>@lr<value>`` (seed 0); the page shows each row's metric per learning rate next to the recipe's own.
 
 A cell is one (task, row): the task's recipe (recipes/glue/<task>.yaml, recipes/pretrain/llama_<size>.yaml) with the
 short schedule in ``SCHEDULES``, and a row that is either an hf_memopt method run exactly as ``hf-memopt train
@@ -185,16 +186,17 @@ def recipe_path(task: str) -> Path:
     return ROOT / "recipes" / "pretrain" / f"{task.replace('-', '_')}.yaml"
 
 
-def cell_name(row: str, seed: int = 0) -> str:
-    return row if seed == 0 else f"{row}@seed{seed}"
+def cell_name(row: str, seed: int = 0, lr: str | None = None) -> str:
+    """``row``, ``row@seed<N>`` for another seed, ``row@lr<value>`` for a learning-rate sweep cell."""
+    return row + (f"@seed{seed}" if seed else "") + (f"@lr{lr}" if lr is not None else "")
 
 
-def cell_path(task: str, row: str, out: Path = OUT, seed: int = 0) -> Path:
-    return out / task / f"{cell_name(row, seed)}.json"
+def cell_path(task: str, row: str, out: Path = OUT, seed: int = 0, lr: str | None = None) -> Path:
+    return out / task / f"{cell_name(row, seed, lr)}.json"
 
 
 def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, ...] = (), *,
-             schedule_name: str = "short", seed: int = 0) -> None:
+             schedule_name: str = "short", seed: int = 0, lr: str | None = None) -> None:
     """Train one cell in this process and write its JSON (called by ``run`` in a fresh interpreter)."""
     from hf_memopt.tools.recipes.recipe import load_recipe
     from hf_memopt.tools.recipes.run import run_recipe
@@ -204,34 +206,38 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
     seeds = [f"training.seed={seed}"] if seed else []
     sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else ()), *seeds, *extra_sets,
             f"output_dir={out / task / 'runs'}", "training.disable_tqdm=true", "training.save_strategy=no"]
-    if row.lr_of is not None:  # peers of a method run at that method's learning rate from the recipe
-        lr = load_recipe(recipe_path(task), sets, row.lr_of).training["learning_rate"]
+    if lr is not None:  # a sweep cell: this learning rate instead of the recipe's (the rest of the recipe unchanged)
         sets.append(f"training.learning_rate={lr}")
+    elif row.lr_of is not None:  # peers of a method run at that method's learning rate from the recipe
+        borrowed = load_recipe(recipe_path(task), sets, row.lr_of).training["learning_rate"]
+        sets.append(f"training.learning_rate={borrowed}")
     recipe = load_recipe(recipe_path(task), sets, row.method)
     prepare = (lambda model: row.prepare(model, recipe)) if row.prepare else None
     optimizers = (lambda model, args: row.optimizers(model, args, recipe)) if row.optimizers else None
     command = f"python benchmarks/results_table.py cell {task} {row_name} --schedule {schedule_name} --seed {seed}"
+    command += f" --lr {lr}" if lr is not None else ""
     results = run_recipe(recipe, progress=False, command=command, prepare_model=prepare, optimizers=optimizers)
     results.pop("resolved_recipe", None)
     results["row"], results["kind"], results["seed"] = row_name, row.kind, seed
     results["learning_rate"] = recipe.training["learning_rate"]
-    cell_path(task, row_name, out, seed).write_text(json.dumps(results, indent=1, default=str))
+    cell_path(task, row_name, out, seed, lr).write_text(json.dumps(results, indent=1, default=str))
 
 
 def run_all(tasks: list[str], rows: list[str], force: bool, smoke: bool, schedule_name: str = "short",
-            seeds: tuple[int, ...] = (0,)) -> None:
+            seeds: tuple[int, ...] = (0,), lrs: tuple[str | None, ...] = (None,)) -> None:
     out = SCHEDULE_PROFILES[schedule_name][1]
     out = out.with_name(out.name + "_smoke") if smoke else out
-    for task, row, seed in [(t, r, s) for t in tasks for s in seeds for r in rows]:
+    for task, row, seed, lr in [(t, r, s, lr) for t in tasks for s in seeds for lr in lrs for r in rows]:
         (out / task).mkdir(parents=True, exist_ok=True)
-        path = cell_path(task, row, out, seed)
+        path = cell_path(task, row, out, seed, lr)
         if path.exists() and not force:
             continue
         log = path.with_suffix(".log")
         started = time.perf_counter()
-        print(f"{task} / {cell_name(row, seed)} ...", end=" ", flush=True)
+        print(f"{task} / {cell_name(row, seed, lr)} ...", end=" ", flush=True)
         command = [sys.executable, __file__, "cell", task, row, "--schedule", schedule_name, "--seed", str(seed)]
         command += ["--smoke"] if smoke else []
+        command += ["--lr", lr] if lr is not None else []
         with open(log, "w") as f:
             proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
         wall = time.perf_counter() - started
@@ -249,12 +255,12 @@ def run_all(tasks: list[str], rows: list[str], force: bool, smoke: bool, schedul
 
 
 def load_cells(out: Path = OUT) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{task: {cell name: results}}`` for every cell written under ``out`` (seed cells included)."""
+    """``{task: {cell name: results}}`` for every cell written under ``out`` (seed and sweep cells included)."""
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for task in TASKS:
         for row in ROWS:
             for path in sorted((out / task).glob(f"{row}*.json")):
-                if path.stem == row or path.stem.startswith(f"{row}@seed"):
+                if path.stem == row or path.stem.startswith(f"{row}@"):
                     cells.setdefault(task, {})[path.stem] = json.loads(path.read_text())
     return cells
 
@@ -322,9 +328,47 @@ FULL_START, FULL_END = "<!-- full-schedule -->", "<!-- /full-schedule -->"
 
 
 def _seed_values(task: str, cells: dict[str, dict[str, Any]], row: str) -> list[float]:
+    """The row's metric over its seeds at the recipe's learning rate (sweep cells are not seeds)."""
     values = [_metric(task, c) for name, c in cells.items()
-              if (name == row or name.startswith(f"{row}@seed")) and "failed" not in c]
+              if (name == row or (name.startswith(f"{row}@seed") and "@lr" not in name)) and "failed" not in c]
     return [v for v in values if v is not None]
+
+
+def lr_sweep(task: str, cells: dict[str, dict[str, Any]]) -> dict[str, dict[float, float]]:
+    """``{row: {learning rate: metric}}`` at seed 0 for every row with sweep cells; the recipe's own cell is the
+    point at its learning rate."""
+    sweep: dict[str, dict[float, float]] = {}
+    for row in ROWS:
+        names = [n for n in cells if n.startswith(f"{row}@lr")]
+        if not names:
+            continue
+        for name in [row, *names]:
+            cell = cells.get(name)
+            value = None if cell is None or "failed" in cell else _metric(task, cell)
+            if value is not None:
+                sweep.setdefault(row, {})[float(cell["learning_rate"])] = value
+    return sweep
+
+
+def lr_sweep_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
+    """The sweep as a table: one line per row, one column per learning rate, the recipe's own marked, the best bold."""
+    sweep = lr_sweep(task, cells)
+    if not sweep:
+        return ""
+    lrs = sorted({lr for points in sweep.values() for lr in points})
+    lines = ["| row | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for row, points in sweep.items():
+        own = cells.get(row, {}).get("learning_rate")
+        best = max(points.values())
+        marks = []
+        for lr in lrs:
+            if lr not in points:
+                marks.append("-")
+                continue
+            text = f"{points[lr]:.1f}" + (" (recipe)" if own is not None and float(own) == lr else "")
+            marks.append(f"**{text}**" if points[lr] == best else text)
+        lines.append(f"| {row} | " + " | ".join(marks) + " |")
+    return "\n".join(lines)
 
 
 def _mean_spread(values: list[float], digits: int) -> str:
@@ -526,6 +570,10 @@ def render_full() -> str:
         figure = os.path.relpath(plot_curves(task, cells[task]), DOC.parent)
         parts.append(f"\n### {task} (full schedule)\n\nThe recipe `{recipe_path(task).relative_to(ROOT)}` with "
                      f"`{schedule}`.\n\n{full_task_table(task, cells[task])}\n\n![{task} curves]({figure})\n")
+        sweep = lr_sweep_table(task, cells[task])
+        if sweep:
+            parts.append(f"\nLearning-rate sweep on {task} (seed 0, everything else as the recipe; best per row in "
+                         f"bold):\n\n{sweep}\n")
     parts.append(FULL_END)
     return "".join(parts)
 
@@ -600,6 +648,13 @@ def write_readme_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
     README.write_text(before + block + rest.split(end, 1)[1])
 
 
+def _positive_float(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -610,6 +665,7 @@ def main() -> None:
     run.add_argument("--smoke", action="store_true", help="3 updates per cell, into out/results_<schedule>_smoke")
     run.add_argument("--schedule", choices=sorted(SCHEDULE_PROFILES), default="short")
     run.add_argument("--seeds", default="0", help="comma-separated training seeds (cells <row>@seed<N> for N > 0)")
+    run.add_argument("--lrs", default=None, help="comma-separated learning rates to sweep (cells <row>@lr<value>)")
     sub.add_parser("render", help="write docs/results.md and the README summary")
     cell = sub.add_parser("cell", help="train one cell in this process")
     cell.add_argument("task", choices=TASKS)
@@ -617,19 +673,24 @@ def main() -> None:
     cell.add_argument("--smoke", action="store_true")
     cell.add_argument("--schedule", choices=sorted(SCHEDULE_PROFILES), default="short")
     cell.add_argument("--seed", type=int, default=0)
+    cell.add_argument("--lr", default=None, help="a learning rate instead of the recipe's (a sweep cell)")
     a = parser.parse_args()
     if a.command == "cell":
         smoke = ("training.max_steps=3", "training.logging_steps=1", "training.warmup_steps=0",
                  "data.eval_limit=16" if a.task in GLUE_TASKS else "data.eval_blocks=4")
         out = SCHEDULE_PROFILES[a.schedule][1]
         out = out.with_name(out.name + "_smoke") if a.smoke else out
-        run_cell(a.task, a.row, out, smoke if a.smoke else (), schedule_name=a.schedule, seed=a.seed)
+        run_cell(a.task, a.row, out, smoke if a.smoke else (), schedule_name=a.schedule, seed=a.seed, lr=a.lr)
     elif a.command == "run":
         tasks, rows = a.tasks.split(","), a.rows.split(",")
         unknown = [t for t in tasks if t not in TASKS] + [r for r in rows if r not in ROWS]
         if unknown:
             raise SystemExit(f"unknown task or row: {unknown}; tasks {TASKS}, rows {list(ROWS)}")
-        run_all(tasks, rows, a.force, a.smoke, a.schedule, tuple(int(x) for x in a.seeds.split(",")))
+        lrs = (None,) if a.lrs is None else tuple(a.lrs.split(","))
+        bad = [lr for lr in lrs if lr is not None and not _positive_float(lr)]
+        if bad:
+            raise SystemExit(f"--lrs: {bad} are not positive numbers (e.g. --lrs 5e-5,2e-4)")
+        run_all(tasks, rows, a.force, a.smoke, a.schedule, tuple(int(x) for x in a.seeds.split(",")), lrs)
     else:
         render()
 

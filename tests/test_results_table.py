@@ -64,3 +64,28 @@ def test_guide_names_the_least_memory_row_within_one_point(rt):
     guide = rt.which_method_when(cells, summary)
     assert "within 1 point of AdamW: **galore** (0.40x AdamW" in guide
     assert "Lose more than 1 point at these schedules: blockllm" in guide
+
+
+def test_sweep_cells_are_named_by_learning_rate_and_seed(rt):
+    assert rt.cell_name("galore") == "galore"
+    assert rt.cell_name("galore", lr="2e-4") == "galore@lr2e-4"
+    assert rt.cell_name("galore", seed=1, lr="2e-4") == "galore@seed1@lr2e-4"
+
+
+def test_sweep_cells_are_not_averaged_as_seeds(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.78})
+    cells["mrpc"]["galore@lr2e-4"] = {**_cell("accuracy", 0.60, 40, 1.0), "learning_rate": 2e-4}
+    _, summary = rt.glue_summary(cells)
+    assert summary["galore"]["per_task"]["mrpc"] == pytest.approx(78.0)
+
+
+def test_sweep_table_puts_the_recipe_cell_among_the_swept_rates_and_bolds_the_best(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.78}, tasks=("mrpc",))["mrpc"]
+    cells["galore"]["learning_rate"] = 1e-4
+    cells["galore@lr2e-4"] = {**_cell("accuracy", 0.81, 40, 1.0), "learning_rate": 2e-4}
+    cells["galore@lr5e-5"] = {**_cell("accuracy", 0.70, 40, 1.0), "learning_rate": 5e-5}
+    assert rt.lr_sweep("mrpc", cells) == {"galore": {1e-4: pytest.approx(78.0), 2e-4: pytest.approx(81.0),
+                                                     5e-5: pytest.approx(70.0)}}  # fmt: skip
+    table = rt.lr_sweep_table("mrpc", cells)
+    assert "| galore | 70.0 | 78.0 (recipe) | **81.0** |" in table
+    assert "adamw" not in table  # no sweep cells, no line
