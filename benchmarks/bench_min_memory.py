@@ -13,14 +13,15 @@ seed 0) it measures the peak tensor bytes, by category, of
 * ``adamw fp32``: the Trainer's AdamW on the fp32 model, the model's own loss;
 * ``careful user``: bf16 weights, bitsandbytes ``AdamW8bit`` (runs on CPU in bitsandbytes 0.50), gradient
   checkpointing, the model's own loss;
-* ``composed``: ``recipes/instruct/smollm2_min_memory.yaml``'s setting: LoQT NF4 (rank 64, layer-wise updates),
-  frozen token embeddings / head, bitsandbytes ``AdamW8bit``, gradient checkpointing, the chunked LM loss;
+* ``composed``: ``recipes/instruct/smollm2_min_memory.yaml``'s setting: LoQT NF4 (rank 64, layer-wise updates,
+  ``init_weight="quantized"``), frozen token embeddings / head, bitsandbytes ``AdamW8bit``, gradient checkpointing,
+  the chunked LM loss;
 * ``galore path``: the recipe's switch for users who cannot quantize: GaLore 8-bit layer-wise (rank 64) + VeLoRA on
   the MLP inputs + the same frozen embeddings, checkpointing and chunked loss.
 
 Training figures are hf_memopt's ``MemoryReportCallback`` categories (parameters, buffers, gradients, optimizer
-state, saved activations), taken from the second update on (LoQT's initialisation keeps the full-precision weights
-and their gradient until its first merge, at update 1; the first-update peak is written beside it). Writes
+state, saved activations), the peak of each over the whole run (``whole_run``: update 0, which initialises LoQT,
+included); the peaks of update 0 alone (``first_update``) and of updates 1-2 (``steady``) are written beside it. Writes
 ``benchmarks/results/min_memory.json`` and ``docs/figures/min_memory.png``. Bytes are exact; times are not on a
 loaded machine.
 """
@@ -148,7 +149,7 @@ def train_breakdown(shape: str, setting: str, rows, out_dir: Path) -> dict:
         args.update(gradient_checkpointing=True, max_grad_norm=0.0)
         if setting == "composed":
             args.update(optim="adamw_bnb_8bit")
-            configs = [LoQTConfig(rank=RANK, quant="nf4", merge_every=50, layerwise=True)]
+            configs = [LoQTConfig(rank=RANK, quant="nf4", merge_every=50, layerwise=True, init_weight="quantized")]
         else:
             configs = [
                 VeLoRAConfig(target_modules="auto", num_groups=32),
@@ -163,7 +164,10 @@ def train_breakdown(shape: str, setting: str, rows, out_dir: Path) -> dict:
     trainer.train()
     seconds = (time.perf_counter() - started) / STEPS
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    whole_run = MemoryBreakdown(**report.first_updates.to_dict())
+    whole_run.merge_peak(report.breakdown)
     return {
+        "whole_run": whole_run.to_dict(),
         "steady": report.breakdown.to_dict(),
         "first_update": report.first_updates.to_dict(),
         "losses": losses,
@@ -197,13 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                 model = make_model(shape)
                 rows = random_rows(model.config.vocab_size, batch, seq, batch)
                 b = inference_breakdown(model, {"input_ids": torch.stack([r["input_ids"] for r in rows])})
-                entry["settings"][setting] = {"steady": b.to_dict()}
+                entry["settings"][setting] = {"whole_run": b.to_dict(), "steady": b.to_dict()}
             else:
                 vocab = 49152 if shape == "smollm2" else 32000
                 rows = random_rows(vocab, batch, seq, batch * STEPS)
                 with tempfile.TemporaryDirectory() as tmp:
                     entry["settings"][setting] = train_breakdown(shape, setting, rows, Path(tmp))
-            total = MemoryBreakdown(**entry["settings"][setting]["steady"]).tensors_total
+            total = MemoryBreakdown(**entry["settings"][setting]["whole_run"]).tensors_total
             entry["settings"][setting]["tensors_total_bytes"] = total
             print(f"[{shape}] {setting}: {total / MB:.1f} MiB", flush=True)
         results["shapes"][shape] = entry
@@ -225,7 +229,7 @@ def format_table(shapes: dict) -> str:
     for shape, entry in shapes.items():
         base = entry["settings"].get("fp16 inference", {}).get("tensors_total_bytes")
         for setting, r in entry["settings"].items():
-            b = MemoryBreakdown(**r["steady"])
+            b = MemoryBreakdown(**r["whole_run"])
             cells = [getattr(b, p) / MB for p in MemoryBreakdown.TENSOR_PARTS] + [b.tensors_total / MB]
             ratio = f"x{b.tensors_total / base:.2f}" if base else ""
             lines.append(
@@ -238,7 +242,7 @@ def format_table(shapes: dict) -> str:
 
 def plot_all(shapes: dict, path: Path) -> None:
     runs = {
-        f"{shape}\n{setting}": MemoryBreakdown(**r["steady"])
+        f"{shape}\n{setting}": MemoryBreakdown(**r["whole_run"])
         for shape, entry in shapes.items()
         for setting, r in entry["settings"].items()
     }

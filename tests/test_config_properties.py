@@ -111,6 +111,7 @@ RANGES: dict[str, dict[str, Any]] = {
         "seed": SEED,
         "max_consecutive_skips": Int(0),
         "layerwise": Bool(),
+        "init_weight": Choice(("full_precision", "quantized")),
     },
     "velora": {
         "target_modules": Targets(auto=True),
@@ -138,6 +139,7 @@ RANGES: dict[str, dict[str, Any]] = {
 def _make_consistent(method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     if method == "loqt" and kwargs.get("quant") is None:
         kwargs["quantize_projection"] = False  # quantize_projection needs a quant type
+        kwargs["init_weight"] = "full_precision"  # so does a quantized initialisation
     if method == "galore" and kwargs.get("adafactor_beta1") is not None:
         kwargs["optimizer"] = "adafactor"  # adafactor_beta1 needs the Adafactor base optimizer
     if method == "zo" and kwargs.get("offload_dtype") not in (None, "float32"):
@@ -316,6 +318,7 @@ def test_an_invalid_value_raises_value_error_naming_its_field(method, name, data
     "method, kwargs, field",
     [
         ("loqt", {"quant": None, "quantize_projection": True}, "quantize_projection"),
+        ("loqt", {"quant": None, "quantize_projection": False, "init_weight": "quantized"}, "init_weight"),
         ("zo", {"offload_dtype": "bfloat16", "offload": "none"}, "offload_dtype"),
         ("zo", {"offload_dtype": "float16"}, "offload_dtype"),
         ("galore", {"adafactor_beta1": 0.9, "optimizer": "adamw"}, "adafactor_beta1"),

@@ -240,6 +240,59 @@ def test_error_compensation_solves_B_by_least_squares_and_never_does_worse():
     torch.testing.assert_close(residual @ P.t(), torch.zeros(32, 8), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_quantized_initialisation_keeps_no_full_precision_weight_and_merges_to_the_same_codes(side):
+    torch.manual_seed(0)
+    base = nn.Linear(64, 16)
+    W = base.weight.detach().clone()
+    layer = LoQTLinear(base, rank=3, scale=0.5, side=side, quant="nf4", init_weight="quantized")
+    assert layer.pending_weight is None and "pending_weight" not in dict(layer.named_buffers())
+    codes = layer.weight_q.clone()
+    torch.testing.assert_close(layer.frozen_weight(), dequantize(*quantize(W, "nf4", 64), "nf4", (16, 64), 64))
+    x, gy = torch.randn(5, 64), torch.randn(5, 16)
+    layer.collecting = True
+    layer(x).backward(gy)
+    layer.merge(error_compensation_steps=5)
+    # Q(Q(W)) = Q(W): the initialising merge keeps the codes; the residual is zero, so is the compensating B
+    assert torch.equal(layer.weight_q, codes) and torch.count_nonzero(layer.B) == 0 and int(layer.merges) == 1
+    G = gy.double().t() @ x.double()
+    U, _, Vh = torch.linalg.svd(G)
+    ref = U[:, :3] if side == "left" else Vh[:3].t()
+    P = layer.projector().double()
+    got = P if side == "left" else P.t()
+    torch.testing.assert_close(got @ got.t(), ref @ ref.t(), rtol=0, atol=1e-6)  # P: the gradient's top subspace
+
+
+def test_full_precision_initialisation_weight_is_a_counted_buffer_never_saved_and_freed_at_the_merge():
+    from hf_memopt.tools.memory import buffer_bytes
+
+    _, layer = _layer(quant="nf4", m=16, n=64)
+    assert layer.pending_weight.shape == (16, 64) and "pending_weight" not in layer.state_dict()
+    before = buffer_bytes(layer)
+    x = torch.randn(5, 64)
+    layer.collecting = True
+    layer(x).sum().backward()
+    layer.merge()
+    assert layer.pending_weight is None
+    assert before - buffer_bytes(layer) == 16 * 64 * 4
+
+
+@pytest.mark.parametrize("init_weight", ["full_precision", "quantized"])
+def test_memory_report_counts_the_initialisation_weight_only_when_kept(tmp_path, init_weight):
+    config = LoQTConfig(rank=3, merge_every=2, target_modules="all-linear", init_weight=init_weight)
+    trainer = _trainer(tmp_path, config, max_steps=3)
+    memory = MemoryReportCallback(print_table=False, track_activations=False)
+    trainer.add_callback(memory)
+    trainer.train()
+    from hf_memopt.tools.memory import buffer_bytes
+
+    steady = buffer_bytes(trainer.model)
+    kept = sum(layer.out_features * layer.in_features * 4 for layer in loqt_layers(trainer.model).values())
+    assert memory.breakdown.buffers == steady + (kept if init_weight == "full_precision" else 0)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(v) for v in losses)
+
+
 # ---- Trainer ------------------------------------------------------------------------------------------------------
 
 

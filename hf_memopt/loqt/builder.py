@@ -96,6 +96,7 @@ def convert_to_loqt(model: nn.Module, config: LoQTConfig) -> dict[str, LoQTLinea
             quant=config.quant,
             quantize_projection=config.quantize_projection,
             quant_block_size=config.quant_block_size,
+            init_weight=config.init_weight,
             name=name,
         )
         layer._svd_options = {
@@ -269,7 +270,7 @@ def _keep_frozen_buffers_out_of_ddp(model: nn.Module, layers: dict[str, LoQTLine
 
 def _broadcast_frozen_state(layers: dict[str, LoQTLinear]) -> None:
     """Start every rank from rank 0's frozen weights, projections and the full-precision W kept for initialisation."""
-    broadcast_from_rank0_(t for layer in layers.values() for t in (*layer.buffers(recurse=False), layer._pending()))
+    broadcast_from_rank0_(layer_buffer for layer in layers.values() for layer_buffer in layer.buffers(recurse=False))
 
 
 def _on_optimizer_created(config: LoQTConfig, callback: LoQTCallback):

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from hf_memopt.shared.targeting import validate_target_modules
 from hf_memopt.shared.validation import check_bool, check_choice, check_float, check_int
 
-__all__ = ["LOQT_PROJ_TYPES", "LOQT_QUANT_TYPES", "MERGE_SCHEDULES", "MOMENT_POLICIES", "SVD_METHODS", "LoQTConfig"]
+__all__ = ["INIT_WEIGHTS", "LOQT_PROJ_TYPES", "LOQT_QUANT_TYPES", "MERGE_SCHEDULES", "MOMENT_POLICIES", "SVD_METHODS", "LoQTConfig"]
 
 LOQT_QUANT_TYPES = ("nf4", "fp4", "int8", None)
+INIT_WEIGHTS = ("full_precision", "quantized")
 MERGE_SCHEDULES = ("exponential", "static", "geometric")
 LOQT_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 MOMENT_POLICIES = ("reset", "keep")
@@ -69,6 +70,12 @@ class LoQTConfig:
             other trained parameters and their optimizer state keep their values; a merge due at it waits for the
             next finite update, so W_q and P never see a non-finite value) and logged; after this many skipped in a
             row the next one stops training with a clear error, >= 0 (0: stop at the first). See ``hf_memopt.shared.faults``.
+        init_weight: the weight update 0 computes with, whose gradient gives the first P, and which the
+            initialising merge quantizes against. ``full_precision`` (default, paper Sec. 3.1): the original W, kept
+            beside its quantized copy until update 0 ends (a non-persistent buffer: counted by memory reports, never
+            saved), so Q(W) + s P B starts from the error compensation against W. ``quantized`` (the official code,
+            which quantizes the model when wrapping it): W is dropped at ``attach`` and update 0 computes with Q(W),
+            so no update holds more than the steady state; for minimum-memory runs. Needs a ``quant``.
         layerwise: per-layer gradient updates (the paper's 13B-on-24GB setting): every trainable parameter (B, and
             embeddings, norms, head, biases when they train) is updated by the Trainer's optimizer inside backward
             as soon as its gradient is complete, and the gradient is freed at once (``hf_memopt.shared.layerwise``).
@@ -108,6 +115,10 @@ class LoQTConfig:
     layerwise: bool = field(
         default=False, metadata={"help": "Update each parameter inside backward and free its gradient at once."}
     )
+    init_weight: str = field(
+        default="full_precision",
+        metadata={"help": f"Weight update 0 (the initialisation) computes with: one of {INIT_WEIGHTS}."},
+    )
 
     def __post_init__(self) -> None:
         check_int("rank", self.rank, 1)
@@ -133,6 +144,9 @@ class LoQTConfig:
         check_int("seed", self.seed, 0, 2**32 - 1)
         check_int("max_consecutive_skips", self.max_consecutive_skips, 0)
         check_bool("layerwise", self.layerwise)
+        check_choice("init_weight", self.init_weight, INIT_WEIGHTS)
+        if self.init_weight == "quantized" and self.quant is None:
+            raise ValueError("init_weight='quantized' needs a quant type; got quant=None (LoQT-nq keeps W unquantized)")
         self.target_modules = validate_target_modules(self.target_modules)
 
     def merge_steps(self, until: int) -> list[int]:

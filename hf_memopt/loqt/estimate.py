@@ -56,6 +56,10 @@ def estimate_loqt(model: nn.Module, config: LoQTConfig, trace: Callable[[nn.Modu
         buffers += _quantized_bytes(proj_numel, q, config.quant_block_size, elsize)
         buffers += 8  # the merge counter
     notes.append(f"LoQT: {len(layers)} layers with {config.quant or 'unquantized'} frozen weights")
+    if config.quant is not None and config.init_weight == "full_precision":
+        kept = sum(layer.in_features * layer.out_features * layer.weight_dtype.itemsize for layer in layers.values())
+        notes.append(f"update 0 (the initialisation) also holds the full-precision weights, {kept / 2**20:.1f} MiB, "
+                     "not counted here; init_weight='quantized' drops them at attach")
     peaks = []
     for collecting in (False, True):  # an ordinary step and a merge step (which saves x for the weight gradient)
         for layer in model.modules():

@@ -7,7 +7,9 @@ or a persistent buffer, so ``state_dict`` / safetensors checkpoints carry it exa
 * ``weight_q`` (uint8) + ``weight_absmax`` (float32): the quantized frozen weight (``base_weight`` with quant=None);
 * ``proj`` (or ``proj_q`` + ``proj_absmax`` when P is quantized): the frozen projection P;
 * ``B``: the trainable factor (a parameter; zero after a merge without error compensation);
-* ``merges``: completed merges (0 means P has not been initialised from a gradient yet).
+* ``merges``: completed merges (0 means P has not been initialised from a gradient yet);
+* ``pending_weight`` (non-persistent, so never in a checkpoint): the full-precision W kept until the initialising
+  merge when ``init_weight="full_precision"``; a buffer so that memory reports count it and ``.to()`` moves it.
 
 The frozen product x W_q^T runs through :class:`_FrozenLinear`, which dequantizes the weight again in backward instead
 of saving it (no m x n tensor is kept per layer between forward and backward) and, while the layer is collecting a
@@ -67,7 +69,8 @@ class LoQTLinear(nn.Module):
 
     Args:
         base: the ``nn.Linear`` to replace; its bias parameter is kept as is (same object, same ``requires_grad``).
-        rank, scale, quant, quantize_projection, quant_block_size: as in :class:`~hf_memopt.loqt.LoQTConfig`.
+        rank, scale, quant, quantize_projection, quant_block_size, init_weight: as in
+            :class:`~hf_memopt.loqt.LoQTConfig`.
         side: ``"left"`` (P m x r) or ``"right"`` (P r x n).
         name: the qualified module name, for messages and the per-layer SVD seed.
     """
@@ -82,11 +85,14 @@ class LoQTLinear(nn.Module):
         quant: str | None,
         quantize_projection: bool = False,
         quant_block_size: int = 64,
+        init_weight: str = "full_precision",
         name: str = "",
     ):
         super().__init__()
         if side not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right'; got {side!r}")
+        if init_weight not in ("full_precision", "quantized"):
+            raise ValueError(f"init_weight must be 'full_precision' or 'quantized'; got {init_weight!r}")
         weight = base.weight.detach()
         self.out_features, self.in_features = weight.shape
         if not 1 <= rank <= min(weight.shape):
@@ -98,14 +104,16 @@ class LoQTLinear(nn.Module):
 
         if quant is None:
             self.register_buffer("base_weight", weight.clone())
-            self._pending_weight = None
+            pending = None
         else:
             data, absmax = quantize(weight, quant, quant_block_size)
             self.register_buffer("weight_q", data)
             self.register_buffer("weight_absmax", absmax)
             # The paper's initialisation (Sec. 3.1) quantizes against the original full-precision W, and the first
-            # gradient is taken at W itself: keep it (outside the state_dict) until the first merge.
-            self._pending_weight = weight
+            # gradient is taken at W itself: keep it until the first merge. "quantized" drops it here, as the
+            # official code (which quantizes the model when wrapping it): update 0 then computes with Q(W).
+            pending = weight if init_weight == "full_precision" else None
+        self.register_buffer("pending_weight", pending, persistent=False)
         proj_shape = (self.out_features, rank) if side == "left" else (rank, self.in_features)
         if quantize_projection:
             data, absmax = quantize(torch.zeros(proj_shape, device=device), quant, quant_block_size)
@@ -132,9 +140,9 @@ class LoQTLinear(nn.Module):
         return int(self.merges) > 0
 
     def _pending(self) -> torch.Tensor | None:
-        if self._pending_weight is not None and self.initialized:  # a checkpoint was loaded over the fresh layer
-            self._pending_weight = None
-        return self._pending_weight
+        if self.pending_weight is not None and self.initialized:  # a checkpoint was loaded over the fresh layer
+            self.pending_weight = None
+        return self.pending_weight
 
     def frozen_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The frozen weight (dequantized), m x n."""
@@ -293,7 +301,7 @@ class LoQTLinear(nn.Module):
             self.weight_q.copy_(data)
             self.weight_absmax.copy_(absmax)
             self.B.copy_(B)
-        self._pending_weight = None
+        self.pending_weight = None
         self.merges += 1
 
     def extra_repr(self) -> str:

@@ -331,6 +331,11 @@ class MemoryReportCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._gradients is not None:
             self._gradients.sample(self._model)
+        if self._model is not None:  # weights as forward / backward held them (a method may free some in its step,
+            # e.g. LoQT's full-precision W at the initialising merge), besides ``_record``'s at the step's end
+            self.breakdown.merge_peak(
+                MemoryBreakdown(parameters=parameter_bytes(self._model), buffers=buffer_bytes(self._model))
+            )
 
     def _record(self) -> None:
         if self._model is None:
