@@ -14,7 +14,8 @@ A cell is one (task, row): the task's recipe (recipes/glue/<task>.yaml, recipes/
 short schedule in ``SCHEDULES``, and a row that is either an hf_memopt method run exactly as ``hf-memopt train
 --method NAME`` runs it, or a baseline / peer library built in ``ROWS`` below. Each cell runs in its own interpreter
 (peak RSS is that run's own) and writes ``out/results_table/<task>/<row>.json``; ``run`` skips cells already done,
-so an interrupted run continues where it stopped (``--force`` reruns).
+so an interrupted run continues where it stopped (``--force`` reruns); a full-schedule cell also checkpoints every 100
+updates (``out/results_full/<task>/runs/<cell>/``) and, run again, continues from its last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -60,6 +62,7 @@ FULL_SCHEDULES: dict[str, list[str]] = {
     "llama-60m": ["training.max_steps=1000", "training.warmup_steps=100", "training.logging_steps=20",
                   "training.eval_strategy=steps", "training.eval_steps=100"],
 }
+SAVE_EVERY = 100  # updates between the checkpoints of a full-schedule cell
 SCHEDULE_PROFILES = {"short": (SCHEDULES, OUT), "full": (FULL_SCHEDULES, OUT.with_name("results_full"))}
 
 PAPER = {
@@ -198,14 +201,20 @@ def cell_path(task: str, row: str, out: Path = OUT, seed: int = 0, lr: str | Non
 def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, ...] = (), *,
              schedule_name: str = "short", seed: int = 0, lr: str | None = None) -> None:
     """Train one cell in this process and write its JSON (called by ``run`` in a fresh interpreter)."""
+    from hf_memopt import last_complete_checkpoint
     from hf_memopt.tools.recipes.recipe import load_recipe
     from hf_memopt.tools.recipes.run import run_recipe
 
     row = ROWS[row_name]
     schedule = SCHEDULE_PROFILES[schedule_name][0]["glue" if task in GLUE_TASKS else task]
     seeds = [f"training.seed={seed}"] if seed else []
+    # Full-schedule cells run for up to hours: they checkpoint every 100 updates into their own folder and continue
+    # from the last complete checkpoint when run again (resume is exact for every method); short cells do not save.
+    resumable = schedule_name == "full" and not extra_sets
+    saving = (["training.save_strategy=steps", f"training.save_steps={SAVE_EVERY}", "training.save_total_limit=2"]
+              if resumable else ["training.save_strategy=no"])  # fmt: skip
     sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else ()), *seeds, *extra_sets,
-            f"output_dir={out / task / 'runs'}", "training.disable_tqdm=true", "training.save_strategy=no"]
+            f"output_dir={out / task / 'runs' / cell_name(row_name, seed, lr)}", "training.disable_tqdm=true", *saving]
     if lr is not None:  # a sweep cell: this learning rate instead of the recipe's (the rest of the recipe unchanged)
         sets.append(f"training.learning_rate={lr}")
     elif row.lr_of is not None:  # peers of a method run at that method's learning rate from the recipe
@@ -216,7 +225,12 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
     optimizers = (lambda model, args: row.optimizers(model, args, recipe)) if row.optimizers else None
     command = f"python benchmarks/results_table.py cell {task} {row_name} --schedule {schedule_name} --seed {seed}"
     command += f" --lr {lr}" if lr is not None else ""
-    results = run_recipe(recipe, progress=False, command=command, prepare_model=prepare, optimizers=optimizers)
+    resume = last_complete_checkpoint(recipe.run_dir) if resumable else None
+    results = run_recipe(recipe, progress=False, command=command, prepare_model=prepare, optimizers=optimizers,
+                         resume_from_checkpoint=resume)
+    if resumable:  # the cell's JSON holds the results; its checkpoints were only for an interruption
+        for checkpoint in Path(recipe.run_dir).glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
     results.pop("resolved_recipe", None)
     results["row"], results["kind"], results["seed"] = row_name, row.kind, seed
     results["learning_rate"] = recipe.training["learning_rate"]

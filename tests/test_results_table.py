@@ -89,3 +89,37 @@ def test_sweep_table_puts_the_recipe_cell_among_the_swept_rates_and_bolds_the_be
     table = rt.lr_sweep_table("mrpc", cells)
     assert "| galore | 70.0 | 78.0 (recipe) | **81.0** |" in table
     assert "adamw" not in table  # no sweep cells, no line
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_full_schedule_cell_continues_from_its_checkpoint_to_the_same_result(rt, tmp_path, monkeypatch):
+    import json
+
+    import transformers
+
+    monkeypatch.setattr(rt, "SAVE_EVERY", 2)
+    monkeypatch.setitem(rt.FULL_SCHEDULES, "llama-20m", [
+        "training.max_steps=4", "training.warmup_steps=1", "training.logging_steps=1", "data.seq_len=32",
+        "data.eval_blocks=2", "training.per_device_train_batch_size=2", "training.eval_strategy=no"])  # fmt: skip
+    rt.run_cell("llama-20m", "galore", tmp_path / "whole", schedule_name="full")
+
+    save = transformers.Trainer._save_checkpoint
+
+    def save_then_stop(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise _Interrupted
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Interrupted):
+        rt.run_cell("llama-20m", "galore", tmp_path / "cut", schedule_name="full")
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", save)
+    rt.run_cell("llama-20m", "galore", tmp_path / "cut", schedule_name="full")
+
+    whole, cut = (json.loads((tmp_path / d / "llama-20m" / "galore.json").read_text()) for d in ("whole", "cut"))
+    assert whole["resumed_from"] is None and cut["resumed_from"].endswith("checkpoint-2")
+    assert cut["losses"] == whole["losses"] and len(whole["losses"]) == 4
+    assert cut["metrics"] == whole["metrics"]
+    assert not list((tmp_path / "cut").rglob("checkpoint-*"))  # removed once the cell's JSON is written
