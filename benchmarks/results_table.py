@@ -561,6 +561,67 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
     return "\n".join(lines) + "\n"
 
 
+def pretrain_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Per row: held-out perplexity at the end of each pretraining task run, its change against AdamW's (mean over
+    seeds), issue #15's target and whether it is met (``incomplete`` until both sizes are in)."""
+    tasks = [t for t in PRETRAIN_TASKS if t in cells]
+    if not tasks:
+        return ""
+    header = ["row", *[f"{t} ppl (vs AdamW)" for t in tasks], "target", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row in ROWS:
+        values = {t: _mean(_seed_values(t, cells[t], row)) for t in tasks}
+        if all(v is None for v in values.values()):
+            continue
+        changes = {}
+        marks = []
+        for t in tasks:
+            base = _mean(_seed_values(t, cells[t], "adamw"))
+            if values[t] is None:
+                marks.append("-")
+                continue
+            if base is not None and row != "adamw":
+                changes[t] = values[t] / base - 1
+            marks.append(f"{values[t]:.1f}" + (f" ({100 * changes[t]:+.1f}%)" if t in changes else ""))
+        target = PRETRAIN_PPL_TARGET.get(row)
+        if target is None or not changes:
+            verdict = "-"
+        else:
+            within = all(c <= target for c in changes.values())
+            if len(changes) < len(PRETRAIN_TASKS):
+                verdict = f"incomplete ({len(changes)} of {len(PRETRAIN_TASKS)}): {'within' if within else 'misses'} so far"
+            else:
+                verdict = "met" if within else "**missed**"
+        lines.append(f"| {row} | " + " | ".join(marks) + f" | {'-' if target is None else f'<= +{100 * target:.0f}%'} | "
+                     f"{verdict} |")
+    return "\n".join(lines)
+
+
+def full_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The GLUE and pretraining summaries and the guide: the head of the full-schedule section and the README's."""
+    parts = []
+    glue_cells = {t: cells[t] for t in GLUE_TASKS if t in cells}
+    if glue_cells:
+        table, summary = glue_summary(glue_cells)
+        parts.append("GLUE: metric x 100 per task (mean over seeds where several ran), the average over the tasks both "
+                     "the row and AdamW ran, and issue #15's target for the gap.\n\n" + table + "\n")
+    pretraining = pretrain_summary(cells)
+    if pretraining:
+        parts.append("\nPretraining from scratch: held-out perplexity after the full schedule, and issue #15's target."
+                     "\n\n" + pretraining + "\n")
+    if glue_cells:
+        parts.append("\nWhich method when (from these numbers):\n\n" + which_method_when(glue_cells, summary))
+    return "".join(parts)
+
+
+def write_readme_full_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
+    text = README.read_text()
+    start, end = "<!-- full-summary -->", "<!-- /full-summary -->"
+    if start in text:
+        before, rest = text.split(start, 1)
+        README.write_text(before + start + "\n" + full_summary(cells) + end + rest.split(end, 1)[1])
+
+
 def render_full() -> str:
     """The full-schedule section of docs/results.md (tables and curves), from ``out/results_full``."""
     cells = load_cells(SCHEDULE_PROFILES["full"][1])
@@ -568,13 +629,8 @@ def render_full() -> str:
     if cells:
         RESULTS_JSON.with_name("results_full.json").write_text(json.dumps(cells, indent=1, default=str))
         parts.append(f"Machine: {machine_line(cells)}.\n")
-        glue_cells = {t: cells[t] for t in GLUE_TASKS if t in cells}
-        if glue_cells:
-            table, summary = glue_summary(glue_cells)
-            parts.append("\n### GLUE summary (full schedules)\n\nMetric x 100 per task (mean over seeds where several "
-                         "ran), the average over the tasks both the row and AdamW ran, and issue #15's target for the "
-                         "gap.\n\n" + table + "\n\n### Which method when (from these numbers)\n\n"
-                         + which_method_when(glue_cells, summary))
+        parts.append("\n### Summary (full schedules)\n\n" + full_summary(cells))
+        write_readme_full_summary(cells)
     for task in TASKS:
         if task not in cells:
             parts.append(f"\n### {task} (full schedule)\n\nNot run yet (`python benchmarks/results_table.py run "

@@ -123,3 +123,15 @@ def test_an_interrupted_full_schedule_cell_continues_from_its_checkpoint_to_the_
     assert cut["losses"] == whole["losses"] and len(whole["losses"]) == 4
     assert cut["metrics"] == whole["metrics"]
     assert not list((tmp_path / "cut").rglob("checkpoint-*"))  # removed once the cell's JSON is written
+
+
+def test_pretraining_summary_gives_perplexity_change_against_adamw_and_the_five_percent_target(rt):
+    cells = {t: {"adamw": _cell("perplexity", 100.0, 100, 1.0), "galore": _cell("perplexity", 104.0, 40, 1.0),
+                 "loqt": _cell("perplexity", 110.0, 40, 1.0)} for t in ("llama-20m", "llama-60m")}  # fmt: skip
+    for cell in (c for task in cells.values() for c in task.values()):
+        cell["metrics"] = {"perplexity": cell["metrics"]["perplexity"] / 100}  # _metric scales only GLUE metrics
+    table = rt.pretrain_summary(cells)
+    assert "| galore | 1.0 (+4.0%) | 1.0 (+4.0%) | <= +5% | met |" in table
+    assert "| loqt | 1.1 (+10.0%) | 1.1 (+10.0%) | <= +5% | **missed** |" in table
+    del cells["llama-60m"]
+    assert "incomplete (1 of 2): within so far" in rt.pretrain_summary(cells)
