@@ -43,6 +43,8 @@ MB = 2**20
 GLUE_TASKS = ("rte", "mrpc", "cola", "stsb", "sst2")
 PRETRAIN_TASKS = ("llama-20m", "llama-60m")
 TASKS = GLUE_TASKS + PRETRAIN_TASKS
+INSTRUCT_TASKS = ("instruct",)  # SmolLM2-135M on 2,000 Code Alpaca records through TRL: full schedule only
+FULL_TASKS = TASKS + INSTRUCT_TASKS
 RUN_ORDER = ("llama-20m", "sst2", "llama-60m", "rte", "mrpc", "stsb", "cola")  # most informative first
 
 # Short schedules: the whole table (~80 cells) must fit a few hours of a 2-core CPU. They show memory exactly and
@@ -61,6 +63,7 @@ FULL_SCHEDULES: dict[str, list[str]] = {
                   "training.eval_strategy=steps", "training.eval_steps=100"],
     "llama-60m": ["training.max_steps=1000", "training.warmup_steps=100", "training.logging_steps=20",
                   "training.eval_strategy=steps", "training.eval_steps=100"],
+    "instruct": ["training.logging_steps=5"],  # recipes/instruct/code_alpaca_2k.yaml: one epoch, 125 updates
 }
 SAVE_EVERY = 100  # updates between the checkpoints of a full-schedule cell
 SCHEDULE_PROFILES = {"short": (SCHEDULES, OUT), "full": (FULL_SCHEDULES, OUT.with_name("results_full"))}
@@ -186,6 +189,8 @@ ROWS: dict[str, Row] = {r.name: r for r in [
 def recipe_path(task: str) -> Path:
     if task in GLUE_TASKS:
         return ROOT / "recipes" / "glue" / f"{task}.yaml"
+    if task in INSTRUCT_TASKS:
+        return ROOT / "recipes" / "instruct" / "code_alpaca_2k.yaml"
     return ROOT / "recipes" / "pretrain" / f"{task.replace('-', '_')}.yaml"
 
 
@@ -242,6 +247,9 @@ def run_all(tasks: list[str], rows: list[str], force: bool, smoke: bool, schedul
     out = SCHEDULE_PROFILES[schedule_name][1]
     out = out.with_name(out.name + "_smoke") if smoke else out
     for task, row, seed, lr in [(t, r, s, lr) for t in tasks for s in seeds for lr in lrs for r in rows]:
+        if task in INSTRUCT_TASKS and (ROWS[row].prepare or ROWS[row].optimizers):
+            print(f"{task} / {row}: skipped (TRL's SFTTrainer runs only AdamW and hf_memopt's methods here)")
+            continue
         (out / task).mkdir(parents=True, exist_ok=True)
         path = cell_path(task, row, out, seed, lr)
         if path.exists() and not force:
@@ -271,7 +279,7 @@ def run_all(tasks: list[str], rows: list[str], force: bool, smoke: bool, schedul
 def load_cells(out: Path = OUT) -> dict[str, dict[str, dict[str, Any]]]:
     """``{task: {cell name: results}}`` for every cell written under ``out`` (seed and sweep cells included)."""
     cells: dict[str, dict[str, dict[str, Any]]] = {}
-    for task in TASKS:
+    for task in FULL_TASKS:
         for row in ROWS:
             for path in sorted((out / task).glob(f"{row}*.json")):
                 if path.stem == row or path.stem.startswith(f"{row}@"):
@@ -283,12 +291,15 @@ def _metric(task: str, cell: dict[str, Any]) -> float | None:
     metrics = cell.get("metrics", {})
     if task in PRETRAIN_TASKS:
         return metrics.get("perplexity")
+    if task in INSTRUCT_TASKS:
+        return metrics.get("loss")
     key = {"cola": "matthews_correlation", "stsb": "pearson"}.get(task, "accuracy")
     value = metrics.get(key)
     return None if value is None else 100 * value
 
 
-METRIC_NAMES = {"cola": "MCC", "stsb": "Pearson", "llama-20m": "held-out ppl", "llama-60m": "held-out ppl"}
+METRIC_NAMES = {"cola": "MCC", "stsb": "Pearson", "llama-20m": "held-out ppl", "llama-60m": "held-out ppl",
+                "instruct": "held-out loss"}
 
 
 def task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
@@ -417,7 +428,7 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
     """Per row: the metric (mean and half-range over seeds), its gap to AdamW, memory, CPU time per update."""
     from hf_memopt.tools.memory import MemoryBreakdown
 
-    digits = 1 if task in GLUE_TASKS else 2
+    digits = 1 if task in GLUE_TASKS else 3 if task in INSTRUCT_TASKS else 2
     base_values = _seed_values(task, cells, "adamw")
     base_mean = _mean(base_values)
     metric = METRIC_NAMES.get(task, "accuracy")
@@ -493,6 +504,7 @@ def plot_curves(task: str, cells: dict[str, dict[str, Any]]) -> Path:
 # BlockLLM, VeLoRA 1.0; LoQT 1.5) and held-out perplexity within 5% for pretraining.
 GLUE_GAP_TARGET = {"galore": 1.0, "galore_8bit_layerwise": 1.0, "blockllm": 1.0, "velora": 1.0, "loqt": 1.5}
 PRETRAIN_PPL_TARGET = {"galore": 0.05, "loqt": 0.05, "velora": 0.05}
+INSTRUCT_LOSS_TARGET = {"galore": 0.02, "loqt": 0.02, "blockllm": 0.02, "velora": 0.02}
 
 
 def glue_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -561,13 +573,16 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
     return "\n".join(lines) + "\n"
 
 
-def pretrain_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """Per row: held-out perplexity at the end of each pretraining task run, its change against AdamW's (mean over
-    seeds), issue #15's target and whether it is met (``incomplete`` until both sizes are in)."""
-    tasks = [t for t in PRETRAIN_TASKS if t in cells]
+def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, ...] = PRETRAIN_TASKS,
+               targets: dict[str, float] = PRETRAIN_PPL_TARGET) -> str:
+    """Per row: the held-out figure (pretraining: perplexity; instruct: loss) at the end of each task run, its change
+    against AdamW's (mean over seeds), issue #15's target and whether it is met (``incomplete`` until every task of
+    ``all_tasks`` is in)."""
+    tasks = [t for t in all_tasks if t in cells]
     if not tasks:
         return ""
-    header = ["row", *[f"{t} ppl (vs AdamW)" for t in tasks], "target", "verdict"]
+    digits = 3 if all_tasks == INSTRUCT_TASKS else 1
+    header = ["row", *[f"{t} {METRIC_NAMES[t]} (vs AdamW)" for t in tasks], "target", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for row in ROWS:
         values = {t: _mean(_seed_values(t, cells[t], row)) for t in tasks}
@@ -582,14 +597,14 @@ def pretrain_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
                 continue
             if base is not None and row != "adamw":
                 changes[t] = values[t] / base - 1
-            marks.append(f"{values[t]:.1f}" + (f" ({100 * changes[t]:+.1f}%)" if t in changes else ""))
-        target = PRETRAIN_PPL_TARGET.get(row)
+            marks.append(f"{values[t]:.{digits}f}" + (f" ({100 * changes[t]:+.1f}%)" if t in changes else ""))
+        target = targets.get(row)
         if target is None or not changes:
             verdict = "-"
         else:
             within = all(c <= target for c in changes.values())
-            if len(changes) < len(PRETRAIN_TASKS):
-                verdict = f"incomplete ({len(changes)} of {len(PRETRAIN_TASKS)}): {'within' if within else 'misses'} so far"
+            if len(changes) < len(all_tasks):
+                verdict = f"incomplete ({len(changes)} of {len(all_tasks)}): {'within' if within else 'misses'} so far"
             else:
                 verdict = "met" if within else "**missed**"
         lines.append(f"| {row} | " + " | ".join(marks) + f" | {'-' if target is None else f'<= +{100 * target:.0f}%'} | "
@@ -605,10 +620,14 @@ def full_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
         table, summary = glue_summary(glue_cells)
         parts.append("GLUE: metric x 100 per task (mean over seeds where several ran), the average over the tasks both "
                      "the row and AdamW ran, and issue #15's target for the gap.\n\n" + table + "\n")
-    pretraining = pretrain_summary(cells)
+    pretraining = lm_summary(cells)
     if pretraining:
         parts.append("\nPretraining from scratch: held-out perplexity after the full schedule, and issue #15's target."
                      "\n\n" + pretraining + "\n")
+    instruct = lm_summary(cells, INSTRUCT_TASKS, INSTRUCT_LOSS_TARGET)
+    if instruct:
+        parts.append("\nInstruction tuning (SmolLM2-135M, TRL SFTTrainer, one epoch of 2,000 Code Alpaca records): "
+                     "held-out loss on 17 records, and issue #15's target.\n\n" + instruct + "\n")
     if glue_cells:
         parts.append("\nWhich method when (from these numbers):\n\n" + which_method_when(glue_cells, summary))
     return "".join(parts)
@@ -622,6 +641,26 @@ def write_readme_full_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> No
         README.write_text(before + start + "\n" + full_summary(cells) + end + rest.split(end, 1)[1])
 
 
+def sample_answers(cells: dict[str, dict[str, Any]], chars: int = 400) -> str:
+    """Each row's greedy answer to the held-out instructions its cell answered, beside the reference answer."""
+    rows = {row: cells[row]["samples"] for row in ROWS if cells.get(row, {}).get("samples")}
+    if not rows:
+        return ""
+
+    def quote(text: str) -> str:
+        text = text if len(text) <= chars else text[:chars] + " [...]"
+        return "\n".join("    " + line for line in text.splitlines()) or "    (empty)"
+
+    parts = ["\nAnswers to held-out instructions (greedy, after training):\n"]
+    for i, first in enumerate(next(iter(rows.values()))):
+        parts.append(f"\n**Instruction {i + 1}.** {first['instruction'][:chars]}\n\nReference:\n\n"
+                     f"{quote(first['reference'])}\n")
+        for row, samples in rows.items():
+            if i < len(samples):
+                parts.append(f"\n{row}:\n\n{quote(samples[i]['answer'])}\n")
+    return "".join(parts)
+
+
 def render_full() -> str:
     """The full-schedule section of docs/results.md (tables and curves), from ``out/results_full``."""
     cells = load_cells(SCHEDULE_PROFILES["full"][1])
@@ -631,7 +670,7 @@ def render_full() -> str:
         parts.append(f"Machine: {machine_line(cells)}.\n")
         parts.append("\n### Summary (full schedules)\n\n" + full_summary(cells))
         write_readme_full_summary(cells)
-    for task in TASKS:
+    for task in FULL_TASKS:
         if task not in cells:
             parts.append(f"\n### {task} (full schedule)\n\nNot run yet (`python benchmarks/results_table.py run "
                          f"--schedule full --tasks {task}`).\n")
@@ -644,6 +683,8 @@ def render_full() -> str:
         if sweep:
             parts.append(f"\nLearning-rate sweep on {task} (seed 0, everything else as the recipe; best per row in "
                          f"bold):\n\n{sweep}\n")
+        if task in INSTRUCT_TASKS:
+            parts.append(sample_answers(cells[task]))
     parts.append(FULL_END)
     return "".join(parts)
 
@@ -738,7 +779,7 @@ def main() -> None:
     run.add_argument("--lrs", default=None, help="comma-separated learning rates to sweep (cells <row>@lr<value>)")
     sub.add_parser("render", help="write docs/results.md and the README summary")
     cell = sub.add_parser("cell", help="train one cell in this process")
-    cell.add_argument("task", choices=TASKS)
+    cell.add_argument("task", choices=FULL_TASKS)
     cell.add_argument("row", choices=list(ROWS))
     cell.add_argument("--smoke", action="store_true")
     cell.add_argument("--schedule", choices=sorted(SCHEDULE_PROFILES), default="short")
@@ -746,16 +787,21 @@ def main() -> None:
     cell.add_argument("--lr", default=None, help="a learning rate instead of the recipe's (a sweep cell)")
     a = parser.parse_args()
     if a.command == "cell":
-        smoke = ("training.max_steps=3", "training.logging_steps=1", "training.warmup_steps=0",
-                 "data.eval_limit=16" if a.task in GLUE_TASKS else "data.eval_blocks=4")
+        smoke = ("training.max_steps=3", "training.logging_steps=1", "training.warmup_steps=0", *{
+            "glue": ["data.eval_limit=16"], "pretrain": ["data.eval_blocks=4"],
+            "instruct": ["data.eval_limit=4", "data.sample_answers=1", "data.sample_answer_tokens=8",
+                         "data.max_length=128", "training.gradient_accumulation_steps=1"],
+        }["glue" if a.task in GLUE_TASKS else "instruct" if a.task in INSTRUCT_TASKS else "pretrain"])
         out = SCHEDULE_PROFILES[a.schedule][1]
         out = out.with_name(out.name + "_smoke") if a.smoke else out
         run_cell(a.task, a.row, out, smoke if a.smoke else (), schedule_name=a.schedule, seed=a.seed, lr=a.lr)
     elif a.command == "run":
         tasks, rows = a.tasks.split(","), a.rows.split(",")
-        unknown = [t for t in tasks if t not in TASKS] + [r for r in rows if r not in ROWS]
+        known = FULL_TASKS if a.schedule == "full" else TASKS
+        unknown = [t for t in tasks if t not in known] + [r for r in rows if r not in ROWS]
         if unknown:
-            raise SystemExit(f"unknown task or row: {unknown}; tasks {TASKS}, rows {list(ROWS)}")
+            raise SystemExit(f"unknown task or row at --schedule {a.schedule}: {unknown}; tasks {known}, "
+                             f"rows {list(ROWS)}")
         lrs = (None,) if a.lrs is None else tuple(a.lrs.split(","))
         bad = [lr for lr in lrs if lr is not None and not _positive_float(lr)]
         if bad:

@@ -391,6 +391,8 @@ def test_train_instruct_recipe_with_a_tiny_llama(tmp_path, capsys):
         "data.train_limit=8",
         "data.eval_limit=4",
         "data.max_length=48",
+        "data.sample_answers=2",
+        "data.sample_answer_tokens=3",
         "training.max_steps=2",
         "training.gradient_accumulation_steps=1",
         "training.logging_steps=1",
@@ -403,6 +405,13 @@ def test_train_instruct_recipe_with_a_tiny_llama(tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "blockllm" / "results.json").read_text())
     assert results["task"] == "instruct" and results["steps"] == 2
     assert results["metrics"]["loss"] > 0 and results["memory_bytes"]["optimizer_state"] > 0
+    from hf_memopt.tools.recipes.data import load_alpaca
+
+    held_out = load_alpaca()[-4:]  # the answers are to the first held-out instructions, beside their references
+    assert [s["reference"] for s in results["samples"]] == [r["output"] for r in held_out[:2]]
+    assert all(s["instruction"].startswith(r["instruction"].strip()) for s, r in zip(results["samples"], held_out))
+    assert all(0 < len(tokenizer(s["answer"], add_special_tokens=False)["input_ids"]) <= 3 or s["answer"] == ""
+               for s in results["samples"])  # fmt: skip
 
 
 def test_compare_two_methods_writes_table_and_chart(tmp_path, small_text, capsys):

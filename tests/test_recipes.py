@@ -24,7 +24,8 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 def test_recipe_folders_ship_the_issue_recipes():
     names = {f"{p.parent.name}/{p.stem}" for p in RECIPES}
     expected = {f"glue/{t}" for t in ("rte", "mrpc", "cola", "stsb", "sst2")}
-    expected |= {"instruct/alpaca", "pretrain/llama_20m", "pretrain/llama_60m", "pretrain/llama_130m"}
+    expected |= {"instruct/alpaca", "instruct/code_alpaca_2k", "pretrain/llama_20m", "pretrain/llama_60m",
+                 "pretrain/llama_130m"}  # fmt: skip
     assert expected <= names
     for folder in ("glue", "instruct", "pretrain"):
         assert (ROOT / "recipes" / folder / "README.md").is_file()
@@ -285,3 +286,18 @@ def test_pretraining_blocks_tokenize_long_text_without_a_length_warning(tmp_path
     assert len(blocks) > 512 // 32
     assert not any("Token indices sequence length" in m for m in during_blocks)
     assert any("Token indices sequence length" in m for m in record.messages)
+
+
+def test_bundled_instruction_sets_load_by_name():
+    from hf_memopt.tools.recipes.data import load_alpaca
+
+    assert len(load_alpaca()) == len(load_alpaca("alpaca_en_demo")) == 999
+    code = load_alpaca("code_alpaca_2k")
+    assert len(code) == 2017 and {"instruction", "input", "output"} <= set(code[0])
+
+
+def test_sample_answers_cannot_exceed_the_held_out_records():
+    from hf_memopt.tools.recipes.recipe import InstructData
+
+    with pytest.raises(ValueError, match=r"sample_answers must be an integer in \[0, 4\]"):
+        InstructData(eval_limit=4, sample_answers=5)

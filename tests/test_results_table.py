@@ -130,8 +130,25 @@ def test_pretraining_summary_gives_perplexity_change_against_adamw_and_the_five_
                  "loqt": _cell("perplexity", 110.0, 40, 1.0)} for t in ("llama-20m", "llama-60m")}  # fmt: skip
     for cell in (c for task in cells.values() for c in task.values()):
         cell["metrics"] = {"perplexity": cell["metrics"]["perplexity"] / 100}  # _metric scales only GLUE metrics
-    table = rt.pretrain_summary(cells)
+    table = rt.lm_summary(cells)
     assert "| galore | 1.0 (+4.0%) | 1.0 (+4.0%) | <= +5% | met |" in table
     assert "| loqt | 1.1 (+10.0%) | 1.1 (+10.0%) | <= +5% | **missed** |" in table
     del cells["llama-60m"]
-    assert "incomplete (1 of 2): within so far" in rt.pretrain_summary(cells)
+    assert "incomplete (1 of 2): within so far" in rt.lm_summary(cells)
+
+
+def test_instruct_summary_uses_held_out_loss_and_the_two_percent_target(rt):
+    cells = {"instruct": {"adamw": _cell("loss", 1.000, 100, 1.0), "galore": _cell("loss", 1.015, 40, 1.0),
+                          "loqt": _cell("loss", 1.030, 40, 1.0)}}  # fmt: skip
+    table = rt.lm_summary(cells, rt.INSTRUCT_TASKS, rt.INSTRUCT_LOSS_TARGET)
+    assert "| galore | 1.015 (+1.5%) | <= +2% | met |" in table
+    assert "| loqt | 1.030 (+3.0%) | <= +2% | **missed** |" in table
+
+
+def test_sample_answers_show_each_rows_answer_beside_the_reference(rt):
+    sample = {"instruction": "Add 1 and 2.", "reference": "3", "answer": "three"}
+    cells = {"adamw": {"samples": [sample]}, "galore": {"samples": [{**sample, "answer": "3"}]}, "loqt": {}}
+    text = rt.sample_answers(cells)
+    assert "**Instruction 1.** Add 1 and 2." in text
+    assert "Reference:\n\n    3\n" in text and "adamw:\n\n    three\n" in text and "galore:\n\n    3\n" in text
+    assert "loqt" not in text

@@ -144,13 +144,19 @@ def load_hub_dataset(setting: str, instead: str, *args, **kwargs):
         ) from err
 
 
+BUNDLED_INSTRUCT = ("alpaca_en_demo", "code_alpaca_2k")  # hf_memopt/data/instruct/<name>.json
+
+
 def load_alpaca(path: str | os.PathLike | None = None, limit: int | None = None) -> list[dict[str, str]]:
     """Alpaca-format records ``{instruction, input, output}``.
 
-    ``path``: ``None`` for the bundled demo set (999 records), a ``.json`` (list of records) or ``.jsonl`` file, or a
-    Hub dataset id with those columns (``tatsu-lab/alpaca``), loaded with ``datasets.load_dataset(path, split="train")``.
+    ``path``: ``None`` for the bundled demo set (999 records), the name of a bundled set (``alpaca_en_demo``,
+    ``code_alpaca_2k``: 2,017 code instructions), a ``.json`` (list of records) or ``.jsonl`` file, or a Hub dataset id
+    with those columns (``tatsu-lab/alpaca``), loaded with ``datasets.load_dataset(path, split="train")``.
     """
-    path = Path(path) if path else BUNDLED_DATA / "instruct" / "alpaca_en_demo.json"
+    if path is None or str(path) in BUNDLED_INSTRUCT:
+        path = BUNDLED_DATA / "instruct" / f"{path or 'alpaca_en_demo'}.json"
+    path = Path(path)
     if path.exists():
         with open(path, encoding="utf-8") as f:
             if path.suffix == ".jsonl":

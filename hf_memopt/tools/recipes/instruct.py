@@ -15,7 +15,7 @@ from hf_memopt.tools.recipes.data import load_alpaca
 from hf_memopt.tools.recipes.models import BASE_LICENSES, hub_id, resolve_model
 from hf_memopt.tools.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
 
-__all__ = ["CHATML_TEMPLATE", "alpaca_to_prompt_completion", "run_instruct"]
+__all__ = ["CHATML_TEMPLATE", "alpaca_to_prompt_completion", "answer_instructions", "run_instruct"]
 
 # Used only when the tokenizer has no chat template of its own (base checkpoints); SmolLM2-Instruct ships this
 # ChatML format, so the offline default and the fallback agree.
@@ -56,6 +56,8 @@ def run_instruct(
     training_overrides: dict[str, Any] | None = None,
     resume_from_checkpoint: str | None = None,
     prepare_model: Any = None,
+    sample_answers: int = 0,
+    sample_answer_tokens: int = 96,
 ) -> RunResult:
     """Fine-tune ``model`` (``smollm2`` offline, a Hub id, or a folder) on Alpaca-format ``data_path``.
 
@@ -64,6 +66,8 @@ def run_instruct(
     the rest. ``training_overrides`` are ``SFTConfig`` fields that take precedence over the arguments above.
     ``resume_from_checkpoint``: a checkpoint folder to continue from (``Trainer.train``'s argument).
     ``prepare_model(model)``: applied to the loaded model before the trainer is built (a recipe's ``memory:``).
+    ``sample_answers``: after training, greedy answers (up to ``sample_answer_tokens`` new tokens) to the first N
+    held-out instructions, in ``RunResult.samples`` beside the reference answers.
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,6 +123,28 @@ def run_instruct(
         "datasets": data_path if data_path and not os.path.exists(data_path) else None,  # a Hub dataset id
     }
     evaluate = held_out_loss if dev is not None else None
-    return train_and_measure(
+    result = train_and_measure(
         trainer, method, extra_methods, evaluate, card=card, resume_from_checkpoint=resume_from_checkpoint
     )
+    result.samples = answer_instructions(trainer.model, tokenizer, held_out[:sample_answers], sample_answer_tokens)
+    return result
+
+
+@torch.no_grad()
+def answer_instructions(model, tokenizer, records: list[dict[str, str]], max_new_tokens: int) -> list[dict[str, str]]:
+    """The trained model's greedy answer to each record's prompt (the chat template, as in training), with the
+    record's own answer as ``reference``: a few answers a reader can judge beside the held-out loss."""
+    samples = []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for record in records:
+        prompt = alpaca_to_prompt_completion(record)["prompt"]
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = {k: ids[k].to(device) for k in ("input_ids", "attention_mask")}  # not e.g. BERT's token_type_ids
+        output = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        answer = tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        samples.append({"instruction": prompt[0]["content"], "reference": record["output"], "answer": answer.strip()})
+    model.train(was_training)
+    return samples

@@ -113,21 +113,29 @@ class GlueData:
 @dataclass
 class InstructData:
     """Args:
-    path: Alpaca-format data: None (the bundled 999-record demo), a JSON/JSONL file, or a Hub dataset id.
+    path: Alpaca-format data: None (the bundled 999-record demo), a bundled set's name (``alpaca_en_demo``,
+        ``code_alpaca_2k``), a JSON/JSONL file, or a Hub dataset id.
     train_limit: first N training records (None: all but the held-out ones).
     eval_limit: the last N records are held out for the final loss / perplexity (0: none).
     max_length: truncation length of prompt + completion, in tokens.
+    sample_answers: after training, the model answers the first N held-out instructions (greedy, up to
+        ``sample_answer_tokens`` new tokens); the answers go into ``results.json`` beside the reference (0: none).
+    sample_answer_tokens: the longest answer generated, in tokens.
     """
 
     path: str | None = field(default=None, metadata={"help": "Alpaca JSON/JSONL file or Hub id; None: bundled."})
     train_limit: int | None = field(default=None, metadata={"help": "First N training records."})
     eval_limit: int = field(default=32, metadata={"help": "Last N records held out for evaluation."})
     max_length: int = field(default=512, metadata={"help": "Truncation length in tokens."})
+    sample_answers: int = field(default=0, metadata={"help": "Held-out instructions answered after training."})
+    sample_answer_tokens: int = field(default=96, metadata={"help": "Longest generated answer, in tokens."})
 
     def __post_init__(self) -> None:
         _check_optional_int("train_limit", self.train_limit, 1)
         check_int("eval_limit", self.eval_limit, 0)
         check_int("max_length", self.max_length, 8)
+        check_int("sample_answers", self.sample_answers, 0, self.eval_limit)  # answered from the held-out records
+        check_int("sample_answer_tokens", self.sample_answer_tokens, 1)
 
 
 @dataclass

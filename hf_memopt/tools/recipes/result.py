@@ -32,6 +32,7 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     task: str | None = None
     trainer: Any = None
+    samples: list[dict[str, str]] = field(default_factory=list)  # generated answers (instruct runs)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures (``final_loss`` = mean of the last tenth of the logged losses)."""

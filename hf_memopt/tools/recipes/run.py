@@ -124,6 +124,8 @@ def run_recipe(
             training_overrides=training,
             resume_from_checkpoint=resume_from_checkpoint,
             prepare_model=prepare_model,
+            sample_answers=data.sample_answers,
+            sample_answer_tokens=data.sample_answer_tokens,
         )
     else:
         from hf_memopt.tools.recipes.pretrain import run_pretrain
@@ -174,6 +176,7 @@ def run_recipe(
                 if "eval_loss" in h
             }.values()
         ),
+        "samples": result.samples,
         "wall_seconds": wall,
         "resolved_recipe": recipe.raw,
         "environment": environment(),
