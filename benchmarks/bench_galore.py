@@ -36,6 +36,7 @@ CONFIGS = {
     "hf_galore_8bit_layerwise": "hf_memopt GaLore AdamW 8-bit layer-wise, attn+mlp",
     "hf_galore_all": "hf_memopt GaLore AdamW, attn+mlp+embeddings+head",
     "hf_galore_8bit_all": "hf_memopt GaLore AdamW 8-bit, attn+mlp+embeddings+head",
+    "hf_galore_8bit_layerwise_all": "hf_memopt GaLore AdamW 8-bit layer-wise, attn+mlp+embeddings+head",
 }
 
 
@@ -78,6 +79,7 @@ def run_one(name: str, a: argparse.Namespace) -> dict:
             hf_galore_8bit_layerwise=dict(optimizer="adamw_8bit", layerwise=True),
             hf_galore_all=dict(target_modules=ALL_WEIGHTS),
             hf_galore_8bit_all=dict(target_modules=ALL_WEIGHTS, optimizer="adamw_8bit"),
+            hf_galore_8bit_layerwise_all=dict(target_modules=ALL_WEIGHTS, optimizer="adamw_8bit", layerwise=True),
         )[name]
         result = run_pretrain(GaLoreConfig(**{**galore, **variant}), training_overrides=overrides, **common)
     summary = result.summary()

@@ -152,3 +152,13 @@ def test_sample_answers_show_each_rows_answer_beside_the_reference(rt):
     assert "**Instruction 1.** Add 1 and 2." in text
     assert "Reference:\n\n    3\n" in text and "adamw:\n\n    three\n" in text and "galore:\n\n    3\n" in text
     assert "loqt" not in text
+
+
+def test_guide_says_when_a_row_ran_more_updates_than_adamw(rt):
+    cells = _glue({"adamw": 0.80, "zo": 0.70})
+    for task in cells:
+        cells[task]["zo"]["steps"] = 100  # AdamW's cells ran 10
+    _, summary = rt.glue_summary(cells)
+    assert "- **zo**: GLUE average -10.0 points vs AdamW over 5 task(s), with 10x AdamW's updates;" in (
+        rt.which_method_when(cells, summary))
+    assert rt.ROWS["zo"].full_glue_sets == ("training.num_train_epochs=30",)
