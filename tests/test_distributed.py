@@ -47,6 +47,8 @@ def _configs(case: str) -> list:
     # merges at updates 0 (the initialisation from a gradient) and 2
     loqt = LoQTConfig(rank=RANK, target_modules="all-linear", merge_every=2)
     loqt_layerwise = LoQTConfig(rank=RANK, target_modules="all-linear", merge_every=2, layerwise=True)
+    # recipes/instruct/smollm2_min_memory.yaml's LoQT (with its 8-bit states and checkpointing in CASE_ARGS)
+    min_memory = LoQTConfig(rank=RANK, target_modules="all-linear", merge_every=2, layerwise=True, init_weight="quantized")
     velora_mlp = VeLoRAConfig(num_groups=8, target_modules=["gate_proj", "up_proj", "down_proj"])
     loqt_attention = LoQTConfig(rank=RANK, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], merge_every=2)
     # patience 1 (with BLOCKLLM_ARGS): selection 1 at update 1, the loss stalls at update 4, re-selection at update 5;
@@ -65,6 +67,7 @@ def _configs(case: str) -> list:
         "velora+galore_layerwise": [velora, layerwise],
         "loqt": [loqt],
         "loqt_layerwise": [loqt_layerwise],
+        "min_memory_loqt": [min_memory],
         "velora+loqt": [velora_mlp, loqt_attention],
         "zo": [ZOConfig(n_samples=2, eps=1e-2)],  # a larger eps: (L+ - L-) / 2 eps loses fewer float32 digits
         "blockllm": [blockllm],
@@ -97,16 +100,18 @@ CASE_ARGS = {
     },
     "galore_layerwise_clipping": {"max_grad_norm": 1.0},
     "loqt_layerwise": {"max_grad_norm": 0.0},
+    "min_memory_loqt": {"max_grad_norm": 0.0, "optim": "adamw_bnb_8bit", "gradient_checkpointing": True},
     "loqt_without_find_unused_parameters": {"ddp_find_unused_parameters": False},
 }  # fmt: skip
 TRAINED = [
     "adamw", "galore", "velora", "velora+galore",
     "galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "loqt", "loqt_layerwise", "velora+loqt",
-    "zo", *BLOCKLLM,
+    "min_memory_loqt", "zo", *BLOCKLLM,
 ]  # fmt: skip
 # averaging their own gradients, so never wrapped in DDP
 SELF_REDUCED = {
-    "galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "loqt_layerwise", "zo", *BLOCKLLM,
+    "galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "loqt_layerwise", "min_memory_loqt", "zo",
+    *BLOCKLLM,
 }  # fmt: skip
 # the negative control of the rank check: these cases again with their own averaging switched off
 UNAVERAGED = ["galore_layerwise", "zo", "blockllm"]

@@ -67,7 +67,7 @@ CASES = {
     # recipes/instruct/smollm2_min_memory.yaml: LoQT layer-wise, 8-bit states, checkpointing, frozen bf16 embeddings
     # and head, the chunked loss
     "min_memory_loqt": Case(
-        _loqt(layerwise=True),
+        _loqt(layerwise=True, init_weight="quantized"),
         {"learning_rate": 1e-2, "max_grad_norm": 0.0, "optim": "adamw_bnb_8bit", "gradient_checkpointing": True},
         prepare=_min_memory,
     ),

@@ -86,7 +86,7 @@ CASES: dict[str, Case] = {
     # LoQT replaces the Linear layers it targets, so the two methods split the layers between them
     "velora+loqt": Case([VeLoRAConfig(num_groups=8, target_modules=MLP), _loqt(ATTENTION)], {"learning_rate": 3e-3}),
     "min_memory_loqt": Case(
-        [replace(_loqt(), layerwise=True)],
+        [replace(_loqt(), layerwise=True, init_weight="quantized")],
         {"learning_rate": 3e-3, "optim": "adamw_bnb_8bit", **_MIN_MEMORY_ARGS},
         model={"hidden": 64},
         prepare=_min_memory,
