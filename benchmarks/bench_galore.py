@@ -37,6 +37,7 @@ CONFIGS = {
     "hf_galore_all": "hf_memopt GaLore AdamW, attn+mlp+embeddings+head",
     "hf_galore_8bit_all": "hf_memopt GaLore AdamW 8-bit, attn+mlp+embeddings+head",
     "hf_galore_8bit_layerwise_all": "hf_memopt GaLore AdamW 8-bit layer-wise, attn+mlp+embeddings+head",
+    "hf_galore_adafactor_layerwise": "hf_memopt GaLore Adafactor layer-wise, attn+mlp",
 }
 
 
@@ -51,6 +52,10 @@ def run_one(name: str, a: argparse.Namespace) -> dict:
     rank = {"20m": 64, "60m": 128, "130m": 192}[a.size]  # d/4
     common = dict(size=a.size, steps=a.steps, seq_len=a.seq, batch_size=a.batch, learning_rate=a.lr,
                   warmup_steps=a.warmup, output_dir=f"out/bench_galore/{name}")
+    if getattr(a, "chunked_loss", 0):  # hf_memopt's chunked LM loss: no full tokens x vocab logits, for every row
+        from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
+
+        common["prepare_model"] = lambda model: use_chunked_lm_loss(model, a.chunked_loss)
     galore = dict(rank=rank, update_proj_gap=a.gap, scale=a.scale, target_modules=ATTN_MLP)
     overrides = {"max_grad_norm": 0.0}  # galore-torch and layer-wise runs compare without clipping
     if name == "adamw":
@@ -80,6 +85,7 @@ def run_one(name: str, a: argparse.Namespace) -> dict:
             hf_galore_all=dict(target_modules=ALL_WEIGHTS),
             hf_galore_8bit_all=dict(target_modules=ALL_WEIGHTS, optimizer="adamw_8bit"),
             hf_galore_8bit_layerwise_all=dict(target_modules=ALL_WEIGHTS, optimizer="adamw_8bit", layerwise=True),
+            hf_galore_adafactor_layerwise=dict(optimizer="adafactor", layerwise=True),
         )[name]
         result = run_pretrain(GaLoreConfig(**{**galore, **variant}), training_overrides=overrides, **common)
     summary = result.summary()
@@ -99,6 +105,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--chunked-loss", type=int, default=0, metavar="TOKENS",
+                   help="every row computes the LM loss in chunks of TOKENS tokens (0: the model's own loss)")
     p.add_argument("--refresh-only", action="store_true", help="only time one projector refresh per method and shape")
     p.add_argument("--update", action="store_true", help="replace only the rows of --configs in the existing JSON")
     p.add_argument("--markdown", action="store_true", help="print the table of the existing JSON and redraw the chart")
