@@ -74,9 +74,9 @@ def test_sweep_cells_are_named_by_learning_rate_and_seed(rt):
 
 def test_sweep_cells_are_not_averaged_as_seeds(rt):
     cells = _glue({"adamw": 0.80, "galore": 0.78})
+    cells["mrpc"]["galore"]["learning_rate"] = 1e-4
     cells["mrpc"]["galore@lr2e-4"] = {**_cell("accuracy", 0.60, 40, 1.0), "learning_rate": 2e-4}
-    _, summary = rt.glue_summary(cells)
-    assert summary["galore"]["per_task"]["mrpc"] == pytest.approx(78.0)
+    assert rt._seed_values("mrpc", cells["mrpc"], "galore") == [pytest.approx(78.0)]
 
 
 def test_sweep_table_puts_the_recipe_cell_among_the_swept_rates_and_bolds_the_best(rt):
@@ -162,3 +162,25 @@ def test_guide_says_when_a_row_ran_more_updates_than_adamw(rt):
     assert "- **zo**: GLUE average -10.0 points vs AdamW over 5 task(s), with 10x AdamW's updates;" in (
         rt.which_method_when(cells, summary))
     assert rt.ROWS["zo"].full_glue_sets == ("training.num_train_epochs=30",)
+
+
+def test_summary_takes_each_row_at_its_best_swept_learning_rate(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.76}, tasks=("mrpc",))
+    mrpc = cells["mrpc"]
+    mrpc["adamw"]["learning_rate"] = mrpc["galore"]["learning_rate"] = 1e-4
+    mrpc["galore@lr2e-4"] = {**_cell("accuracy", 0.80, 40, 1.0), "learning_rate": 2e-4}
+    mrpc["adamw@lr2e-4"] = {**_cell("accuracy", 0.78, 100, 1.0), "learning_rate": 2e-4}
+    table, summary = rt.glue_summary(cells)
+    assert summary["galore"]["per_task"]["mrpc"] == pytest.approx(80.0)
+    assert summary["galore"]["learning_rates"]["mrpc"] == 2e-4
+    assert summary["adamw"]["per_task"]["mrpc"] == pytest.approx(80.0)  # AdamW's own 1e-4 beats its 2e-4
+    assert summary["galore"]["gap"] == pytest.approx(0.0)
+    assert "| galore | 80.0 (lr 0.0002) |" in table
+
+
+def test_the_recipe_learning_rate_keeps_its_seed_mean_against_a_sweep(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.80}, tasks=("rte",))["rte"]
+    cells["galore"]["learning_rate"] = 1e-4
+    cells["galore@seed1"] = {**_cell("accuracy", 0.70, 40, 1.0), "learning_rate": 1e-4}  # mean at 1e-4: 75.0
+    cells["galore@lr2e-4"] = {**_cell("accuracy", 0.77, 40, 1.0), "learning_rate": 2e-4}
+    assert rt.best_over_learning_rates("rte", cells, "galore") == (pytest.approx(77.0), 2e-4)
