@@ -52,7 +52,7 @@ def run_one(name: str, a: argparse.Namespace) -> dict:
     rank = {"20m": 64, "60m": 128, "130m": 192}[a.size]  # d/4
     common = dict(size=a.size, steps=a.steps, seq_len=a.seq, batch_size=a.batch, learning_rate=a.lr,
                   warmup_steps=a.warmup, output_dir=f"out/bench_galore/{name}")
-    if getattr(a, "chunked_loss", 0):  # hf_memopt's chunked LM loss: no full tokens x vocab logits, for every row
+    if a.chunked_loss:  # hf_memopt's chunked LM loss: no full tokens x vocab logits, for every row
         from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
 
         common["prepare_model"] = lambda model: use_chunked_lm_loss(model, a.chunked_loss)

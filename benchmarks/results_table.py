@@ -369,7 +369,7 @@ def best_over_learning_rates(task: str, cells: dict[str, dict[str, Any]], row: s
     recipe_value = _mean(_seed_values(task, cells, row))
     own = cells.get(row, {}).get("learning_rate")
     points = {} if recipe_value is None else {float(own) if own is not None else None: recipe_value}
-    for lr, value in lr_sweep(task, cells).get(row, {}).items():
+    for lr, value in row_sweep(task, cells, row).items():
         points.setdefault(lr, value)  # the recipe's own learning rate keeps its seed mean
     if not points:
         return None, None
@@ -377,20 +377,22 @@ def best_over_learning_rates(task: str, cells: dict[str, dict[str, Any]], row: s
     return value, lr
 
 
-def lr_sweep(task: str, cells: dict[str, dict[str, Any]]) -> dict[str, dict[float, float]]:
-    """``{row: {learning rate: metric}}`` at seed 0 for every row with sweep cells; the recipe's own cell is the
+def row_sweep(task: str, cells: dict[str, dict[str, Any]], row: str) -> dict[float, float]:
+    """``{learning rate: metric}`` at seed 0 for a row with sweep cells (empty without); the recipe's own cell is the
     point at its learning rate."""
-    sweep: dict[str, dict[float, float]] = {}
-    for row in ROWS:
-        names = [n for n in cells if n.startswith(f"{row}@lr")]
-        if not names:
-            continue
-        for name in [row, *names]:
-            cell = cells.get(name)
-            value = None if cell is None or "failed" in cell else _metric(task, cell)
-            if value is not None and cell.get("learning_rate") is not None:
-                sweep.setdefault(row, {})[float(cell["learning_rate"])] = value
-    return sweep
+    names = [n for n in cells if n.startswith(f"{row}@lr")]
+    points: dict[float, float] = {}
+    for name in [row, *names] if names else []:
+        cell = cells.get(name)
+        value = None if cell is None or "failed" in cell else _metric(task, cell)
+        if value is not None and cell.get("learning_rate") is not None:
+            points[float(cell["learning_rate"])] = value
+    return points
+
+
+def lr_sweep(task: str, cells: dict[str, dict[str, Any]]) -> dict[str, dict[float, float]]:
+    """``{row: {learning rate: metric}}`` for every row with sweep cells (see :func:`row_sweep`)."""
+    return {row: points for row in ROWS if (points := row_sweep(task, cells, row))}
 
 
 def lr_sweep_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
@@ -550,7 +552,7 @@ def glue_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict
             verdict = "met" if -gap <= target else "**missed**"
         summary[row] = {"per_task": per_task, "tasks": common, "average": avg, "gap": gap, "target": target,
                         "verdict": verdict, "learning_rates": chosen,
-                        "swept": any(lr_sweep(t, cells[t]).get(row) for t in tasks)}
+                        "swept": any(row_sweep(t, cells[t], row) for t in tasks)}
     header = ["row", *[f"{t} ({METRIC_NAMES.get(t, 'acc')})" for t in tasks], "average", "gap to AdamW", "target",
               "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]

@@ -92,15 +92,16 @@ def _walk(obj: Any, fn: Callable[[Any], Any], leaf: type | tuple[type, ...] = to
     return obj
 
 
-def _tensors(obj: Any):
-    if isinstance(obj, torch.Tensor):
+def _leaves(obj: Any, kind: type = torch.Tensor):
+    """The ``kind`` instances among an operation's (nested list / tuple / dict) arguments or results."""
+    if isinstance(obj, kind):
         yield obj
     elif isinstance(obj, (list, tuple)):
         for o in obj:
-            yield from _tensors(o)
+            yield from _leaves(o, kind)
     elif isinstance(obj, dict):
         for o in obj.values():
-            yield from _tensors(o)
+            yield from _leaves(o, kind)
 
 
 def _name(func: Any) -> str:
@@ -185,18 +186,6 @@ def _tensor_leaves(obj: Any, path: tuple = ()):
     elif isinstance(obj, dict):
         for k, o in obj.items():
             yield from _tensor_leaves(o, (*path, k))
-
-
-def _tensor_markers(obj: Any):
-    """The :class:`_Twin` s among a deferred operation's arguments."""
-    if isinstance(obj, _Twin):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensor_markers(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensor_markers(o)
 
 
 def _only_tensors(obj: Any) -> bool:
@@ -506,20 +495,20 @@ class ZO2Engine:
         return _walk(obj, swap)
 
     def _dual(self, obj: Any) -> bool:
-        return any(self._is_param(t) or t in self.twins for t in _tensors(obj))
+        return any(self._is_param(t) or t in self.twins for t in _leaves(obj))
 
     def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
         if self.raw or self.world is None:
             return func(*args, **kwargs)
         name = _name(func)
         if self.world != 0:  # inside a block's stream: only parameters owned outside it need perturbing
-            if not any(self._is_param(t) for t in _tensors((args, kwargs))):
+            if not any(self._is_param(t) for t in _leaves((args, kwargs))):
                 return func(*args, **kwargs)
             for block in self.running:
                 block.reads_outside = True
             if name in _METADATA:
                 out = func(*args, **kwargs)
-                if not any(True for _ in _tensors(out)):
+                if not any(True for _ in _leaves(out)):
                     return out
             args, kwargs = self._stream((args, kwargs), self.world)
             return func(*args, **kwargs)
@@ -530,7 +519,7 @@ class ZO2Engine:
             return func(*args, **kwargs)
         if name in _METADATA:
             out = func(*args, **kwargs)
-            if not any(True for _ in _tensors(out)):
+            if not any(True for _ in _leaves(out)):
                 return out
         if "out" in kwargs:
             raise RuntimeError(
@@ -604,7 +593,7 @@ class ZO2Engine:
                     continue
                 queued.add(id(node))
                 todo.append(node)
-                stack.extend(t.node for t in _tensor_markers((node.args, node.kwargs)))
+                stack.extend(t.node for t in _leaves((node.args, node.kwargs), _Twin))
             todo.sort(key=lambda n: n.order, reverse=True)
             while todo:  # popped, so a value no later operation reads is freed as soon as its consumers ran
                 self._compute(todo.pop())
