@@ -58,6 +58,8 @@ def run_one(name: str, a: argparse.Namespace) -> dict:
         common["prepare_model"] = lambda model: use_chunked_lm_loss(model, a.chunked_loss)
     galore = dict(rank=rank, update_proj_gap=a.gap, scale=a.scale, target_modules=ATTN_MLP)
     overrides = {"max_grad_norm": 0.0}  # galore-torch and layer-wise runs compare without clipping
+    if a.gradient_checkpointing:  # every row recomputes each layer in backward: one hidden state saved per layer
+        overrides["gradient_checkpointing"] = True
     if name == "adamw":
         result = run_pretrain(None, training_overrides=overrides, **common)
     elif name in ("adamw_bnb_8bit", "adafactor"):
@@ -107,6 +109,8 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--chunked-loss", type=int, default=0, metavar="TOKENS",
                    help="every row computes the LM loss in chunks of TOKENS tokens (0: the model's own loss)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="every row trains with gradient checkpointing (the Trainer's gradient_checkpointing)")
     p.add_argument("--refresh-only", action="store_true", help="only time one projector refresh per method and shape")
     p.add_argument("--update", action="store_true", help="replace only the rows of --configs in the existing JSON")
     p.add_argument("--markdown", action="store_true", help="print the table of the existing JSON and redraw the chart")

@@ -296,6 +296,18 @@ def test_bundled_instruction_sets_load_by_name():
     assert len(code) == 2017 and {"instruction", "input", "output"} <= set(code[0])
 
 
+def test_bundled_pretraining_text_loads_by_name_and_the_recipes_train_on_all_of_it():
+    from hf_memopt.tools.recipes.data import BUNDLED_TEXT, load_text
+
+    sizes = {name: len(load_text(name)) for name in BUNDLED_TEXT}
+    assert sizes == {"wikitext2_valid": 1_120_192, "wikitext2_test": 1_255_018, "wiki_demo": 1_026_454,
+                     "c4_demo": 737_759}  # characters  # fmt: skip
+    with pytest.raises(ValueError, match="wikitext2_valid, wikitext2_test, wiki_demo, c4_demo"):
+        load_text("wikitext103")
+    recipe = load_recipe(ROOT / "recipes" / "pretrain" / "llama_20m.yaml")
+    assert recipe.data.sources == list(BUNDLED_TEXT) and recipe.data.sources[-1] == "c4_demo"  # held out: C4's tail
+
+
 def test_sample_answers_cannot_exceed_the_held_out_records():
     from hf_memopt.tools.recipes.recipe import InstructData
 

@@ -125,6 +125,44 @@ def test_an_interrupted_full_schedule_cell_continues_from_its_checkpoint_to_the_
     assert not list((tmp_path / "cut").rglob("checkpoint-*"))  # removed once the cell's JSON is written
 
 
+def _fake_cells(rt, monkeypatch, tmp_path, returncode: int) -> list[list[str]]:
+    """``run_all`` with each cell's process replaced by one that exits with ``returncode``; returns the commands."""
+    import subprocess
+
+    commands = []
+
+    def fake_run(command, stdout, **kwargs):
+        commands.append(command)
+        stdout.write("last line of the cell's log\n")
+        return subprocess.CompletedProcess(command, returncode)
+
+    monkeypatch.setitem(rt.SCHEDULE_PROFILES, "full", (rt.FULL_SCHEDULES, tmp_path))
+    monkeypatch.setattr(rt.subprocess, "run", fake_run)
+    return commands
+
+
+def test_a_cell_killed_by_a_signal_leaves_no_failure_record_and_stops_the_run(rt, tmp_path, monkeypatch):
+    commands = _fake_cells(rt, monkeypatch, tmp_path, returncode=-15)
+    with pytest.raises(SystemExit, match="interrupted by signal 15"):
+        rt.run_all(["rte"], ["adamw", "galore"], force=False, smoke=False, schedule_name="full")
+    assert len(commands) == 1  # the run stops at the killed cell
+    assert not (tmp_path / "rte" / "adamw.json").exists()  # so the next run continues it
+
+
+def test_a_failed_cell_is_recorded_and_tried_again_by_the_next_run(rt, tmp_path, monkeypatch):
+    import json
+
+    commands = _fake_cells(rt, monkeypatch, tmp_path, returncode=1)
+    rt.run_all(["rte"], ["adamw"], force=False, smoke=False, schedule_name="full")
+    record = json.loads((tmp_path / "rte" / "adamw.json").read_text())
+    assert record == {"row": "adamw", "failed": "last line of the cell's log"}
+    rt.run_all(["rte"], ["adamw"], force=False, smoke=False, schedule_name="full")
+    assert len(commands) == 2
+    (tmp_path / "rte" / "adamw.json").write_text(json.dumps({"metrics": {}}))  # a finished cell is not run again
+    rt.run_all(["rte"], ["adamw"], force=False, smoke=False, schedule_name="full")
+    assert len(commands) == 2
+
+
 def test_pretraining_summary_gives_perplexity_change_against_adamw_and_the_five_percent_target(rt):
     cells = {t: {"adamw": _cell("perplexity", 100.0, 100, 1.0), "galore": _cell("perplexity", 104.0, 40, 1.0),
                  "loqt": _cell("perplexity", 110.0, 40, 1.0)} for t in ("llama-20m", "llama-60m")}  # fmt: skip

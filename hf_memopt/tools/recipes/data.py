@@ -14,6 +14,7 @@ from pathlib import Path
 
 __all__ = [
     "BUNDLED_DATA",
+    "BUNDLED_TEXT",
     "DATA_SOURCES",
     "GLUE_TASKS",
     "GlueTask",
@@ -182,7 +183,7 @@ def stream_c4_text(max_chars: int, name: str = "allenai/c4", config: str = "en")
     total = 0
     rows = load_hub_dataset(
         "data.sources",
-        "use the bundled sources (wikitext2_valid, c4_demo) or text files",
+        f"use the bundled sources ({', '.join(BUNDLED_TEXT)}) or text files",
         name,
         config,
         split="train",
@@ -195,13 +196,22 @@ def stream_c4_text(max_chars: int, name: str = "allenai/c4", config: str = "en")
             return
 
 
+# The bundled pretraining text (hf_memopt/data/README.md): name -> file under hf_memopt/data/text.
+BUNDLED_TEXT = {
+    "wikitext2_valid": "wikitext2_valid.txt",  # WikiText-2 validation split (217k words)
+    "wikitext2_test": "wikitext2_test.txt",  # WikiText-2 test split (246k words)
+    "wiki_demo": "wiki_demo.txt",  # 30 Wikipedia articles
+    "c4_demo": "c4_demo.jsonl",  # 300 C4 documents
+}
+
+
 def load_text(name: str = "wikitext2_valid") -> str:
-    """Raw pretraining text: ``wikitext2_valid`` (bundled), ``c4_demo`` (bundled JSONL), or a file path."""
+    """Raw pretraining text: a bundled name (:data:`BUNDLED_TEXT`) or a text / JSONL (field ``text``) file path."""
     path = Path(name)
+    if not path.exists() and name in BUNDLED_TEXT:
+        path = BUNDLED_DATA / "text" / BUNDLED_TEXT[name]
     if not path.exists():
-        path = BUNDLED_DATA / "text" / (f"{name}.jsonl" if name == "c4_demo" else f"{name}.txt")
-    if not path.exists():
-        raise ValueError(f"text source {name!r} is neither a bundled name (wikitext2_valid, c4_demo) nor a file")
+        raise ValueError(f"text source {name!r} is neither a bundled name ({', '.join(BUNDLED_TEXT)}) nor a file")
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())

@@ -17,7 +17,8 @@ from hf_memopt.tools.recipes.result import RunResult, held_out_loss, measured_ru
 __all__ = ["SOURCE_DATASETS", "lm_blocks", "run_pretrain"]
 
 # The Hub datasets the text sources are (copies of parts of), for the model card's ``datasets``.
-SOURCE_DATASETS = {"wikitext2_valid": "Salesforce/wikitext", "c4_demo": "allenai/c4", "c4": "allenai/c4"}
+SOURCE_DATASETS = {"wikitext2_valid": "Salesforce/wikitext", "wikitext2_test": "Salesforce/wikitext",
+                   "wiki_demo": "wikimedia/wikipedia", "c4_demo": "allenai/c4", "c4": "allenai/c4"}
 
 
 class LMBlocks(torch.utils.data.Dataset):
@@ -42,9 +43,9 @@ def lm_blocks(
 ) -> LMBlocks:
     """Tokenize the text sources into ``seq_len`` blocks.
 
-    A source is a bundled name (``wikitext2_valid``, ``c4_demo``), a text/JSONL file, or ``c4``: C4's train split
-    streamed through ``datasets`` (needs the Hub) until ``max_tokens`` tokens are collected. ``max_tokens`` also
-    stops the bundled sources early.
+    A source is a bundled name (``wikitext2_valid``, ``wikitext2_test``, ``wiki_demo``, ``c4_demo``), a text/JSONL
+    file, or ``c4``: C4's train split streamed through ``datasets`` (needs the Hub) until ``max_tokens`` tokens are
+    collected. ``max_tokens`` also stops the bundled sources early.
     """
     ids: list[int] = []
 

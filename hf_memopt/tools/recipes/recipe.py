@@ -141,14 +141,16 @@ class InstructData:
 @dataclass
 class PretrainData:
     """Args:
-    sources: text sources: bundled names (wikitext2_valid, c4_demo), text/JSONL files, or ``c4`` (streamed).
+    sources: text sources, in order (the held-out blocks are the last source's tail): bundled names
+        (wikitext2_valid, wikitext2_test, wiki_demo, c4_demo: all of them by default, ~936k MiniLM tokens), text/JSONL
+        files, or ``c4`` (streamed).
     tokenizer: tokenizer name or path (``minilm`` offline; GaLore used ``t5-base``).
     seq_len: tokens per training block.
     eval_blocks: blocks held out (the last ones) for the final loss / perplexity (0: none).
     """
 
     sources: list[str] = field(
-        default_factory=lambda: ["wikitext2_valid", "c4_demo"],
+        default_factory=lambda: ["wikitext2_valid", "wikitext2_test", "wiki_demo", "c4_demo"],
         metadata={"help": "Bundled names, files, or 'c4' (streamed from the Hub)."},
     )
     tokenizer: str = field(default="minilm", metadata={"help": "Tokenizer name, Hub id or folder."})
