@@ -4,8 +4,10 @@ the peer galore-torch, in one run (each configuration in its own process, so pea
     python benchmarks/bench_galore.py --size 20m --steps 60 --gap 20
     python benchmarks/bench_galore.py --size 60m --steps 30 --gap 10
 
-Writes ``benchmarks/results/galore_<size>.json`` and ``.png`` and prints a Markdown table (copied to
-docs/benchmarks.md). Ratios are against AdamW of the same run.
+Writes ``benchmarks/results/galore_<size>.json`` (or ``<--output>.json``) and ``.png`` and prints a Markdown table
+(copied to docs/benchmarks.md). Ratios are against AdamW of the same run. ``--repeats N`` runs every configuration N
+times (interleaved, each in a fresh process) and reports the range of peak RSS, which varies from process to process
+by tens of MB; bytes and losses are the same in every repeat.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ def main() -> None:
                    help="every row computes the LM loss in chunks of TOKENS tokens (0: the model's own loss)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="every row trains with gradient checkpointing (the Trainer's gradient_checkpointing)")
+    p.add_argument("--repeats", type=int, default=1, help="fresh processes per configuration (peak RSS range)")
+    p.add_argument("--output", help="results file stem under benchmarks/results (default: galore_<size>)")
     p.add_argument("--refresh-only", action="store_true", help="only time one projector refresh per method and shape")
     p.add_argument("--update", action="store_true", help="replace only the rows of --configs in the existing JSON")
     p.add_argument("--markdown", action="store_true", help="print the table of the existing JSON and redraw the chart")
@@ -120,17 +124,22 @@ def main() -> None:
     if a.one:
         Path(a.one_output).write_text(json.dumps(run_one(a.one, a)))
         return
+    stem = a.output or f"galore_{a.size}"
     if a.markdown:
-        report = json.loads((RESULTS / f"galore_{a.size}.json").read_text())
+        report = json.loads((RESULTS / f"{stem}.json").read_text())
         print(markdown(report))
-        chart(report)
+        chart(report, stem)
         return
     if a.refresh_only:
         print(refresh_timings())
         return
+    if a.repeats < 1:
+        p.error(f"--repeats must be at least 1; got {a.repeats}")
     passthrough = sys.argv[1:]
-    rows = [run_isolated(__file__, name, passthrough) for name in a.configs.split(",")]
-    path = RESULTS / f"galore_{a.size}.json"
+    names = a.configs.split(",")
+    repeats = [[run_isolated(__file__, name, passthrough) for name in names] for _ in range(a.repeats)]
+    rows = [with_rss_range([runs[i] for runs in repeats]) for i in range(len(names))]
+    path = RESULTS / f"{stem}.json"
     if a.update and path.exists():
         fresh = {r["name"]: r for r in rows}
         previous = json.loads(path.read_text())
@@ -139,7 +148,14 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     print(markdown(report))
-    chart(report)
+    chart(report, stem)
+
+
+def with_rss_range(runs: list[dict]) -> dict:
+    """One configuration's row from its repeated runs: the first run's figures, plus every run's peak RSS."""
+    row = dict(runs[0])
+    row["peak_process_runs"] = [r["memory_bytes"]["peak_process"] for r in runs]
+    return row
 
 
 def refresh_timings(shapes=((512, 1376), (1024, 2752), (2048, 2048)), repeats: int = 3) -> str:
@@ -198,17 +214,19 @@ def markdown(report: dict) -> str:
         m = r["memory_bytes"]
         state_ratio = m["optimizer_state"] / base["memory_bytes"]["optimizer_state"] if base else float("nan")
         cpu = r.get("median_step_cpu_seconds", float("nan"))
-        t_ratio = cpu / peer.get("median_step_cpu_seconds", float("nan")) if peer else float("nan")
-        l_ratio = r["final_loss"] / peer["final_loss"] if peer else float("nan")
+        rss = r.get("peak_process_runs", [m["peak_process"]])
+        rss_text = mb(min(rss)) if len(set(rss)) == 1 else f"{mb(min(rss))}-{mb(max(rss))}"
+        t_ratio = f"{cpu / peer['median_step_cpu_seconds']:.2f}" if peer else "-"  # no peer row in this run
+        l_ratio = f"{r['final_loss'] / peer['final_loss']:.3f}" if peer else "-"
         lines.append(
             f"| {CONFIGS[name]} | {mb(m['optimizer_state'])} | {state_ratio:.2f} | {mb(m['gradients'])} | "
-            f"{mb(m['peak_process'])} | {r['median_step_seconds']:.2f} | {cpu:.2f} | {t_ratio:.2f} | {r['final_loss']:.3f} | "
-            f"{l_ratio:.3f} |"
+            f"{rss_text} | {r['median_step_seconds']:.2f} | {cpu:.2f} | {t_ratio} | {r['final_loss']:.3f} | "
+            f"{l_ratio} |"
         )
     return "\n".join(lines)
 
 
-def chart(report: dict) -> None:
+def chart(report: dict, stem: str) -> None:
     from hf_memopt.tools.memory import MemoryBreakdown, plot_memory_breakdown
 
     runs = {}
@@ -216,7 +234,7 @@ def chart(report: dict) -> None:
         m = dict(r["memory_bytes"])
         runs[r["name"]] = MemoryBreakdown(**m)
     s = report["settings"]
-    plot_memory_breakdown(runs, str(RESULTS / f"galore_{s['size']}.png"),
+    plot_memory_breakdown(runs, str(RESULTS / f"{stem}.png"),
                           title=f"LLaMA {s['size']} pretraining, batch {s['batch']}x{s['seq']}, fp32, CPU")
 
 
