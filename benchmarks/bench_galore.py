@@ -1,5 +1,7 @@
 """GaLore benchmark: LLaMA pretraining on bundled real text, hf_memopt GaLore vs AdamW, 8-bit AdamW, Adafactor and
-the peer galore-torch, in one run (each configuration in its own process, so peak RSS is its own).
+the peer galore-torch, in one run (each configuration in its own process, so peak RSS is its own). Two rows of the
+other memory-first methods (LoQT NF4 layer-wise, BlockLLM 8-bit) sit beside them for docs/min_memory.md's comparison
+with Adafactor.
 
     python benchmarks/bench_galore.py --size 20m --steps 60 --gap 20
     python benchmarks/bench_galore.py --size 60m --steps 30 --gap 10
@@ -40,6 +42,8 @@ CONFIGS = {
     "hf_galore_8bit_all": "hf_memopt GaLore AdamW 8-bit, attn+mlp+embeddings+head",
     "hf_galore_8bit_layerwise_all": "hf_memopt GaLore AdamW 8-bit layer-wise, attn+mlp+embeddings+head",
     "hf_galore_adafactor_layerwise": "hf_memopt GaLore Adafactor layer-wise, attn+mlp",
+    "hf_loqt_layerwise": "hf_memopt LoQT NF4 layer-wise, attn+mlp, Adafactor (Trainer optim=adafactor)",
+    "hf_blockllm_8bit": "hf_memopt BlockLLM 8-bit, 5% of attn+mlp + embeddings and head selectable",
 }
 
 
@@ -47,7 +51,7 @@ def run_one(name: str, a: argparse.Namespace) -> dict:
     import torch
 
     import hf_memopt  # noqa: F401  (reroutes the stock names)
-    from hf_memopt import GaLoreConfig
+    from hf_memopt import BlockLLMConfig, GaLoreConfig, LoQTConfig
     from hf_memopt.tools.recipes.pretrain import run_pretrain
 
     torch.set_num_threads(a.threads)
@@ -66,6 +70,13 @@ def run_one(name: str, a: argparse.Namespace) -> dict:
         result = run_pretrain(None, training_overrides=overrides, **common)
     elif name in ("adamw_bnb_8bit", "adafactor"):
         result = run_pretrain(None, training_overrides={**overrides, "optim": name}, **common)
+    elif name == "hf_loqt_layerwise":  # rank d/4 as GaLore; the quantized init keeps no fp32 weight (no peak at 0)
+        loqt = LoQTConfig(rank=rank, quant="nf4", target_modules=ATTN_MLP, layerwise=True, init_weight="quantized",
+                          merge_every=a.gap)  # fmt: skip
+        result = run_pretrain(loqt, training_overrides={**overrides, "optim": "adafactor"}, **common)
+    elif name == "hf_blockllm_8bit":  # from scratch the embeddings and head must train: selectable with the rest
+        blockllm = BlockLLMConfig(sparsity=0.95, optimizer="adamw_8bit", train_embeddings=True)
+        result = run_pretrain(blockllm, training_overrides=overrides, **common)
     elif name == "galore_torch":
         from galore_torch import GaLoreAdamW
 

@@ -67,8 +67,13 @@ FULL_SCHEDULES: dict[str, list[str]] = {
                   "training.logging_steps=20", "training.eval_strategy=steps", "training.eval_steps=100"],
     "instruct": ["training.logging_steps=5"],  # recipes/instruct/code_alpaca_2k.yaml: one epoch, 125 updates
 }
+# On a CUDA device (scripts/gpu_glue.sh): the full GLUE schedules again in bf16, where the memory report's process
+# peak is torch.cuda.max_memory_allocated and time per update is wall time.
+GPU_SCHEDULES: dict[str, list[str]] = {"glue": [*FULL_SCHEDULES["glue"], "training.bf16=true"]}
 SAVE_EVERY = 100  # updates between the checkpoints of a full-schedule cell
-SCHEDULE_PROFILES = {"short": (SCHEDULES, OUT), "full": (FULL_SCHEDULES, OUT.with_name("results_full"))}
+SCHEDULE_PROFILES = {"short": (SCHEDULES, OUT), "full": (FULL_SCHEDULES, OUT.with_name("results_full")),
+                     "gpu": (GPU_SCHEDULES, OUT.with_name("results_gpu"))}  # fmt: skip
+SCHEDULE_TASKS = {"short": TASKS, "full": FULL_TASKS, "gpu": GLUE_TASKS}  # the tasks each schedule has
 
 PAPER = {
     "source_glue": "GaLore (arXiv 2403.03507) Table 4: RoBERTa-base, rank 4, full GLUE schedules; metric x 100",
@@ -222,7 +227,7 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
     resumable = schedule_name == "full" and not extra_sets
     saving = (["training.save_strategy=steps", f"training.save_steps={SAVE_EVERY}", "training.save_total_limit=2"]
               if resumable else ["training.save_strategy=no"])  # fmt: skip
-    longer = row.full_glue_sets if task in GLUE_TASKS and schedule_name == "full" else ()
+    longer = row.full_glue_sets if task in GLUE_TASKS and schedule_name in ("full", "gpu") else ()
     sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else ()), *longer, *seeds, *extra_sets,
             f"output_dir={out / task / 'runs' / cell_name(row_name, seed, lr)}", "training.disable_tqdm=true", *saving]
     if lr is not None:  # a sweep cell: this learning rate instead of the recipe's (the rest of the recipe unchanged)
@@ -349,19 +354,20 @@ def task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine_line(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
+def machine_line(cells: dict[str, dict[str, dict[str, Any]]], precision: str = "fp32") -> str:
     for task_cells in cells.values():
         for cell in task_cells.values():
             env = cell.get("environment")
             if env:
                 return (f"{env.get('device')}, {env.get('cpu_count')} CPUs ({env.get('processor')}, {env.get('platform')}),"
                         f" {env.get('torch_threads')} torch threads; torch {env.get('torch')}, transformers "
-                        f"{env.get('transformers')}, bitsandbytes {env.get('bitsandbytes', '?')}; fp32, seed 0")
+                        f"{env.get('transformers')}, bitsandbytes {env.get('bitsandbytes', '?')}; {precision}, seed 0")
     return "?"
 
 
 FIGURES = ROOT / "docs" / "figures"
 FULL_START, FULL_END = "<!-- full-schedule -->", "<!-- /full-schedule -->"
+GPU_START, GPU_END = "<!-- gpu-schedule -->", "<!-- /gpu-schedule -->"
 
 
 def _seed_values(task: str, cells: dict[str, dict[str, Any]], row: str) -> list[float]:
@@ -447,15 +453,19 @@ def _tensor_ratio(task_cells: dict[str, dict[str, Any]], row: str) -> float | No
     return MemoryBreakdown(**cell["memory_bytes"]).tensors_total / MemoryBreakdown(**base["memory_bytes"]).tensors_total
 
 
-def _time_ratio(task_cells: dict[str, dict[str, Any]], row: str) -> float | None:
-    step = task_cells.get(row, {}).get("median_step_cpu_seconds")
-    base = task_cells.get("adamw", {}).get("median_step_cpu_seconds")
+def _time_ratio(task_cells: dict[str, dict[str, Any]], row: str, key: str = "median_step_cpu_seconds") -> float | None:
+    step = task_cells.get(row, {}).get(key)
+    base = task_cells.get("adamw", {}).get(key)
     return step / base if step and base else None
 
 
-def full_task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
-    """Per row: the metric (mean and half-range over seeds), its gap to AdamW, memory, CPU time per update."""
+def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = False) -> str:
+    """Per row: the metric (mean and half-range over seeds), its gap to AdamW, memory, CPU time per update; with
+    ``device`` (the GPU cells) also the device peak (``torch.cuda.max_memory_allocated``) and wall time per update."""
     from hf_memopt.tools.memory import MemoryBreakdown
+
+    time_key, time_name = ("median_step_seconds", "s / update") if device else ("median_step_cpu_seconds",
+                                                                                 "CPU s / update")  # fmt: skip
 
     digits = 1 if task in GLUE_TASKS else 3 if task in INSTRUCT_TASKS else 2
     base_values = _seed_values(task, cells, "adamw")
@@ -463,7 +473,7 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
     metric = METRIC_NAMES.get(task, "accuracy")
     gap_name = "gap to AdamW (points)" if task in GLUE_TASKS else "vs AdamW"
     header = ["row", metric, gap_name, "updates", "weights MB", "grads MB", "optimizer MB", "activations MB",
-              "tensors vs AdamW", "CPU s / update", "time vs AdamW"]
+              "tensors vs AdamW", *(["device peak MB"] if device else []), time_name, "time vs AdamW"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for row in ROWS:
         cell = cells.get(row)
@@ -481,12 +491,13 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
         else:
             gap = f"{100 * (mean / base_mean - 1):+.1f}%"
         b = MemoryBreakdown(**cell["memory_bytes"])
-        step = cell.get("median_step_cpu_seconds")
-        tensors, time_ = _tensor_ratio(cells, row), _time_ratio(cells, row)
+        step = cell.get(time_key)
+        tensors, time_ = _tensor_ratio(cells, row), _time_ratio(cells, row, time_key)
         lines.append("| " + " | ".join([
             row, _mean_spread(values, digits), gap, str(cell.get("steps", "-")),
             f"{(b.parameters + b.buffers) / MB:.1f}", f"{b.gradients / MB:.1f}", f"{b.optimizer_state / MB:.1f}",
             f"{b.activations / MB:.1f}", "-" if tensors is None else f"{tensors:.2f}x",
+            *([f"{b.peak_process / MB:.1f}"] if device else []),
             "-" if step is None else f"{step:.2f}", "-" if time_ is None else f"{time_:.2f}x",
         ]) + " |")
     return "\n".join(lines)
@@ -728,11 +739,30 @@ def render_full() -> str:
     return "".join(parts)
 
 
+def render_gpu() -> str:
+    """The GPU section of docs/results.md: the GLUE cells of ``--schedule gpu`` (bf16 on a CUDA device)."""
+    cells = load_cells(SCHEDULE_PROFILES["gpu"][1])
+    parts = [GPU_START, "\n"]
+    if not cells:
+        parts.append("Not run yet: no CUDA device has been lent to this project so far. On one, `scripts/gpu_glue.sh` "
+                     "runs these cells (`python benchmarks/results_table.py run --schedule gpu`) and `render` fills "
+                     "this section.\n")
+    else:
+        parts.append(f"Machine: {machine_line(cells, 'bf16 autocast')}.\n\n{glue_summary(cells)[0]}\n")
+        for task in GLUE_TASKS:
+            if task in cells:
+                parts.append(f"\n### {task} (GPU, bf16)\n\n{full_task_table(task, cells[task], device=True)}\n")
+    parts.append(GPU_END)
+    return "".join(parts)
+
+
 def render() -> None:
     text = DOC.read_text()
-    if FULL_START in text:
-        before, rest = text.split(FULL_START, 1)
-        DOC.write_text(before + render_full() + rest.split(FULL_END, 1)[1])
+    for start, end, section in ((FULL_START, FULL_END, render_full), (GPU_START, GPU_END, render_gpu)):
+        if start in text:
+            before, rest = text.split(start, 1)
+            text = before + section() + rest.split(end, 1)[1]
+    DOC.write_text(text)
     cells = load_cells()
     if not cells:
         raise SystemExit("no cells yet: run `python benchmarks/results_table.py run` first")
@@ -798,6 +828,12 @@ def write_readme_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
     README.write_text(before + block + rest.split(end, 1)[1])
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _positive_float(text: str) -> bool:
     try:
         return float(text) > 0
@@ -826,17 +862,24 @@ def main() -> None:
     cell.add_argument("--lr", default=None, help="a learning rate instead of the recipe's (a sweep cell)")
     a = parser.parse_args()
     if a.command == "cell":
+        if a.task not in SCHEDULE_TASKS[a.schedule]:
+            raise SystemExit(f"task {a.task!r} is not in --schedule {a.schedule}: {SCHEDULE_TASKS[a.schedule]}")
         smoke = ("training.max_steps=3", "training.logging_steps=1", "training.warmup_steps=0", *{
             "glue": ["data.eval_limit=16"], "pretrain": ["data.eval_blocks=4"],
             "instruct": ["data.eval_limit=4", "data.sample_answers=1", "data.sample_answer_tokens=8",
                          "data.max_length=128", "training.gradient_accumulation_steps=1"],
         }["glue" if a.task in GLUE_TASKS else "instruct" if a.task in INSTRUCT_TASKS else "pretrain"])
+        if a.schedule == "gpu" and not _cuda():  # a smoke run of the GPU cells' logic: bf16 autocast on the CPU
+            smoke = (*smoke, "training.use_cpu=true")
         out = SCHEDULE_PROFILES[a.schedule][1]
         out = out.with_name(out.name + "_smoke") if a.smoke else out
         run_cell(a.task, a.row, out, smoke if a.smoke else (), schedule_name=a.schedule, seed=a.seed, lr=a.lr)
     elif a.command == "run":
         tasks, rows = a.tasks.split(","), a.rows.split(",")
-        known = FULL_TASKS if a.schedule == "full" else TASKS
+        known = SCHEDULE_TASKS[a.schedule]
+        if a.schedule == "gpu" and not a.smoke and not _cuda():
+            raise SystemExit("--schedule gpu runs the GLUE cells in bf16 on a CUDA device and there is none here "
+                             "(--smoke checks its logic on the CPU)")
         unknown = [t for t in tasks if t not in known] + [r for r in rows if r not in ROWS]
         if unknown:
             raise SystemExit(f"unknown task or row at --schedule {a.schedule}: {unknown}; tasks {known}, "

@@ -163,6 +163,48 @@ def test_a_failed_cell_is_recorded_and_tried_again_by_the_next_run(rt, tmp_path,
     assert len(commands) == 2
 
 
+def test_the_gpu_schedule_is_the_full_glue_schedule_in_bf16_and_refuses_a_machine_without_cuda(rt, monkeypatch):
+    assert rt.GPU_SCHEDULES["glue"] == [*rt.FULL_SCHEDULES["glue"], "training.bf16=true"]
+    assert rt.SCHEDULE_TASKS["gpu"] == rt.GLUE_TASKS
+    monkeypatch.setattr(rt, "_cuda", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["results_table.py", "run", "--schedule", "gpu", "--tasks", "rte"])
+    with pytest.raises(SystemExit, match="--schedule gpu runs the GLUE cells in bf16 on a CUDA device"):
+        rt.main()
+    monkeypatch.setattr(sys, "argv", ["results_table.py", "cell", "llama-20m", "adamw", "--schedule", "gpu"])
+    with pytest.raises(SystemExit, match="task 'llama-20m' is not in --schedule gpu"):
+        rt.main()
+
+
+def test_a_smoke_gpu_cell_trains_in_bf16_on_the_cpu(rt, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setitem(rt.SCHEDULE_PROFILES, "gpu", (rt.GPU_SCHEDULES, tmp_path / "gpu"))
+    monkeypatch.setattr(rt, "_cuda", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["results_table.py", "cell", "rte", "adamw", "--schedule", "gpu", "--smoke"])
+    rt.main()
+    cell = json.loads((tmp_path / "gpu_smoke" / "rte" / "adamw.json").read_text())
+    assert cell["steps"] == 3 and 0.0 <= cell["metrics"]["accuracy"] <= 1.0
+    assert cell["command"].endswith("--schedule gpu --seed 0")
+
+
+def test_gpu_section_shows_device_peak_and_wall_time_per_update(rt, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setitem(rt.SCHEDULE_PROFILES, "gpu", (rt.GPU_SCHEDULES, tmp_path))
+    assert "Not run yet: no CUDA device" in rt.render_gpu()
+    for row, accuracy, peak, seconds in (("adamw", 0.60, 900, 0.020), ("galore", 0.61, 450, 0.030)):
+        cell = _cell("accuracy", accuracy, 100, step_s=9.0)
+        cell["memory_bytes"]["peak_process"] = peak * 2**20
+        cell["median_step_seconds"] = seconds
+        (tmp_path / "rte").mkdir(exist_ok=True)
+        (tmp_path / "rte" / f"{row}.json").write_text(json.dumps(cell))
+    section = rt.render_gpu()
+    assert section.startswith(rt.GPU_START) and section.endswith(rt.GPU_END)
+    assert "device peak MB | s / update | time vs AdamW |" in section
+    galore = next(line for line in section.splitlines() if line.startswith("| galore | 61.0 | +1.0 |"))
+    assert galore.endswith("| 450.0 | 0.03 | 1.50x |")  # wall seconds, not the 9.0 CPU seconds
+
+
 def test_pretraining_summary_gives_perplexity_change_against_adamw_and_the_five_percent_target(rt):
     cells = {t: {"adamw": _cell("perplexity", 100.0, 100, 1.0), "galore": _cell("perplexity", 104.0, 40, 1.0),
                  "loqt": _cell("perplexity", 110.0, 40, 1.0)} for t in ("llama-20m", "llama-60m")}  # fmt: skip

@@ -1,0 +1,23 @@
+#!/bin/bash
+# The GLUE table of docs/results.md again on a CUDA device, in bf16 (issue #15): the cells of
+#   python benchmarks/results_table.py run --schedule gpu --tasks TASKS --rows ROWS
+# within a time budget (GPU_GLUE_SECONDS, default 420). Cells already done are skipped, so running the script again
+# continues where the budget stopped it; a cell cut by the budget leaves no record and runs again.
+# Afterwards: python benchmarks/results_table.py render (writes the GPU section of docs/results.md).
+#   scripts/gpu_glue.sh                                  # defaults below
+#   TASKS=rte,mrpc,stsb ROWS=adamw,galore scripts/gpu_glue.sh
+# With $OUT set (the device tool), the cells' JSON and logs are copied to $OUT/results_gpu.
+set -u
+cd "$(dirname "$0")/.."
+budget=${GPU_GLUE_SECONDS:-420}
+tasks=${TASKS:-rte,mrpc}
+rows=${ROWS:-adamw,galore,blockllm,loqt,velora,galore_8bit_layerwise,velora+galore,lora}
+[ -d .gpu_site ] && export PYTHONPATH="$PWD/.gpu_site${PYTHONPATH:+:$PYTHONPATH}"  # see docs/gpu_check.md
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+timeout --kill-after=15 "$budget" python benchmarks/results_table.py run --schedule gpu --tasks "$tasks" --rows "$rows"
+status=$?
+[ $status -eq 124 ] && echo "gpu_glue: stopped by the ${budget} s budget; run again to continue"
+if [ -n "${OUT:-}" ] && [ -d out/results_gpu ]; then
+  (cd out && find results_gpu -maxdepth 2 -type f \( -name '*.json' -o -name '*.log' \) -exec cp --parents {} "$OUT/" \;)
+fi
+exit $status
