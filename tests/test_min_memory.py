@@ -40,6 +40,8 @@ def test_min_memory_recipes_load_with_their_memory_settings():
         ({"loss_chunk_size": 0}, "loss_chunk_size"),
         ({"loss_chunk_size": 512}, "pretraining recipes only"),  # an instruct recipe: TRL fuses its own head
         ({"freeze": ["embed_tokens"]}, "has no field 'freeze'"),
+        ({"malloc_mmap_threshold": -1}, r"malloc_mmap_threshold must be an integer in \[0, 33554432\]"),
+        ({"malloc_mmap_threshold": 64 * 2**20}, r"malloc_mmap_threshold must be an integer in \[0, 33554432\]"),
     ],
 )
 def test_bad_memory_settings_raise_one_line_naming_the_key(memory, match):
@@ -140,3 +142,42 @@ def test_estimate_refuses_an_8bit_optim_for_a_method_with_its_own_optimizer():
         estimate_memory("llama-20m", "galore", optim="adamw_bnb_8bit")
     with pytest.raises(ValueError, match="frozen_dtype"):
         estimate_memory("llama-20m", "loqt", frozen_dtype="bfloat16")
+
+
+def test_the_recipe_fixes_the_malloc_mmap_threshold_before_the_model_is_loaded(monkeypatch, tmp_path):
+    import hf_memopt.tools.host_memory as host_memory
+    from hf_memopt.tools.recipes import run as run_module
+
+    calls = []
+    monkeypatch.setattr(host_memory, "set_malloc_mmap_threshold", calls.append)
+
+    class Loaded(Exception):
+        pass
+
+    def no_training(*args, **kwargs):
+        assert calls == [131072]  # set before the runner loads anything
+        raise Loaded
+
+    monkeypatch.setattr("hf_memopt.tools.recipes.pretrain.run_pretrain", no_training)
+    recipe = load_recipe(ROOT / "recipes" / "pretrain" / "llama_20m.yaml",
+                         sets=["memory.malloc_mmap_threshold=131072", f"output_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(Loaded):
+        run_module.run_recipe(recipe, progress=False)
+
+
+def test_malloc_mmap_threshold_is_set_through_glibc_or_refused_by_name(monkeypatch):
+    import platform
+
+    from hf_memopt.tools.host_memory import set_malloc_mmap_threshold
+
+    with pytest.raises(ValueError, match=r"malloc_mmap_threshold must be an integer in \[0, 33554432\]"):
+        set_malloc_mmap_threshold(2**26)
+    if platform.libc_ver()[0] == "glibc":  # glibc accepts it (mallopt returns 1), in a process of its own
+        import subprocess
+        import sys
+
+        code = "from hf_memopt.tools.host_memory import set_malloc_mmap_threshold; set_malloc_mmap_threshold(131072)"
+        subprocess.run([sys.executable, "-c", code], check=True)
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    with pytest.raises(RuntimeError, match="malloc_mmap_threshold: needs glibc's malloc"):
+        set_malloc_mmap_threshold(131072)

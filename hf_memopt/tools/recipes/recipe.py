@@ -177,6 +177,9 @@ class MemorySettings:
         loss_chunk_size: compute the causal-LM loss this many tokens at a time, never holding the full
             tokens x vocab logits (``hf_memopt.shared.chunked_loss``); None: the model's own loss. Pretraining only:
             TRL's ``SFTTrainer`` (instruct recipes) computes its loss with its own fused LM head already.
+        malloc_mmap_threshold: fix glibc malloc's mmap threshold at this many bytes (0 to 32 MiB) before the model
+            is loaded, so freed buffers above it go back to the system instead of staying in the process's resident
+            set (``hf_memopt.tools.host_memory``; CPU peak RSS, at some allocation time); None: glibc's default.
     """
 
     freeze_modules: list[str] = field(
@@ -188,6 +191,9 @@ class MemorySettings:
     loss_chunk_size: int | None = field(
         default=None, metadata={"help": "Tokens per chunk of the LM loss without full logits (None: off)."}
     )
+    malloc_mmap_threshold: int | None = field(
+        default=None, metadata={"help": "glibc malloc's fixed mmap threshold in bytes, e.g. 131072 (None: default)."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.freeze_modules, str):
@@ -198,6 +204,10 @@ class MemorySettings:
         if self.frozen_dtype is not None and not self.freeze_modules:
             raise ValueError("frozen_dtype needs freeze_modules (it sets the dtype of the frozen modules)")
         _check_optional_int("loss_chunk_size", self.loss_chunk_size, 1)
+        if self.malloc_mmap_threshold is not None:
+            from hf_memopt.tools.host_memory import MAX_MMAP_THRESHOLD
+
+            check_int("malloc_mmap_threshold", self.malloc_mmap_threshold, 0, MAX_MMAP_THRESHOLD)
 
     def prepare(self, model: Any) -> Any:
         """Apply the settings to a freshly loaded model (before any method is attached); returns it."""

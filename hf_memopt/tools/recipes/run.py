@@ -73,6 +73,10 @@ def run_recipe(
     """
     configs = method_configs(recipe)
     check_runnable(recipe)
+    if recipe.memory.malloc_mmap_threshold is not None:  # before the model and data are loaded
+        from hf_memopt.tools.host_memory import set_malloc_mmap_threshold
+
+        set_malloc_mmap_threshold(recipe.memory.malloc_mmap_threshold)
     user_prepare = prepare_model
     if recipe.memory != type(recipe.memory)():  # the recipe's memory: section, applied before any user wrapping
 
