@@ -613,8 +613,11 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
     kept = [r for r in rows if r[1]["gap"] >= -1.0 and r[2] is not None]
     if kept:
         best = min(kept, key=lambda r: r[2])
+        ran = len(best[1]["tasks"])
         lines.append(f"- Least tensor memory with accuracy within 1 point of AdamW: **{best[0]}** "
-                     f"({best[2]:.2f}x AdamW, {best[1]['gap']:+.1f} points).")
+                     f"({best[2]:.2f}x AdamW, {best[1]['gap']:+.1f} points"
+                     + (f"; so far: {ran} of {len(GLUE_TASKS)} tasks" if ran < len(GLUE_TASKS) else "")
+                     + ").")
     lost = [r[0] for r in rows if r[1]["gap"] < -1.0]
     if lost:
         lines.append(f"- Lose more than 1 point at these schedules: {', '.join(lost)} (see each task's table).")
