@@ -127,15 +127,25 @@ def _projected_groups(model, recipe, **extra) -> list[dict[str, Any]]:
     return [{"params": rest}, projected]
 
 
+def _peer(module: str, distribution: str):
+    """The peer library's module, or an error naming the package and the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"the {distribution} row needs {distribution}: pip install -e '.[bench]'") from None
+
+
 def galore_torch_optimizer(model, args, recipe):
-    from galore_torch import GaLoreAdamW
+    GaLoreAdamW = _peer("galore_torch", "galore-torch").GaLoreAdamW
 
     return GaLoreAdamW(_projected_groups(model, recipe), lr=args.learning_rate, eps=args.adam_epsilon,
                        weight_decay=args.weight_decay, no_deprecation_warning=True), None
 
 
 def apollo_optimizer(model, args, recipe):
-    from apollo_torch import APOLLOAdamW
+    APOLLOAdamW = _peer("apollo_torch", "apollo-torch").APOLLOAdamW
 
     # APOLLO's defaults (README): random projection, channel-wise scaling, scale 1.
     groups = _projected_groups(model, recipe, proj="random", scale_type="channel", scale=1.0)
@@ -144,7 +154,8 @@ def apollo_optimizer(model, args, recipe):
 
 def badam_optimizer(model, args, recipe):
     import torch
-    from badam import BlockOptimizer
+
+    BlockOptimizer = _peer("badam", "badam").BlockOptimizer
 
     prefix = "bert.encoder.layer" if hasattr(model, "bert") else "model.layers"
     layers = sorted({int(n.split(".")[len(prefix.split("."))]) for n, _ in model.named_parameters()

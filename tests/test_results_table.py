@@ -268,3 +268,9 @@ def test_the_recipe_learning_rate_keeps_its_seed_mean_against_a_sweep(rt):
     cells["galore@seed1"] = {**_cell("accuracy", 0.70, 40, 1.0), "learning_rate": 1e-4}  # mean at 1e-4: 75.0
     cells["galore@lr2e-4"] = {**_cell("accuracy", 0.77, 40, 1.0), "learning_rate": 2e-4}
     assert rt.best_over_learning_rates("rte", cells, "galore") == (pytest.approx(77.0), 2e-4)
+
+
+def test_a_missing_peer_library_is_named_with_the_extra_that_installs_it(rt):
+    with pytest.raises(ModuleNotFoundError, match=r"the apollo-torch row needs apollo-torch: pip install -e '\.\[bench\]'"):
+        rt._peer("apollo_torch_is_not_installed", "apollo-torch")
+    assert rt._peer("json", "json").dumps([]) == "[]"
