@@ -13,7 +13,8 @@ budget=${GPU_GLUE_SECONDS:-420}
 tasks=${TASKS:-rte,mrpc}
 rows=${ROWS:-adamw,galore,blockllm,loqt,velora,galore_8bit_layerwise,velora+galore,lora}
 [ -d .gpu_site ] && export PYTHONPATH="$PWD/.gpu_site${PYTHONPATH:+:$PYTHONPATH}"  # see docs/gpu_check.md
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# hf_memopt from this checkout (a GPU machine may not have it installed), here and in every cell's process
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 timeout --kill-after=15 "$budget" python benchmarks/results_table.py run --schedule gpu --tasks "$tasks" --rows "$rows"
 status=$?
 [ $status -eq 124 ] && echo "gpu_glue: stopped by the ${budget} s budget; run again to continue"

@@ -313,3 +313,27 @@ def test_sample_answers_cannot_exceed_the_held_out_records():
 
     with pytest.raises(ValueError, match=r"sample_answers must be an integer in \[0, 4\]"):
         InstructData(eval_limit=4, sample_answers=5)
+
+
+def test_glue_runs_a_16_bit_checkpoint_with_fp32_weights(tmp_path):
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from hf_memopt.tools.recipes.glue import run_glue
+    from hf_memopt.tools.recipes.models import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=tokenizer.vocab_size)  # fmt: skip
+    BertForSequenceClassification(config).to(torch.float16).save_pretrained(tmp_path / "fp16")
+    tokenizer.save_pretrained(tmp_path / "fp16")
+
+    class Loaded(Exception):
+        pass
+
+    def stop(model):
+        raise Loaded(model.dtype)
+
+    with pytest.raises(Loaded) as loaded:
+        run_glue("rte", None, model=str(tmp_path / "fp16"), output_dir=str(tmp_path / "run"), prepare_model=stop)
+    assert loaded.value.args == (torch.float32,)

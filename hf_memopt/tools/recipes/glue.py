@@ -86,7 +86,9 @@ def run_glue(
     path = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)
-    net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels)
+    # fp32 weights whatever the checkpoint stores (transformers 5 would load a 16-bit checkpoint in 16 bits and train
+    # it without fp32 master weights); mixed precision comes from training.bf16 / fp16, as in the instruct runner
+    net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=spec.num_labels, dtype=torch.float32)
     if prepare_model is not None:
         net = prepare_model(net)
     train = tokenized_glue(task, tokenizer, "train", train_limit, max_length, source, data_dir)
