@@ -346,8 +346,8 @@ def test_the_checks_catch_one_leaked_16_byte_tensor_per_step(tmp_path, one_threa
         assert_no_growth(trainer, samples, RSS_SLACK[FAST_STEPS])
 
 
-def test_the_checks_catch_a_growing_list_and_growing_rss():
-    trainer = Trainer(model=tiny_llama(), args=training_args("unused"), train_dataset=TokenDataset(n=8))
+def test_the_checks_catch_a_growing_list_and_growing_rss(tmp_path):
+    trainer = Trainer(model=tiny_llama(), args=training_args(str(tmp_path)), train_dataset=TokenDataset(n=8))
 
     def samples(containers, rss):
         return [Sample(SAMPLE * (i + 1), 9, 99, 999, 0, 21, rss(i), containers(i)) for i in range(6)]
@@ -372,8 +372,8 @@ def test_step_timer_keeps_a_bounded_window_and_still_skips_warmup():
     assert timer.median_step_seconds == statistics.median(timer.seconds)  # warm-up long gone from the window
 
 
-def test_blockllm_stall_test_holds_bounded_state_while_the_loss_keeps_falling():
-    trainer = Trainer(model=tiny_llama(), args=training_args("unused"), train_dataset=TokenDataset(n=8))
+def test_blockllm_stall_test_holds_bounded_state_while_the_loss_keeps_falling(tmp_path):
+    trainer = Trainer(model=tiny_llama(), args=training_args(str(tmp_path)), train_dataset=TokenDataset(n=8))
     attach(trainer, BlockLLMConfig(sparsity=0.8, patience=4))
     optimizer = trainer.create_optimizer()
     for step in range(5000):  # a loss that never stalls: no re-selection, ever
