@@ -902,7 +902,7 @@ def stage_packages(dest: Path, cuda_versions: tuple[str, ...] = ("130", "132"),
     for package, dist in packages.items():
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise SystemExit(f"--stage-packages: {package} is not installed in {sys.executable}")
+            raise SystemExit(f"staging: {package} is not installed in {sys.executable}")
         source = Path(next(iter(spec.submodule_search_locations)))
         shutil.copytree(source, dest / package, ignore=ignore, dirs_exist_ok=True)
         for info in source.parent.glob(f"{dist}-*.dist-info"):

@@ -25,6 +25,13 @@ __all__ = [
 ]
 
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
+# The bundled pretraining text (hf_memopt/data/README.md): name -> file under hf_memopt/data/text.
+BUNDLED_TEXT = {
+    "wikitext2_valid": "wikitext2_valid.txt",  # WikiText-2 validation split (217k words)
+    "wikitext2_test": "wikitext2_test.txt",  # WikiText-2 test split (246k words)
+    "wiki_demo": "wiki_demo.txt",  # 30 Wikipedia articles
+    "c4_demo": "c4_demo.jsonl",  # 300 C4 documents
+}
 
 
 @dataclass(frozen=True)
@@ -194,15 +201,6 @@ def stream_c4_text(max_chars: int, name: str = "allenai/c4", config: str = "en")
         total += len(row["text"])
         if total >= max_chars:
             return
-
-
-# The bundled pretraining text (hf_memopt/data/README.md): name -> file under hf_memopt/data/text.
-BUNDLED_TEXT = {
-    "wikitext2_valid": "wikitext2_valid.txt",  # WikiText-2 validation split (217k words)
-    "wikitext2_test": "wikitext2_test.txt",  # WikiText-2 test split (246k words)
-    "wiki_demo": "wiki_demo.txt",  # 30 Wikipedia articles
-    "c4_demo": "c4_demo.jsonl",  # 300 C4 documents
-}
 
 
 def load_text(name: str = "wikitext2_valid") -> str:
