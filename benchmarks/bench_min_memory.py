@@ -21,7 +21,10 @@ seed 0) it measures the peak tensor bytes, by category, of
 
 Training figures are hf_memopt's ``MemoryReportCallback`` categories (parameters, buffers, gradients, optimizer
 state, saved activations), the peak of each over the whole run (``whole_run``: update 0, which initialises LoQT,
-included); the peaks of update 0 alone (``first_update``) and of updates 1-2 (``steady``) are written beside it. Writes
+included); the peaks of update 0 alone (``first_update``) and of updates 1-2 (``steady``) are written beside it.
+The categories leave out transients and add peaks that need not coincide, so every run also records
+``allocator_peak_bytes``: the CPU allocator's one peak over the run, transients included (``AllocatorPeak``), which
+is what ``torch.cuda.max_memory_allocated`` reads on a GPU and what fp16 inference's figure already is. Writes
 ``benchmarks/results/min_memory.json`` and ``docs/figures/min_memory.png``. Bytes are exact; times are not on a
 loaded machine.
 """
@@ -39,6 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import allocator_peak_above_start  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
 from hf_memopt import GaLoreConfig, LoQTConfig, MemoryReportCallback, VeLoRAConfig, attach  # noqa: E402
 from hf_memopt.shared.chunked_loss import use_chunked_lm_loss  # noqa: E402
 from hf_memopt.shared.frozen import freeze_modules  # noqa: E402
@@ -52,7 +58,7 @@ SHAPES = {  # name: (batch, sequence length)
 }
 SETTINGS = ("fp16 inference", "adamw fp32", "careful user", "composed", "galore path")
 STEPS = 3  # update 0 (LoQT's initialisation), then the steady updates 1 and 2 are measured
-LOSS_CHUNK = 1024
+LOSS_CHUNK = 64  # tokens: one chunk's logits (64 x 49152 x 4 bytes = 12 MiB at SmolLM2) stay far below inference's
 RANK = 64
 
 
@@ -77,7 +83,8 @@ def random_rows(vocab: int, batch: int, seq: int, n: int) -> list[dict[str, torc
 
 
 def inference_breakdown(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> MemoryBreakdown:
-    """fp16 weights + the peak of the bytes allocated during one no-grad forward (profiler memory events)."""
+    """fp16 weights + the CPU allocator's peak above its start during one no-grad forward: on CUDA, what
+    ``torch.cuda.max_memory_allocated`` reads for fp16 inference."""
     from hf_memopt.tools.memory import buffer_bytes, parameter_bytes
 
     model = model.to(torch.float16).eval()
@@ -89,19 +96,34 @@ def inference_breakdown(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
         torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
     ):
         model(input_ids=ids, use_cache=False)
-    # allocations are attributed to the op that made them (its self usage, net at its end); frees outside any op are
-    # "[memory]" events: their running sum in time order is the bytes the forward holds beyond the weights
-    events = sorted(
-        (e.time_range.start, e.cpu_memory_usage)
-        if e.name == "[memory]"
-        else (e.time_range.end, e.self_cpu_memory_usage)
-        for e in prof.events()
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
+    peak = allocator_peak_above_start(prof)
     return MemoryBreakdown(parameters=parameter_bytes(model), buffers=buffer_bytes(model), activations=peak)
+
+
+class AllocatorPeak(TrainerCallback):
+    """The CPU counterpart of ``torch.cuda.max_memory_allocated`` over a whole training run, update 0 (LoQT's
+    initialisation) included: the weights and buffers the model holds when training begins plus the CPU
+    allocator's peak above what was allocated then (``benchmarks/common.allocator_peak_above_start``). Unlike the
+    memory report's categories it counts the transients no category holds (a loss chunk's logits and softmax, a
+    dequantized weight, the recomputed layer's intermediates), and it is one simultaneous peak, not a sum of peaks:
+    the figure fp16 inference's is compared with."""
+
+    def __init__(self):
+        self.peak: int | None = None
+        self._profiler = None
+        self._held_at_begin = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from hf_memopt.tools.memory import buffer_bytes, parameter_bytes
+
+        self._held_at_begin = parameter_bytes(model) + buffer_bytes(model)
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._profiler.__exit__(None, None, None)
+        self.peak = self._held_at_begin + allocator_peak_above_start(self._profiler)
+        self._profiler = None
 
 
 class SteadyMemoryReport(MemoryReportCallback):
@@ -123,7 +145,7 @@ class SteadyMemoryReport(MemoryReportCallback):
                 self._gradients.peak = 0
 
 
-def train_breakdown(shape: str, setting: str, rows, out_dir: Path) -> dict:
+def train_breakdown(shape: str, setting: str, rows, out_dir: Path, loss_chunk: int = LOSS_CHUNK) -> dict:
     import bitsandbytes as bnb
     from transformers import Trainer, TrainingArguments
 
@@ -145,7 +167,7 @@ def train_breakdown(shape: str, setting: str, rows, out_dir: Path) -> dict:
         freeze_modules(
             model, ["embed_tokens"] + ([] if model.config.tie_word_embeddings else ["lm_head"]), dtype=torch.bfloat16
         )
-        use_chunked_lm_loss(model, LOSS_CHUNK)
+        use_chunked_lm_loss(model, loss_chunk)
         args.update(gradient_checkpointing=True, max_grad_norm=0.0)
         if setting == "composed":
             args.update(optim="adamw_bnb_8bit")
@@ -160,6 +182,8 @@ def train_breakdown(shape: str, setting: str, rows, out_dir: Path) -> dict:
         attach(trainer, config)
     report = SteadyMemoryReport(start=1)
     trainer.add_callback(report)
+    allocator = AllocatorPeak()
+    trainer.add_callback(allocator)
     started = time.perf_counter()
     trainer.train()
     seconds = (time.perf_counter() - started) / STEPS
@@ -169,6 +193,8 @@ def train_breakdown(shape: str, setting: str, rows, out_dir: Path) -> dict:
     return {
         "whole_run": whole_run.to_dict(),
         "steady": report.breakdown.to_dict(),
+        "allocator_peak_bytes": allocator.peak,  # whole run, transients included (AllocatorPeak)
+        "loss_chunk_size": loss_chunk if setting in ("composed", "galore path") else None,
         "first_update": report.first_updates.to_dict(),
         "losses": losses,
         "seconds_per_update": seconds,
@@ -181,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
+    parser.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK,
+                        help="tokens per chunk of the chunked LM loss (composed, galore path)")  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "min_memory.json"))
     parser.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "min_memory.png"))
     options = parser.parse_args(argv)
@@ -201,15 +229,20 @@ def main(argv: list[str] | None = None) -> int:
                 model = make_model(shape)
                 rows = random_rows(model.config.vocab_size, batch, seq, batch)
                 b = inference_breakdown(model, {"input_ids": torch.stack([r["input_ids"] for r in rows])})
-                entry["settings"][setting] = {"whole_run": b.to_dict(), "steady": b.to_dict()}
+                entry["settings"][setting] = {"whole_run": b.to_dict(), "steady": b.to_dict(),
+                                              "allocator_peak_bytes": b.tensors_total}  # fmt: skip
             else:
                 vocab = 49152 if shape == "smollm2" else 32000
                 rows = random_rows(vocab, batch, seq, batch * STEPS)
                 with tempfile.TemporaryDirectory() as tmp:
-                    entry["settings"][setting] = train_breakdown(shape, setting, rows, Path(tmp))
+                    entry["settings"][setting] = train_breakdown(shape, setting, rows, Path(tmp), options.loss_chunk)
             total = MemoryBreakdown(**entry["settings"][setting]["whole_run"]).tensors_total
             entry["settings"][setting]["tensors_total_bytes"] = total
-            print(f"[{shape}] {setting}: {total / MB:.1f} MiB", flush=True)
+            allocator = entry["settings"][setting].get("allocator_peak_bytes")
+            print(
+                f"[{shape}] {setting}: tensors {total / MB:.1f} MiB, allocator peak {allocator / MB:.1f} MiB",
+                flush=True,
+            )
         results["shapes"][shape] = entry
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
@@ -223,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 def format_table(shapes: dict) -> str:
     lines = [
         "| shape (batch x length) | setting | parameters | buffers | gradients | optimizer state | activations | total |"
-        " vs fp16 inference |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        " vs fp16 inference | allocator peak | vs fp16 inference |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for shape, entry in shapes.items():
         base = entry["settings"].get("fp16 inference", {}).get("tensors_total_bytes")
@@ -232,10 +265,12 @@ def format_table(shapes: dict) -> str:
             b = MemoryBreakdown(**r["whole_run"])
             cells = [getattr(b, p) / MB for p in MemoryBreakdown.TENSOR_PARTS] + [b.tensors_total / MB]
             ratio = f"x{b.tensors_total / base:.2f}" if base else ""
+            peak = r.get("allocator_peak_bytes")
+            peak_cells = f"{peak / MB:.1f} | x{peak / base:.2f}" if peak is not None and base else " | "
             lines.append(
                 f"| {shape} ({entry['batch']} x {entry['seq_len']}) | {setting} | "
                 + " | ".join(f"{c:.1f}" for c in cells)
-                + f" | {ratio} |"
+                + f" | {ratio} | {peak_cells} |"
             )
     return "\n".join(lines)
 

@@ -58,3 +58,22 @@ def run_isolated(script: str, name: str, extra_args: list[str]) -> dict[str, obj
 
 def mb(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.1f}"
+
+
+def allocator_peak_above_start(prof: torch.profiler.profile) -> int:
+    """Peak of the CPU allocator's allocated bytes during a ``torch.profiler`` run (``profile_memory=True``), above
+    what was allocated when it began: ``torch.cuda.max_memory_allocated`` minus the bytes at the start, on the CPU.
+
+    Read from the trace's ``[memory]`` events, one per allocation and free, each carrying the allocator's total, so
+    temporaries made and freed inside one operator count too.
+    """
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = [e for e in json.loads(Path(f.name).read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    totals = [e["args"]["Total Allocated"] for e in events]
+    start = totals[0] - events[0]["args"]["Bytes"]
+    return max(0, max(totals) - start)

@@ -22,11 +22,11 @@ import gc
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import allocator_peak_above_start
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANKS = {"20m": 64, "60m": 128}  # d / 4, as benchmarks/bench_galore.py
@@ -113,13 +113,8 @@ def measure_memory(a: argparse.Namespace) -> dict:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             opt.step()
         rss_peak = _vm("VmHWM")
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            prof.export_chrome_trace(f.name)
-            events = [e for e in json.loads(Path(f.name).read_text())["traceEvents"] if e.get("name") == "[memory]"]
-        totals = [e["args"]["Total Allocated"] for e in events]
-        before = totals[0] - events[0]["args"]["Bytes"]
         rows[name] = {
-            "tracked_peak_above_start_mb": (max(totals) - before) / 2**20,
+            "tracked_peak_above_start_mb": allocator_peak_above_start(prof) / 2**20,
             "rss_growth_during_step_mb": rss_peak - rss_before,
         }
         del runs, opt

@@ -575,11 +575,12 @@ def composed_setup(ctx: Context) -> dict[str, Any]:
             note += f"; model {model!r} not available offline here: LLaMA {shapes.llama or 'tiny'} used"
             model = None
         # the recipe's memory: section, plus the chunked LM loss: this check trains with the plain Trainer, where
-        # SFTTrainer would fuse the LM head loss itself
+        # SFTTrainer would fuse the LM head loss itself. 64 tokens a chunk, as benchmarks/bench_min_memory.py: at
+        # 1024 one chunk's logits and softmax lifted SmolLM2's CPU allocator peak to 1.38x fp16 inference
         from hf_memopt.tools.recipes.recipe import MemorySettings, build_dataclass, read_recipe_file
 
         memory = build_dataclass(MemorySettings, read_recipe_file(COMPOSED_RECIPE).get("memory") or {}, "memory")
-        memory.loss_chunk_size = 1024
+        memory.loss_chunk_size = 64
         if memory.freeze_modules and model is None:  # the LLaMA stand-ins have an untied head: frozen as the embedding
             memory.freeze_modules = [*memory.freeze_modules, "lm_head"]
         return {"source": str(COMPOSED_RECIPE), "configs": configs, "overrides": overrides,
