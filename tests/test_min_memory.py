@@ -73,12 +73,24 @@ def test_frozen_bf16_modules_hold_no_gradient_and_compute_as_the_rounded_weights
     assert model.model.layers[0].mlp.down_proj.weight.grad is not None
 
 
-def test_freezing_a_tied_embedding_freezes_the_head_with_it():
-    model = tiny_llama(seed=1)
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
+def test_freezing_a_tied_embedding_freezes_the_head_with_it_and_both_compute_as_before():
+    def tied():
+        model = tiny_llama(seed=1)
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        return model
+
+    model, reference = tied(), tied()
+    with torch.no_grad():
+        reference.lm_head.weight.copy_(reference.lm_head.weight.bfloat16().float())
     assert freeze_modules(model, ["embed_tokens"], "bfloat16") == ["model.embed_tokens.weight", "lm_head.weight"]
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.dtype == torch.bfloat16
+    # the model's own forward (its own loss, generation) multiplies the tied head in bfloat16 and returns float32
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits, reference(input_ids=ids).logits, rtol=2e-2, atol=2e-2)
+    assert model.generate(ids[:, :3], max_new_tokens=2, do_sample=False).shape == (2, 5)
 
 
 def test_composed_run_saves_a_plain_model_that_reloads_with_the_same_outputs(tmp_path):

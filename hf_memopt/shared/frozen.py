@@ -37,23 +37,29 @@ def freeze_modules(model: nn.Module, names: str | list[str], dtype: torch.dtype 
         raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or None; got {dtype!r}")
     modules = match_target_modules(model, names, allowed_types=(nn.Embedding, nn.Linear), field="freeze_modules")
     frozen_ids = set()
+    compute_dtypes = {}  # id(parameter) -> the dtype the model computed in before
     for module in modules.values():
         for p in module.parameters():
             p.requires_grad_(False)
             frozen_ids.add(id(p))
+            compute_dtypes[id(p)] = p.dtype
         if dtype is not None:
-            _store_in(module, dtype)
+            module.to(dtype)  # in place on the parameter's data: a tied parameter stays one tensor
+            _cast_around(module, dtype, compute_dtypes[id(module.weight)])
     frozen = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in frozen_ids]
     tied = [n for n in frozen if not any(n.startswith(f"{m}.") for m in modules)]
     if tied:
         logger.info("freeze_modules: %s share a weight with %s and are frozen with it", tied, list(modules))
+    if dtype is not None:  # a tied LM head now holds a `dtype` weight too: it casts like the module it shares with
+        for name in tied:
+            owner = model.get_submodule(name.rpartition(".")[0])
+            _cast_around(owner, dtype, compute_dtypes[id(model.get_parameter(name))])
     return frozen
 
 
-def _store_in(module: nn.Module, dtype: torch.dtype) -> None:
-    """Keep ``module``'s weights in ``dtype``; it reads and returns the dtype it computed in before."""
-    compute = module.weight.dtype
-    module.to(dtype)  # in place on the parameter's data: a tied parameter stays one tensor
+def _cast_around(module: nn.Module, dtype: torch.dtype, compute: torch.dtype) -> None:
+    """``module`` stores its weights in ``dtype``: it reads its inputs in ``dtype`` and returns ``compute``, the
+    dtype the model computed in before, so the rest of the model is unchanged."""
 
     def cast_input(mod, args):
         return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
