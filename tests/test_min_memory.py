@@ -24,7 +24,7 @@ def test_min_memory_recipes_load_with_their_memory_settings():
     recipe = load_recipe(RECIPE)
     (loqt,) = method_configs(recipe)
     assert isinstance(loqt, LoQTConfig) and loqt.layerwise and loqt.quant == "nf4"
-    assert recipe.memory == MemorySettings(freeze_modules=["embed_tokens"], frozen_dtype="bfloat16")
+    assert recipe.memory == MemorySettings(freeze_modules=["embed_tokens"], frozen_dtype="bfloat16", loss_chunk_size=64)
     assert recipe.training["optim"] == "adamw_bnb_8bit" and recipe.training["gradient_checkpointing"]
     assert recipe.training["max_grad_norm"] == 0.0
     galore = load_recipe(RECIPE.with_name("smollm2_min_memory_galore.yaml"))
@@ -38,7 +38,6 @@ def test_min_memory_recipes_load_with_their_memory_settings():
         ({"frozen_dtype": "bfloat16"}, "frozen_dtype needs freeze_modules"),
         ({"freeze_modules": ["embed_tokens"], "frozen_dtype": "int8"}, "frozen_dtype"),
         ({"loss_chunk_size": 0}, "loss_chunk_size"),
-        ({"loss_chunk_size": 512}, "pretraining recipes only"),  # an instruct recipe: TRL fuses its own head
         ({"freeze": ["embed_tokens"]}, "has no field 'freeze'"),
         ({"malloc_mmap_threshold": -1}, r"malloc_mmap_threshold must be an integer in \[0, 33554432\]"),
         ({"malloc_mmap_threshold": 64 * 2**20}, r"malloc_mmap_threshold must be an integer in \[0, 33554432\]"),
@@ -49,9 +48,58 @@ def test_bad_memory_settings_raise_one_line_naming_the_key(memory, match):
         load_recipe(RECIPE, sets=[f"memory={memory}"])
 
 
-def test_pretraining_recipe_takes_the_chunked_loss():
+def test_pretraining_recipe_takes_the_chunked_loss_and_a_glue_recipe_refuses_it():
     recipe = load_recipe(ROOT / "recipes" / "pretrain" / "llama_60m.yaml", sets=["memory.loss_chunk_size=1024"])
     assert recipe.memory.loss_chunk_size == 1024
+    with pytest.raises(RecipeError, match="memory.loss_chunk_size: pretraining and instruct recipes only"):
+        load_recipe(ROOT / "recipes" / "glue" / "rte.yaml", sets=["memory.loss_chunk_size=64"])
+
+
+def test_fused_head_token_tile_is_set_for_the_run_and_restored_after_an_error():
+    from trl.kernels import chunked_logprob
+
+    from hf_memopt.tools.recipes.instruct import fused_head_token_tile
+
+    default = chunked_logprob.TOKEN_CHUNK_SIZE
+    with pytest.raises(RuntimeError, match="boom"), fused_head_token_tile(8):
+        assert chunked_logprob.TOKEN_CHUNK_SIZE == 8
+        raise RuntimeError("boom")
+    assert chunked_logprob.TOKEN_CHUNK_SIZE == default
+    with pytest.raises(ValueError, match="loss_chunk_size must be an integer >= 1; got 0"), fused_head_token_tile(0):
+        pass
+
+
+def test_instruct_recipe_tiles_trls_fused_head_by_loss_chunk_size_with_the_same_losses(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+    from trl.kernels import chunked_logprob
+
+    from hf_memopt.tools.recipes.models import minilm_path
+    from hf_memopt.tools.recipes.run import run_recipe
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    tile_rows = []
+    fold = chunked_logprob._forward_tile
+    monkeypatch.setattr(
+        chunked_logprob, "_forward_tile", lambda tile, *a, **k: tile_rows.append(len(tile)) or fold(tile, *a, **k)
+    )
+
+    def run(chunk):
+        tile_rows.clear()
+        sets = [f"model={tmp_path / 'tiny'}", "data.train_limit=8", "data.eval_limit=4", "data.max_length=48",
+                "training.max_steps=2", "training.gradient_accumulation_steps=1", "training.logging_steps=1",
+                "training.save_strategy=no", f"output_dir={tmp_path / str(chunk)}",
+                *([f"memory.loss_chunk_size={chunk}"] if chunk else [])]  # fmt: skip
+        results = run_recipe(load_recipe(ROOT / "recipes" / "instruct" / "alpaca.yaml", sets=sets), progress=False)
+        return results, max(tile_rows)
+
+    default, default_rows = run(None)
+    tiled, tiled_rows = run(8)
+    assert tiled_rows == 8 < default_rows  # 4 sequences of up to 48 tokens: one tile by default
+    assert chunked_logprob.TOKEN_CHUNK_SIZE == 4096
+    assert tiled["metrics"]["loss"] == pytest.approx(default["metrics"]["loss"], rel=1e-5)
+    assert tiled["losses"] == pytest.approx(default["losses"], rel=1e-5)
 
 
 def test_frozen_bf16_modules_hold_no_gradient_and_compute_as_the_rounded_weights():

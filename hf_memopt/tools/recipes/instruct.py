@@ -6,16 +6,25 @@ Each Alpaca record becomes a conversational prompt-completion pair (user: instru
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from hf_memopt.shared.validation import check_int
 from hf_memopt.tools.recipes.data import load_alpaca
 from hf_memopt.tools.recipes.models import BASE_LICENSES, hub_id, resolve_model
 from hf_memopt.tools.recipes.result import RunResult, held_out_loss, measured_run_arguments, train_and_measure
 
-__all__ = ["CHATML_TEMPLATE", "alpaca_to_prompt_completion", "answer_instructions", "run_instruct"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "alpaca_to_prompt_completion",
+    "answer_instructions",
+    "fused_head_token_tile",
+    "run_instruct",
+]
 
 # Used only when the tokenizer has no chat template of its own (base checkpoints); SmolLM2-Instruct ships this
 # ChatML format, so the offline default and the fallback agree.
@@ -38,6 +47,43 @@ def alpaca_to_prompt_completion(record: dict[str, str]) -> dict[str, list[dict[s
     }
 
 
+@contextlib.contextmanager
+def fused_head_token_tile(tokens: int | None) -> Iterator[None]:
+    """Score at most ``tokens`` tokens per tile in TRL's fused LM head for the duration (None: TRL's own tiling).
+
+    ``SFTTrainer`` computes its loss with TRL's fused head (``trl.trainer.utils.add_fused_lm_head``), which never
+    builds the whole ``tokens x vocab`` logits but scores up to ``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE``
+    tokens (4096 in TRL 1.16) x 32768 vocabulary entries per tile: at SmolLM2's head and 4 x 512 tokens that tile
+    and its float32 temporaries peaked 2,235 MiB above the start of one forward + backward on CPU, against 193 MiB
+    with 64-token tiles and the same loss (docs/min_memory.md). The module constant is read at every call, so it is
+    set here and restored afterwards; a TRL without it is refused, naming the setting, rather than ignored.
+    """
+    if tokens is None:
+        yield
+        return
+    check_int("loss_chunk_size", tokens, 1)
+    chunked_logprob = _trl_fused_head_kernels()
+    before = chunked_logprob.TOKEN_CHUNK_SIZE
+    chunked_logprob.TOKEN_CHUNK_SIZE = tokens
+    try:
+        yield
+    finally:
+        chunked_logprob.TOKEN_CHUNK_SIZE = before
+
+
+def _trl_fused_head_kernels() -> Any:
+    """TRL's fused-head kernel module, refused (naming the setting) if it has no token tile to set."""
+    import trl
+    from trl.kernels import chunked_logprob
+
+    if not isinstance(getattr(chunked_logprob, "TOKEN_CHUNK_SIZE", None), int):
+        raise ValueError(
+            f"memory.loss_chunk_size: TRL {trl.__version__} has no fused-head token tile "
+            "(trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE) to set; remove memory.loss_chunk_size"
+        )
+    return chunked_logprob
+
+
 def run_instruct(
     method: Any = None,
     *,
@@ -58,6 +104,7 @@ def run_instruct(
     prepare_model: Any = None,
     sample_answers: int = 0,
     sample_answer_tokens: int = 96,
+    loss_chunk_size: int | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` (``smollm2`` offline, a Hub id, or a folder) on Alpaca-format ``data_path``.
 
@@ -67,12 +114,16 @@ def run_instruct(
     ``resume_from_checkpoint``: a checkpoint folder to continue from (``Trainer.train``'s argument).
     ``prepare_model(model)``: applied to the loaded model before the trainer is built (a recipe's ``memory:``).
     ``sample_answers``: after training, greedy answers (up to ``sample_answer_tokens`` new tokens) to the first N
-    held-out instructions, in ``RunResult.samples`` beside the reference answers.
+    held-out instructions, in ``RunResult.samples`` beside the reference answers. ``loss_chunk_size``: tokens per
+    tile of TRL's fused LM head (:func:`fused_head_token_tile`; a recipe's ``memory.loss_chunk_size``).
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    if loss_chunk_size is not None:  # refused before minutes of loading
+        check_int("loss_chunk_size", loss_chunk_size, 1)
+        _trl_fused_head_kernels()
     records = load_alpaca(data_path)
     if eval_limit < 0 or eval_limit >= len(records):
         raise ValueError(f"eval_limit must be in [0, {len(records) - 1}] for {len(records)} records; got {eval_limit}")
@@ -123,9 +174,10 @@ def run_instruct(
         "datasets": data_path if data_path and not os.path.exists(data_path) else None,  # a Hub dataset id
     }
     evaluate = held_out_loss if dev is not None else None
-    result = train_and_measure(
-        trainer, method, extra_methods, evaluate, card=card, resume_from_checkpoint=resume_from_checkpoint
-    )
+    with fused_head_token_tile(loss_chunk_size):
+        result = train_and_measure(
+            trainer, method, extra_methods, evaluate, card=card, resume_from_checkpoint=resume_from_checkpoint
+        )
     result.samples = answer_instructions(trainer.model, tokenizer, held_out[:sample_answers], sample_answer_tokens)
     return result
 

@@ -175,8 +175,10 @@ class MemorySettings:
         frozen_dtype: store the frozen modules in ``bfloat16`` or ``float16`` (their inputs and outputs are cast, so
             the rest of the model computes as before); None: as loaded.
         loss_chunk_size: compute the causal-LM loss this many tokens at a time, never holding the full
-            tokens x vocab logits (``hf_memopt.shared.chunked_loss``); None: the model's own loss. Pretraining only:
-            TRL's ``SFTTrainer`` (instruct recipes) computes its loss with its own fused LM head already.
+            tokens x vocab logits: pretraining recipes with ``hf_memopt.shared.chunked_loss`` (None: the model's own
+            loss); instruct recipes, whose ``SFTTrainer`` computes the loss with TRL's fused LM head already, by
+            setting that head's token tile (``hf_memopt.tools.recipes.instruct.fused_head_token_tile``; None: TRL's
+            4096). Not for GLUE (a classification head has no vocabulary-sized logits).
         malloc_mmap_threshold: fix glibc malloc's mmap threshold at this many bytes (0 to 32 MiB) before the model
             is loaded, so freed buffers above it go back to the system instead of staying in the process's resident
             set (``hf_memopt.tools.host_memory``; CPU peak RSS, at some allocation time); None: glibc's default.
@@ -717,13 +719,11 @@ def load_recipe(
     if not isinstance(output_dir, str):
         raise RecipeError(f"output_dir must be a path; got {output_dir!r}")
     memory = build_dataclass(MemorySettings, raw.get("memory") or {}, "memory")
-    if memory.loss_chunk_size is not None and task != "pretrain":
-        why = (
-            "TRL's SFTTrainer computes the instruct loss with its own fused LM head already"
-            if task == "instruct"
-            else ("a classification head has no vocabulary-sized logits")
+    if memory.loss_chunk_size is not None and task == "glue":
+        raise RecipeError(
+            "memory.loss_chunk_size: pretraining and instruct recipes only (a classification head has no "
+            "vocabulary-sized logits); remove it"
         )
-        raise RecipeError(f"memory.loss_chunk_size: pretraining recipes only ({why}); remove it")
     save_model = coerce(raw.get("save_model", False), bool)
     try:
         check_bool("save_model", save_model)

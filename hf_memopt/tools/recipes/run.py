@@ -78,10 +78,13 @@ def run_recipe(
 
         set_malloc_mmap_threshold(recipe.memory.malloc_mmap_threshold)
     user_prepare = prepare_model
-    if recipe.memory != type(recipe.memory)():  # the recipe's memory: section, applied before any user wrapping
+    memory = recipe.memory
+    if recipe.task == "instruct":  # SFTTrainer's fused LM head takes the loss chunk (run_instruct), not the model
+        memory = dataclasses.replace(memory, loss_chunk_size=None)
+    if memory != type(memory)():  # the recipe's memory: section, applied before any user wrapping
 
         def prepare_model(model):
-            model = recipe.memory.prepare(model)
+            model = memory.prepare(model)
             return user_prepare(model) if user_prepare is not None else model
 
     # writable run folder, reachable models: before minutes of loading
@@ -130,6 +133,7 @@ def run_recipe(
             prepare_model=prepare_model,
             sample_answers=data.sample_answers,
             sample_answer_tokens=data.sample_answer_tokens,
+            loss_chunk_size=recipe.memory.loss_chunk_size,
         )
     else:
         from hf_memopt.tools.recipes.pretrain import run_pretrain
