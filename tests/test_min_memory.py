@@ -69,6 +69,18 @@ def test_fused_head_token_tile_is_set_for_the_run_and_restored_after_an_error():
         pass
 
 
+def test_a_trl_without_the_fused_head_tile_is_refused_naming_the_setting(monkeypatch):
+    import sys
+
+    from hf_memopt.tools.recipes.instruct import fused_head_token_tile
+
+    monkeypatch.setitem(sys.modules, "trl.kernels.chunked_logprob", None)  # as if TRL had no such module
+    monkeypatch.delattr("trl.kernels.chunked_logprob", raising=False)
+    with pytest.raises(ValueError, match="memory.loss_chunk_size: TRL .* has no fused-head token tile"):
+        with fused_head_token_tile(64):
+            pass
+
+
 def test_instruct_recipe_tiles_trls_fused_head_by_loss_chunk_size_with_the_same_losses(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
     from trl.kernels import chunked_logprob

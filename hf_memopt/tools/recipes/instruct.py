@@ -74,8 +74,11 @@ def fused_head_token_tile(tokens: int | None) -> Iterator[None]:
 def _trl_fused_head_kernels() -> Any:
     """TRL's fused-head kernel module, refused (naming the setting) if it has no token tile to set."""
     import trl
-    from trl.kernels import chunked_logprob
 
+    try:
+        from trl.kernels import chunked_logprob
+    except ImportError:  # TRL releases before the fused head
+        chunked_logprob = None
     if not isinstance(getattr(chunked_logprob, "TOKEN_CHUNK_SIZE", None), int):
         raise ValueError(
             f"memory.loss_chunk_size: TRL {trl.__version__} has no fused-head token tile "
