@@ -9,6 +9,11 @@ after equal updates, at least 300. The two runs::
     hf-memopt train recipes/instruct/smollm2_min_memory.yaml --method adamw --set 'memory={}' \\
         --set training.learning_rate=2.0e-5 --set training.max_grad_norm=1.0 --set training.gradient_checkpointing=false
     python benchmarks/min_memory_loss.py
+
+With ``--composed-start`` / ``--adamw-start`` (run folders of the same commands with ``--set training.max_steps=1
+--set training.learning_rate=0.0 --set output_dir=...``: one update that changes nothing, then the held-out loss) the
+held-out loss each run started from is recorded and plotted at update 0: for the composed recipe that is the
+quantized model's, so the gap it starts with is told apart from what training adds to it.
 """
 
 from __future__ import annotations
@@ -24,12 +29,20 @@ TARGET_PERCENT = 3.0
 MIN_UPDATES = 300
 
 
-def summarise(runs: dict[str, dict[str, Any]], *, reference: str = "adamw", min_updates: int = MIN_UPDATES) -> dict:
+def summarise(
+    runs: dict[str, dict[str, Any]],
+    *,
+    reference: str = "adamw",
+    min_updates: int = MIN_UPDATES,
+    starts: dict[str, float] | None = None,
+) -> dict:
     """Held-out loss, its gap to ``reference`` in per cent, tensor bytes and time per update of each run.
 
     Refuses runs that did not finish (no held-out loss) or that stopped at different update counts or below
-    ``min_updates``: the target is a comparison after equal updates.
+    ``min_updates``: the target is a comparison after equal updates. ``starts``: held-out loss before training, by
+    run name (optional).
     """
+    starts = starts or {}
     if reference not in runs:
         raise ValueError(f"runs must include the reference run {reference!r}; got {sorted(runs)}")
     for name, r in runs.items():
@@ -46,6 +59,7 @@ def summarise(runs: dict[str, dict[str, Any]], *, reference: str = "adamw", min_
         rows[name] = {
             "held_out_loss": held_out,
             "gap_percent": 100.0 * (held_out - base) / base,
+            "held_out_loss_before_training": starts.get(name),
             "tensor_bytes": {k: memory.get(k, 0) for k in TENSOR_CATEGORIES},
             "tensor_total_bytes": sum(memory.get(k, 0) for k in TENSOR_CATEGORIES),
             "peak_process_bytes": memory.get("peak_process"),
@@ -91,8 +105,13 @@ def plot(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, curve in summary["curves"].items():
         (line,) = ax.plot(curve["steps"], curve["losses"], label=f"{name} (training loss)", linewidth=1)
-        ax.scatter([summary["updates"]], [summary["rows"][name]["held_out_loss"]], color=line.get_color(), zorder=3,
-                   label=f"{name} held-out: {summary['rows'][name]['held_out_loss']:.3f}")  # fmt: skip
+        row = summary["rows"][name]
+        steps, losses = [summary["updates"]], [row["held_out_loss"]]
+        label = f"{name} held-out: {row['held_out_loss']:.3f}"
+        if row.get("held_out_loss_before_training") is not None:
+            steps, losses = [0, *steps], [row["held_out_loss_before_training"], *losses]
+            label = f"{name} held-out: {losses[0]:.3f} before, {losses[1]:.3f} after"
+        ax.scatter(steps, losses, color=line.get_color(), zorder=3, label=label)
     ax.set_xlabel("update (4 sequences of up to 512 tokens)")
     ax.set_ylabel("loss")
     ax.set_title("SmolLM2-135M on the bundled Alpaca data: composed recipe vs AdamW")
@@ -108,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = "out/instruct/smollm2_min_memory"
     parser.add_argument("--composed", default=f"{base}/loqt", help="run folder of the composed recipe")
     parser.add_argument("--adamw", default=f"{base}/adamw", help="run folder of the AdamW run")
+    parser.add_argument("--composed-start", help="run folder of the composed command at lr 0 for one update")
+    parser.add_argument("--adamw-start", help="run folder of the AdamW command at lr 0 for one update")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/min_memory_loss.json"))
     parser.add_argument("--figure", default=str(ROOT / "docs/figures/min_memory_loss.png"))
     args = parser.parse_args(argv)
@@ -117,8 +138,15 @@ def main(argv: list[str] | None = None) -> dict:
         if not path.exists():
             raise SystemExit(f"--{name}: {path} does not exist; run the command in this script's docstring first")
         runs[name] = json.loads(path.read_text())
+    starts = {}
+    for name, folder in (("composed", args.composed_start), ("adamw", args.adamw_start)):
+        if folder is not None:
+            path = Path(folder) / "results.json"
+            if not path.exists():
+                raise SystemExit(f"--{name}-start: {path} does not exist")
+            starts[name] = json.loads(path.read_text())["metrics"]["loss"]
     try:
-        summary = summarise(runs)
+        summary = summarise(runs, starts=starts)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

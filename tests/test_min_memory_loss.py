@@ -64,3 +64,17 @@ def test_main_writes_the_json_the_figure_and_prints_the_table(report, tmp_path, 
 def test_a_missing_run_folder_names_the_option(report, tmp_path):
     with pytest.raises(SystemExit, match="--composed"):
         report.main(["--composed", str(tmp_path / "nothing"), "--adamw", str(tmp_path)])
+
+
+def test_the_held_out_loss_before_training_is_recorded_beside_the_gap(report, tmp_path):
+    for name, loss in (("loqt", 1.55), ("adamw", 1.5), ("loqt0", 1.85), ("adamw0", 1.64)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_results(loss, parameters=10)))
+    summary = report.main(["--composed", str(tmp_path / "loqt"), "--adamw", str(tmp_path / "adamw"),
+                           "--composed-start", str(tmp_path / "loqt0"), "--adamw-start", str(tmp_path / "adamw0"),
+                           "--output", str(tmp_path / "o.json"), "--figure", str(tmp_path / "o.png")])  # fmt: skip
+    assert summary["rows"]["composed"]["held_out_loss_before_training"] == 1.85
+    assert summary["rows"]["adamw"]["held_out_loss_before_training"] == 1.64
+    with pytest.raises(SystemExit, match="--adamw-start"):
+        report.main(["--composed", str(tmp_path / "loqt"), "--adamw", str(tmp_path / "adamw"),
+                     "--adamw-start", str(tmp_path / "nothing")])  # fmt: skip
