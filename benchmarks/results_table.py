@@ -247,6 +247,13 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
         borrowed = load_recipe(recipe_path(task), sets, row.lr_of).training["learning_rate"]
         sets.append(f"training.learning_rate={borrowed}")
     recipe = load_recipe(recipe_path(task), sets, row.method)
+    if lr is not None and float(recipe.training["learning_rate"]) != float(lr):
+        # the recipe's method_training sets this method's own rate over training.learning_rate (LoQT, BlockLLM)
+        sets.append(f"method_training.{row.method}.learning_rate={lr}")
+        recipe = load_recipe(recipe_path(task), sets, row.method)
+        if float(recipe.training["learning_rate"]) != float(lr):
+            raise RuntimeError(f"{task} / {row_name}: the sweep's learning rate {lr} does not reach the recipe "
+                               f"(it trains at {recipe.training['learning_rate']})")  # fmt: skip
     prepare = (lambda model: row.prepare(model, recipe)) if row.prepare else None
     optimizers = (lambda model, args: row.optimizers(model, args, recipe)) if row.optimizers else None
     command = f"python benchmarks/results_table.py cell {task} {row_name} --schedule {schedule_name} --seed {seed}"

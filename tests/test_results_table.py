@@ -274,3 +274,14 @@ def test_a_missing_peer_library_is_named_with_the_extra_that_installs_it(rt):
     with pytest.raises(ModuleNotFoundError, match=r"the apollo-torch row needs apollo-torch: pip install -e '\.\[bench\]'"):
         rt._peer("apollo_torch_is_not_installed", "apollo-torch")
     assert rt._peer("json", "json").dumps([]) == "[]"
+
+
+def test_a_sweep_cell_trains_at_the_swept_rate_even_where_the_recipe_sets_the_methods_own(rt, tmp_path, monkeypatch):
+    import json
+
+    # recipes/glue/rte.yaml gives LoQT its own rate (method_training.loqt.learning_rate 5e-4) over training's
+    monkeypatch.setitem(rt.SCHEDULE_PROFILES, "short", (rt.SCHEDULES, tmp_path / "short"))
+    monkeypatch.setattr(sys, "argv", ["results_table.py", "cell", "rte", "loqt", "--smoke", "--lr", "1e-4"])
+    rt.main()
+    (cell_file,) = (tmp_path / "short_smoke" / "rte").glob("loqt@lr*.json")
+    assert json.loads(cell_file.read_text())["learning_rate"] == 1e-4
