@@ -111,8 +111,16 @@ def launch_ranks(script: str, out, world: int, **env_overrides: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     env.update(env_overrides)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", script, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={world}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        script,
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -145,3 +153,19 @@ def refusal_of(run) -> dict | None:
     except Exception as err:  # noqa: BLE001 - the caller checks the type
         return {"type": type(err).__name__, "message": str(err)}
     return None
+
+
+def allocator_peak_of(work) -> int:
+    """Bytes the CPU allocator held above its start at the peak of ``work()`` (transients included; the CPU's
+    ``torch.cuda.max_memory_allocated``), read as the benchmarks read it (``benchmarks/common.py``)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from common import allocator_peak_above_start
+    finally:
+        sys.path.pop(0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    return allocator_peak_above_start(prof)

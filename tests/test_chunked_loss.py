@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import allocator_peak_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_memopt.shared.chunked_loss import chunked_linear_cross_entropy, use_chunked_lm_loss
@@ -87,6 +88,27 @@ def test_chunked_loss_saves_no_logits_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, labels=labels).loss.backward()
     assert vocab_sized == []
+
+
+@pytest.mark.parametrize("head_dtype", [torch.float32, torch.bfloat16])
+def test_at_most_one_chunk_of_float32_logits_is_alive_at_a_time(head_dtype):
+    """The loss's transient peak is one chunk's float32 logits (+ its 16-bit product for a 16-bit head): log-sum-exp
+    and softmax are taken in place and a chunk is freed before the next is made. Before, three chunks were alive at
+    the start of backward (the previous chunk, the upcast logits and their softmax): at SmolLM2's head, 4 x 128
+    tokens, the composed recipe's true peak was that much higher (docs/min_memory.md)."""
+    torch.manual_seed(0)
+    vocab, width, tokens, chunk = 8192, 32, 256, 32
+    weight = torch.randn(vocab, width).to(head_dtype)
+    hidden = torch.randn(tokens, width, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+    chunk_bytes = chunk * vocab * 4
+    chunked_linear_cross_entropy(hidden, weight, labels, chunk).backward()  # warm-up
+    hidden.grad = None
+    peak = allocator_peak_of(lambda: chunked_linear_cross_entropy(hidden, weight, labels, chunk).backward())
+    product = chunk_bytes // 2 if head_dtype == torch.bfloat16 else 0
+    # the hidden states' gradient and a chunk's copy; the CPU matmul's packed copy of a 16-bit weight; bookkeeping
+    small = 2 * tokens * width * 4 + (weight.numel() * 2 if head_dtype == torch.bfloat16 else 0) + (1 << 16)
+    assert chunk_bytes <= peak <= chunk_bytes + product + small, (peak, chunk_bytes)
 
 
 def test_logit_transforms_and_bad_chunk_sizes_are_refused():

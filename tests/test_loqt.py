@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TokenDataset, tiny_bert_classifier, tiny_llama, training_args
+from conftest import TokenDataset, allocator_peak_of, tiny_bert_classifier, tiny_llama, training_args
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainerCallback
 
@@ -148,6 +148,21 @@ def test_layer_forward_and_backward_match_float64_reference(quant, side):
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.B.grad.double(), b.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad.double(), gy.double().sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_forward_adds_the_low_rank_path_into_the_frozen_product_without_output_sized_temporaries(side):
+    """Beyond its output, the forward allocates only the dequantized weight and the rank-wide x B^T (x P^T): the
+    low-rank product, its scaled copy and their sum would be three more output-sized tensors, alive at once at the
+    recomputed layer's peak under gradient checkpointing (docs/min_memory.md, the composed recipe's true peak)."""
+    _, layer = _layer(quant="int8", side=side, rank=4, m=256, n=32)
+    _set_factors(layer)
+    x = torch.randn(4096, 32, requires_grad=True)
+    layer(x).sum().backward()  # warm-up
+    peak = allocator_peak_of(lambda: layer(x))
+    output, weight, rank_wide = 4096 * 256 * 4, 256 * 32 * 4, 4096 * 4 * 4
+    assert output <= peak <= output + weight + rank_wide + (1 << 16)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

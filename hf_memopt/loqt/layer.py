@@ -187,14 +187,13 @@ class LoQTLinear(nn.Module):
         B = self.B.detach() if collecting else self.B
         anchor = torch.zeros((), device=x.device, requires_grad=True) if collecting else None
         y = _FrozenLinear.apply(x, self, anchor)
-        P = self.projector(x.dtype)
-        if self.side == "left":
-            low = F.linear(F.linear(x, B.to(x.dtype)), P)
-        else:
-            low = F.linear(F.linear(x, P), B.to(x.dtype))
-        y = y + self.scale * low
+        P, B = self.projector(x.dtype), B.to(x.dtype)
+        inner, outer = (B, P) if self.side == "left" else (P, B)  # s P B x = s * outer (inner x)
+        # Added into y in place (one fused matmul-add): an m-wide product, its scaled copy and their sum would be
+        # three more output-sized tensors alive at once, at the recomputed layer's peak under checkpointing.
+        y.view(-1, self.out_features).addmm_(F.linear(x, inner).reshape(-1, self.rank), outer.t(), alpha=self.scale)
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            y.add_(self.bias.to(y.dtype))
         return y
 
     # ---- merge ----------------------------------------------------------------------------------------------------

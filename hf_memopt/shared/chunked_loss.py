@@ -4,7 +4,8 @@ A causal LM's loss is ``CE(h W^T, y)`` over every position: with a 49k or 32k vo
 4 x 256 batch are 128-200 MiB, and autograd keeps them (or their log-softmax) until backward. Here the forward
 computes the loss ``chunk_size`` tokens at a time and saves only the final hidden states; backward recomputes each
 chunk's logits and turns them into the gradients of the hidden states and of the head weight
-(d/dz CE = softmax(z) - onehot(y)). Peak extra memory is one chunk's logits, at the price of a second head matmul.
+(d/dz CE = softmax(z) - onehot(y)). Peak extra memory is one chunk's float32 logits (log-sum-exp and softmax are
+taken in place) plus, for a 16-bit head, the chunk's 16-bit product, at the price of a second head matmul.
 This is the technique of Liger-Kernel's ``FusedLinearCrossEntropy`` and TRL's ``add_fused_lm_head`` (which
 ``SFTTrainer`` installs by itself); this module gives the plain ``Trainer`` the same, without either dependency.
 
@@ -37,6 +38,19 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``logsumexp`` of a fresh chunk of logits, overwriting it with ``exp(z - max)``: ``torch.logsumexp``
+    would allocate a second chunk-sized tensor (the exponentials), which is the largest transient of the loss."""
+    top = logits.amax(dim=1, keepdim=True)
+    return logits.sub_(top).exp_().sum(dim=1).log_() + top.squeeze(1)
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise softmax of a fresh chunk of logits, in place (``torch.softmax`` returns a second chunk)."""
+    logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=1, keepdim=True))
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum over counted tokens of ``-log softmax(h W^T)[y]``, chunk by chunk; backward recomputes each chunk."""
 
@@ -48,7 +62,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = _upcast(h.to(weight.dtype) @ weight.t())
             counted = y != IGNORE_INDEX
             picked = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += ((torch.logsumexp(logits, dim=1) - picked) * counted).sum()
+            total += ((_logsumexp_(logits) - picked) * counted).sum()
+            del logits  # before the next chunk's are made, or two chunks are alive at once
         ctx.save_for_backward(hidden, weight, labels)
         ctx.chunk_size = chunk_size
         return total
@@ -61,7 +76,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=_upcast(weight).dtype, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             h, y = hidden[start : start + ctx.chunk_size], labels[start : start + ctx.chunk_size]
-            dz = torch.softmax(_upcast(h.to(weight.dtype) @ weight.t()), dim=1)  # d CE / d logits = softmax - onehot(y)
+            dz = _softmax_(_upcast(h.to(weight.dtype) @ weight.t()))  # d CE / d logits = softmax - onehot(y)
             counted = y != IGNORE_INDEX
             dz[torch.arange(len(y), device=y.device)[counted], y[counted]] -= 1.0
             dz *= (counted * grad_total).unsqueeze(1)
@@ -69,6 +84,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_h[start : start + ctx.chunk_size] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
                 grad_w += dz.t() @ _upcast(h)
+            del dz  # before the next chunk's are made, or two chunks are alive at once
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
 
 
