@@ -174,7 +174,8 @@ def test_composed_run_saves_a_plain_model_that_reloads_with_the_same_outputs(tmp
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
 
 
-def test_estimate_predicts_the_measured_composed_run_within_15_percent(tmp_path):
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_estimate_predicts_the_measured_composed_run_within_15_percent(tmp_path, quant):
     """``hf-memopt estimate`` with the recipe's settings against the memory report of the same run (tiny LLaMA,
     batch 4 x 16; the report restarted after update 0, LoQT's initialisation)."""
     from hf_memopt import MemoryReportCallback
@@ -188,7 +189,7 @@ def test_estimate_predicts_the_measured_composed_run_within_15_percent(tmp_path)
                 self._activations.peak = self._gradients.peak = 0
 
     settings = {"freeze_modules": ["embed_tokens", "lm_head"], "frozen_dtype": "bfloat16", "loss_chunk_size": 16}
-    loqt = {"rank": 4, "quant": "nf4", "merge_every": 50, "layerwise": True}
+    loqt = {"rank": 4, "quant": quant, "merge_every": 50, "layerwise": True}
     model = tiny_llama(seed=2, hidden=64, vocab=256)
     freeze_modules(model, settings["freeze_modules"], settings["frozen_dtype"])
     use_chunked_lm_loss(model, settings["loss_chunk_size"])

@@ -11,9 +11,10 @@ or a persistent buffer, so ``state_dict`` / safetensors checkpoints carry it exa
 * ``pending_weight`` (non-persistent, so never in a checkpoint): the full-precision W kept until the initialising
   merge when ``init_weight="full_precision"``; a buffer so that memory reports count it and ``.to()`` moves it.
 
-The frozen product x W_q^T runs through :class:`_FrozenLinear`, which dequantizes the weight again in backward instead
-of saving it (no m x n tensor is kept per layer between forward and backward) and, while the layer is collecting a
-gradient for a merge, forms that layer's weight gradient G = grad_y^T x inside backward. G is reduced to its top-r
+The layer's product runs through :class:`_LoQTProduct`, which dequantizes the weight again in backward instead of
+saving it (no m x n tensor is kept per layer between forward and backward), adds the low-rank term into the frozen
+product in place and, while the layer is collecting a gradient for a merge, forms that layer's weight gradient
+G = grad_y^T x inside backward. G is reduced to its top-r
 singular vectors there and then, so at most one layer's full gradient exists at a time (per micro-batch; with gradient
 accumulation each layer keeps one running sum during the merge step's window).
 """
@@ -37,31 +38,44 @@ __all__ = ["LoQTLinear", "quantize_with_error_compensation"]
 logger = logging.getLogger(__name__)
 
 
-class _FrozenLinear(torch.autograd.Function):
-    """x W^T for the frozen (quantized) weight of a :class:`LoQTLinear`.
+class _LoQTProduct(torch.autograd.Function):
+    """y = x W^T + bias + s * a O^T for a :class:`LoQTLinear`: W its frozen (quantized) weight, ``a`` the rank-wide
+    ``x I^T`` (I, O = B, P for ``side="left"``, P, B for ``"right"``; O is m x r), computed outside by autograd.
+
+    One function rather than autograd's F.linear + matmul + scale + add: the low-rank term is added into the frozen
+    product in place (one fused matmul-add), so forward makes one output-sized tensor instead of four, and backward
+    none beyond the gradients it returns (an in-place add on a view of the output would cost two in backward). W is
+    dequantized again in backward instead of being saved (no m x n tensor is kept per layer between the passes).
 
     ``anchor`` is given while the layer collects its weight gradient: a fresh scalar leaf that requires grad, so
-    backward runs even when ``x`` does not need a gradient (its own gradient is returned as None; it is not a
-    parameter, so no parameter hook sees a None gradient).
+    backward runs even when nothing else needs a gradient (its own gradient is returned as None; it is not a
+    parameter, so no parameter hook sees a None gradient). Backward then also forms G = grad_y^T x, the gradient of
+    the layer's whole weight, and hands it to the layer.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: LoQTLinear, anchor: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x, a, outer, bias, layer: LoQTLinear, anchor: torch.Tensor | None) -> torch.Tensor:
         ctx.layer = layer
         ctx.collect = anchor is not None
-        if ctx.collect:
-            ctx.save_for_backward(x)
-        return F.linear(x, layer.frozen_weight(x.dtype))
+        ctx.save_for_backward(x if ctx.collect else None, a, outer)
+        y = F.linear(x, layer.frozen_weight(x.dtype), None if bias is None else bias.to(x.dtype))
+        y.view(-1, layer.out_features).addmm_(a.reshape(-1, layer.rank), outer.t(), alpha=layer.scale)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         layer: LoQTLinear = ctx.layer
-        grad_x = grad_out @ layer.frozen_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        x, a, outer = ctx.saved_tensors
+        need_x, need_a, need_outer, need_bias = ctx.needs_input_grad[:4]
+        flat = grad_out.reshape(-1, layer.out_features)
+        grad_x = grad_out @ layer.frozen_weight(grad_out.dtype) if need_x else None
+        grad_a = (flat @ outer).mul_(layer.scale).view(a.shape) if need_a else None
+        grad_outer = (flat.t() @ a.reshape(-1, layer.rank)).mul_(layer.scale) if need_outer else None
+        grad_bias = flat.sum(dim=0) if need_bias else None
         if ctx.collect:
-            (x,) = ctx.saved_tensors
-            grad_w = grad_out.reshape(-1, layer.out_features).t().float() @ x.reshape(-1, layer.in_features).float()
+            grad_w = flat.t().float() @ x.reshape(-1, layer.in_features).float()
             layer._add_weight_gradient(grad_w)
-        return grad_x, None, None
+        return grad_x, grad_a, grad_outer, grad_bias, None, None
 
 
 class LoQTLinear(nn.Module):
@@ -186,15 +200,9 @@ class LoQTLinear(nn.Module):
         # While collecting the merge gradient, B gets no gradient: its update would be in the basis being replaced.
         B = self.B.detach() if collecting else self.B
         anchor = torch.zeros((), device=x.device, requires_grad=True) if collecting else None
-        y = _FrozenLinear.apply(x, self, anchor)
         P, B = self.projector(x.dtype), B.to(x.dtype)
         inner, outer = (B, P) if self.side == "left" else (P, B)  # s P B x = s * outer (inner x)
-        # Added into y in place (one fused matmul-add): an m-wide product, its scaled copy and their sum would be
-        # three more output-sized tensors alive at once, at the recomputed layer's peak under checkpointing.
-        y.view(-1, self.out_features).addmm_(F.linear(x, inner).reshape(-1, self.rank), outer.t(), alpha=self.scale)
-        if self.bias is not None:
-            y.add_(self.bias.to(y.dtype))
-        return y
+        return _LoQTProduct.apply(x, F.linear(x, inner), outer, self.bias, self, anchor)
 
     # ---- merge ----------------------------------------------------------------------------------------------------
 
