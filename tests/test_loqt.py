@@ -151,6 +151,35 @@ def test_layer_forward_and_backward_match_float64_reference(quant, side):
     torch.testing.assert_close(layer.bias.grad.double(), gy.double().sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(20,), (5, 20), (2, 5, 20), (2, 3, 5, 20)], ids=["1d", "2d", "3d", "4d"])
+def test_output_takes_in_place_ops_and_keeps_its_gradients(shape):
+    """An in-place ReLU (or residual add) after the layer works for every input rank, as after nn.Linear."""
+    _, layer = _layer(quant="int8", side="left")
+    _set_factors(layer)
+    x = torch.randn(*shape, requires_grad=True)
+    torch.relu_(layer(x)).sum().backward()
+    w = layer.effective_weight().double()
+    x64 = x.detach().double().requires_grad_(True)
+    torch.relu(x64 @ w.t() + layer.bias.detach().double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_autocast_computes_every_product_in_its_dtype_as_before(side):
+    """Under bf16 autocast (the Trainer's ``bf16=True``) the layer computes in bf16 and trains B, as nn.Linear would."""
+    _, layer = _layer(quant="int8", side=side)
+    _set_factors(layer)
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    expected = x.detach() @ layer.effective_weight().t() + layer.bias.detach()
+    torch.testing.assert_close(y.float(), expected, rtol=3e-2, atol=3e-2)
+    assert x.grad.dtype == torch.float32 and layer.B.grad.dtype == torch.float32
+    assert layer.B.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_forward_and_backward_make_no_output_sized_temporaries(side):
     """Beyond its output, forward allocates only the dequantized weight and the rank-wide x I^T, and backward only

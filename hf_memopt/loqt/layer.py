@@ -58,8 +58,12 @@ class _LoQTProduct(torch.autograd.Function):
         ctx.layer = layer
         ctx.collect = anchor is not None
         ctx.save_for_backward(x if ctx.collect else None, a, outer)
-        y = F.linear(x, layer.frozen_weight(x.dtype), None if bias is None else bias.to(x.dtype))
+        # No bias in F.linear: with one it returns a view for 1-D / 3-D / 4-D inputs, and autograd refuses in-place
+        # ops on a view a custom function returned (an in-place ReLU or residual add after this layer would fail).
+        y = F.linear(x, layer.frozen_weight(x.dtype))
         y.view(-1, layer.out_features).addmm_(a.reshape(-1, layer.rank), outer.t(), alpha=layer.scale)
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
         return y
 
     @staticmethod
@@ -196,6 +200,15 @@ class LoQTLinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            # Autocast does not cast the operands of _LoQTProduct's in-place matmul-add: compute as it would (every
+            # product in its dtype, as nn.Linear under autocast) by casting x here and running without it.
+            with torch.autocast(device, enabled=False):
+                return self._product(x.to(torch.get_autocast_dtype(device)))
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         collecting = self.collecting and torch.is_grad_enabled()
         # While collecting the merge gradient, B gets no gradient: its update would be in the basis being replaced.
         B = self.B.detach() if collecting else self.B

@@ -42,6 +42,7 @@ def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
     """Row-wise ``logsumexp`` of a fresh chunk of logits, overwriting it with ``exp(z - max)``: ``torch.logsumexp``
     would allocate a second chunk-sized tensor (the exponentials), which is the largest transient of the loss."""
     top = logits.amax(dim=1, keepdim=True)
+    top.masked_fill_(top.isinf(), 0.0)  # as torch.logsumexp: a row holding +inf sums to +inf, not NaN
     return logits.sub_(top).exp_().sum(dim=1).log_() + top.squeeze(1)
 
 
