@@ -62,6 +62,8 @@ SETTINGS = ("fp16 inference", "adamw fp32", "careful user", "composed", "compose
 STEPS = 3  # update 0 (LoQT's initialisation), then the steady updates 1 and 2 are measured
 LOSS_CHUNK = 64  # tokens: one chunk's logits (64 x 49152 x 4 bytes = 12 MiB at SmolLM2) stay far below inference's
 RANK = 64
+LOQT_QUANT = {"composed": "nf4", "composed int8": "int8"}  # the LoQT settings and their weight format
+CHUNKED_LOSS = (*LOQT_QUANT, "galore path")  # the settings with frozen bf16 embeddings, checkpointing, chunked loss
 
 
 def make_model(shape: str) -> torch.nn.Module:
@@ -165,15 +167,15 @@ def train_breakdown(shape: str, setting: str, rows, out_dir: Path, loss_chunk: i
     if setting == "careful user":
         model = model.to(torch.bfloat16)
         args.update(optim="adamw_bnb_8bit", gradient_checkpointing=True)
-    elif setting in ("composed", "composed int8", "galore path"):
+    elif setting in CHUNKED_LOSS:
         freeze_modules(
             model, ["embed_tokens"] + ([] if model.config.tie_word_embeddings else ["lm_head"]), dtype=torch.bfloat16
         )
         use_chunked_lm_loss(model, loss_chunk)
         args.update(gradient_checkpointing=True, max_grad_norm=0.0)
-        if setting in ("composed", "composed int8"):
+        if setting in LOQT_QUANT:
             args.update(optim="adamw_bnb_8bit")
-            quant = "int8" if setting == "composed int8" else "nf4"
+            quant = LOQT_QUANT[setting]
             configs = [LoQTConfig(rank=RANK, quant=quant, merge_every=50, layerwise=True, init_weight="quantized")]
         else:
             configs = [
@@ -197,7 +199,7 @@ def train_breakdown(shape: str, setting: str, rows, out_dir: Path, loss_chunk: i
         "whole_run": whole_run.to_dict(),
         "steady": report.breakdown.to_dict(),
         "allocator_peak_bytes": allocator.peak,  # whole run, transients included (AllocatorPeak)
-        "loss_chunk_size": loss_chunk if setting in ("composed", "composed int8", "galore path") else None,
+        "loss_chunk_size": loss_chunk if setting in CHUNKED_LOSS else None,
         "first_update": report.first_updates.to_dict(),
         "losses": losses,
         "seconds_per_update": seconds,
