@@ -14,7 +14,9 @@ A cell is one (task, row): the task's recipe (recipes/glue/<task>.yaml, recipes/
 short schedule in ``SCHEDULES``, and a row that is either an hf_memopt method run exactly as ``hf-memopt train
 --method NAME`` runs it, or a baseline / peer library built in ``ROWS`` below. Each cell runs in its own interpreter
 (peak RSS is that run's own) and writes ``out/results_table/<task>/<row>.json``; ``run`` skips cells already done,
-so an interrupted run continues where it stopped (``--force`` reruns); a full-schedule cell also checkpoints every 100
+so an interrupted run continues where it stopped (``--force`` reruns). ``render`` commits each schedule's cells to its
+record (``benchmarks/results/results_table.json``, ``results_full.json``, ``results_gpu.json``), and ``run`` and
+``render`` first restore from it the cells ``out/`` lacks, so a fresh clone continues where the record stops; a full-schedule cell also checkpoints every 100
 updates (``out/results_full/<task>/runs/<cell>/``) and, run again, continues from its last complete checkpoint.
 """
 
@@ -74,6 +76,9 @@ SAVE_EVERY = 100  # updates between the checkpoints of a full-schedule cell
 SCHEDULE_PROFILES = {"short": (SCHEDULES, OUT), "full": (FULL_SCHEDULES, OUT.with_name("results_full")),
                      "gpu": (GPU_SCHEDULES, OUT.with_name("results_gpu"))}  # fmt: skip
 SCHEDULE_TASKS = {"short": TASKS, "full": FULL_TASKS, "gpu": GLUE_TASKS}  # the tasks each schedule has
+# The committed record of each schedule's finished cells, written by ``render``; ``out/`` is only a working folder.
+RECORDS = {"short": RESULTS_JSON, "full": RESULTS_JSON.with_name("results_full.json"),
+           "gpu": RESULTS_JSON.with_name("results_gpu.json")}  # fmt: skip
 
 PAPER = {
     "source_glue": "GaLore (arXiv 2403.03507) Table 4: RoBERTa-base, rank 4, full GLUE schedules; metric x 100",
@@ -275,10 +280,32 @@ def failed_cell(path: Path) -> bool:
     return "failed" in json.loads(path.read_text())
 
 
+def restore_recorded_cells(schedule_name: str) -> int:
+    """Write back under the schedule's ``out`` folder every cell of its committed record that the folder lacks.
+
+    A fresh clone has no ``out/``: without this, ``run`` would train again cells that took hours and ``render`` would
+    drop them from the page. A cell already under ``out`` wins (it may be newer than the record). Returns how many
+    cells were restored."""
+    record, out = RECORDS[schedule_name], SCHEDULE_PROFILES[schedule_name][1]
+    if not record.exists():
+        return 0
+    restored = 0
+    for task, cells in json.loads(record.read_text()).items():
+        for name, results in cells.items():
+            path = out / task / f"{name}.json"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(results, indent=1, default=str))
+                restored += 1
+    return restored
+
+
 def run_all(tasks: list[str], rows: list[str], force: bool, smoke: bool, schedule_name: str = "short",
             seeds: tuple[int, ...] = (0,), lrs: tuple[str | None, ...] = (None,)) -> None:
     out = SCHEDULE_PROFILES[schedule_name][1]
     out = out.with_name(out.name + "_smoke") if smoke else out
+    if not smoke:
+        restore_recorded_cells(schedule_name)
     for task, row, seed, lr in [(t, r, s, lr) for t in tasks for s in seeds for lr in lrs for r in rows]:
         if task in INSTRUCT_TASKS and (ROWS[row].prepare or ROWS[row].optimizers):
             print(f"{task} / {row}: skipped (TRL's SFTTrainer runs only AdamW and hf_memopt's methods here)")
@@ -737,7 +764,7 @@ def render_full() -> str:
     cells = load_cells(SCHEDULE_PROFILES["full"][1])
     parts = [FULL_START, "\n"]
     if cells:
-        RESULTS_JSON.with_name("results_full.json").write_text(json.dumps(cells, indent=1, default=str))
+        RECORDS["full"].write_text(json.dumps(cells, indent=1, default=str))
         parts.append(f"Machine: {machine_line(cells)}.\n")
         parts.append("\n### Summary (full schedules)\n\n" + full_summary(cells))
         write_readme_full_summary(cells)
@@ -769,6 +796,7 @@ def render_gpu() -> str:
                      "runs these cells (`python benchmarks/results_table.py run --schedule gpu`) and `render` fills "
                      "this section.\n")
     else:
+        RECORDS["gpu"].write_text(json.dumps(cells, indent=1, default=str))
         parts.append(f"Machine: {machine_line(cells, 'bf16 autocast')}.\n\n{glue_summary(cells)[0]}\n")
         for task in GLUE_TASKS:
             if task in cells:
@@ -778,6 +806,8 @@ def render_gpu() -> str:
 
 
 def render() -> None:
+    for schedule_name in RECORDS:
+        restore_recorded_cells(schedule_name)
     text = DOC.read_text()
     for start, end, section in ((FULL_START, FULL_END, render_full), (GPU_START, GPU_END, render_gpu)):
         if start in text:
@@ -787,7 +817,7 @@ def render() -> None:
     cells = load_cells()
     if not cells:
         raise SystemExit("no cells yet: run `python benchmarks/results_table.py run` first")
-    RESULTS_JSON.write_text(json.dumps(cells, indent=1, default=str))
+    RECORDS["short"].write_text(json.dumps(cells, indent=1, default=str))
     loads = [c["environment"].get("load_average_1m") for t in cells.values() for c in t.values() if "environment" in c]
     loads = [x for x in loads if x is not None]
     parts = [DOC.read_text().split("<!-- tables -->")[0].rstrip() + "\n\n<!-- tables -->\n",

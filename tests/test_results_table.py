@@ -141,8 +141,23 @@ def _fake_cells(rt, monkeypatch, tmp_path, returncode: int) -> list[list[str]]:
         return subprocess.CompletedProcess(command, returncode)
 
     monkeypatch.setitem(rt.SCHEDULE_PROFILES, "full", (rt.FULL_SCHEDULES, tmp_path))
+    monkeypatch.setitem(rt.RECORDS, "full", tmp_path / "record.json")  # none unless a test writes one
     monkeypatch.setattr(rt.subprocess, "run", fake_run)
     return commands
+
+
+def test_a_fresh_clone_restores_the_recorded_cells_and_trains_only_the_missing_ones(rt, tmp_path, monkeypatch):
+    import json
+
+    commands = _fake_cells(rt, monkeypatch, tmp_path, returncode=0)
+    recorded = {"rte": {"adamw": {"metrics": {"accuracy": 0.55}}, "galore": {"metrics": {"accuracy": 0.56}}}}
+    (tmp_path / "record.json").write_text(json.dumps(recorded))
+    (tmp_path / "rte").mkdir()
+    (tmp_path / "rte" / "galore.json").write_text(json.dumps({"metrics": {"accuracy": 0.6}}))  # newer than the record
+    rt.run_all(["rte"], ["adamw", "galore", "velora"], force=False, smoke=False, schedule_name="full")
+    assert [command[4] for command in commands] == ["velora"]
+    assert rt.load_cells(tmp_path)["rte"]["adamw"] == recorded["rte"]["adamw"]
+    assert rt.load_cells(tmp_path)["rte"]["galore"] == {"metrics": {"accuracy": 0.6}}  # out/ wins over the record
 
 
 def test_a_cell_killed_by_a_signal_leaves_no_failure_record_and_stops_the_run(rt, tmp_path, monkeypatch):
@@ -195,6 +210,7 @@ def test_gpu_section_shows_device_peak_and_wall_time_per_update(rt, tmp_path, mo
     import json
 
     monkeypatch.setitem(rt.SCHEDULE_PROFILES, "gpu", (rt.GPU_SCHEDULES, tmp_path))
+    monkeypatch.setitem(rt.RECORDS, "gpu", tmp_path / "record.json")
     assert "Not run yet: no CUDA device" in rt.render_gpu()
     for row, accuracy, peak, seconds in (("adamw", 0.60, 900, 0.020), ("galore", 0.61, 450, 0.030)):
         cell = _cell("accuracy", accuracy, 100, step_s=9.0)
@@ -203,6 +219,7 @@ def test_gpu_section_shows_device_peak_and_wall_time_per_update(rt, tmp_path, mo
         (tmp_path / "rte").mkdir(exist_ok=True)
         (tmp_path / "rte" / f"{row}.json").write_text(json.dumps(cell))
     section = rt.render_gpu()
+    assert json.loads((tmp_path / "record.json").read_text())["rte"]["galore"]["median_step_seconds"] == 0.030
     assert section.startswith(rt.GPU_START) and section.endswith(rt.GPU_END)
     assert "device peak MB | s / update | time vs AdamW |" in section
     galore = next(line for line in section.splitlines() if line.startswith("| galore | 61.0 | +1.0 |"))
