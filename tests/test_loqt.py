@@ -129,6 +129,23 @@ def test_quantize_round_trip_matches_bitsandbytes(quant, max_rel_error):
     assert ((back - w).norm() / w.norm()).item() < max_rel_error
 
 
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(512, 1376), (70, 96), (24, 40), (3, 64)])
+def test_4bit_dequantization_reads_the_codes_in_flat_block_order(quant, shape):
+    """Reference written in torch: byte k holds values 2k (high nibble) and 2k + 1, each block of 64 consecutive
+    values (in row-major order) is scaled by its absmax. bitsandbytes 0.50's CPU kernel, given the 2-D shape, reads
+    other blocks where the last dimension is an odd multiple of 32 (1376, LLaMA 60M's MLP width; 96)."""
+    import bitsandbytes.functional as F
+
+    w = torch.randn(shape)
+    data, absmax = quantize(w, quant, 64)
+    codes = data.reshape(-1)
+    nibbles = torch.stack([codes >> 4, codes & 15], dim=1).reshape(-1)[: w.numel()].long()
+    table = F.get_4bit_type(quant, device="cpu").float()
+    reference = (table[nibbles] * absmax.repeat_interleave(64)[: w.numel()]).view(shape)
+    torch.testing.assert_close(dequantize(data, absmax, quant, shape, 64), reference, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_layer_forward_and_backward_match_float64_reference(quant, side):
