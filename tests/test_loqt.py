@@ -218,6 +218,21 @@ def test_forward_and_backward_make_no_output_sized_temporaries(side):
     assert allocator_peak_of(forward_and_backward) <= output + weight + rank_wide + 2 * grad_x + (1 << 16)
 
 
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_casting_the_layer_keeps_its_quantization_scales_in_float32(quant, dtype):
+    """``model.to(dtype)`` (the Trainer's ``bf16_full_eval``) casts buffers; the absmax scales must stay float32:
+    bitsandbytes reads them as float32, so int8 weights with cast scales dequantized to garbage (1e19)."""
+    _, layer = _layer(quant=quant, side="left", rank=4, m=16, n=64, quantize_projection=True)
+    _set_factors(layer)
+    weight, projector = layer.frozen_weight(), layer.projector()
+    layer.to(dtype)
+    assert layer.weight_absmax.dtype == layer.proj_absmax.dtype == torch.float32
+    assert layer.B.dtype == dtype
+    torch.testing.assert_close(layer.frozen_weight(), weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer.projector(), projector, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_collected_gradient_gives_top_singular_vectors_and_no_B_gradient(side):
     _, layer = _layer(quant="nf4", side=side, rank=3)

@@ -150,6 +150,19 @@ class LoQTLinear(nn.Module):
         self.gradient_nonfinite = False  # the collected weight gradient held NaN/Inf: no P from it, no merge
         self._svd_options: dict = {"method": "exact", "iterations": 2, "seed": 0}
 
+    def _apply(self, fn, recurse=True):
+        """Moves and casts as ``nn.Module`` does, except the quantization scales (``weight_absmax``,
+        ``proj_absmax``), which stay float32 whatever dtype the model is cast to: bitsandbytes reads them as float32
+        (an int8 weight with float64 or bfloat16 scales dequantized to garbage), and a scale cast down would lose
+        precision for good (the Trainer casts the whole model for ``bf16_full_eval``)."""
+        scales = {name: self._buffers[name] for name in ("weight_absmax", "proj_absmax") if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, before in scales.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     # ---- the three parts of the weight --------------------------------------------------------------------------
 
     @property
