@@ -233,6 +233,54 @@ def test_casting_the_layer_keeps_its_quantization_scales_in_float32(quant, dtype
     torch.testing.assert_close(layer.projector(), projector, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("quant", "n"), [("int8", 64), ("int8", 100), ("nf4", 100), ("fp4", 96), (None, 100)])
+def test_row_blocks_give_the_whole_weights_rows_outputs_and_gradients(quant, n):
+    """Dequantizing a block of rows at a time (``dequantize_chunk_elements``) reads each block from its own slice of
+    the codes and absmax: the same rows as the whole weight, so the same outputs and gradients (float64). n = 100
+    with 64-value blocks needs blocks of 16 rows to start on a quantization block."""
+    _, whole = _layer(quant=quant, side="left", rank=4, m=70, n=n)
+    _, blocked = _layer(quant=quant, side="left", rank=4, m=70, n=n)
+    blocked.dequantize_chunk_elements = 40 * n  # 40 rows, rounded down to the alignment
+    for layer in (whole, blocked):
+        _set_factors(layer)
+    blocks = list(blocked.frozen_row_blocks(torch.float64))
+    aligned = quant is not None and n == 100  # 16-row multiples: 40 rows round down to 32
+    assert [(a, b) for a, b, _ in blocks] == ([(0, 32), (32, 64), (64, 70)] if aligned else [(0, 40), (40, 70)])
+    assert torch.equal(torch.cat([rows for _, _, rows in blocks]), whole.frozen_weight(torch.float64))
+    whole.double(), blocked.double()
+    x = torch.randn(3, 5, n, dtype=torch.float64, requires_grad=True)
+    x_blocked = x.detach().clone().requires_grad_(True)
+    grad_y = torch.randn(3, 5, 70, dtype=torch.float64)
+    y, y_blocked = whole(x), blocked(x_blocked)
+    (y * grad_y).sum().backward()
+    (y_blocked * grad_y).sum().backward()
+    torch.testing.assert_close(y_blocked, y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x_blocked.grad, x.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(blocked.B.grad, whole.B.grad, rtol=0, atol=1e-12)
+
+
+def test_row_blocks_keep_no_whole_dequantized_weight_alive():
+    """With 64 KiB blocks, forward and backward of a 1 MiB int8 weight hold at most a few blocks of it as floats,
+    never the whole dequantized weight (for the composed min-memory recipe's true peak, docs/min_memory.md)."""
+    _, layer = _layer(quant="int8", side="left", rank=4, m=1024, n=256)
+    _set_factors(layer)
+    x = torch.randn(64, 256, requires_grad=True)
+    grad_y = torch.randn(64, 1024)
+    weight, block = 1024 * 256 * 4, 64 * 256 * 4
+    output, rank_wide, grad_x = 64 * 1024 * 4, 64 * 4 * 4, 64 * 256 * 4
+
+    def forward_and_backward():
+        layer(x).backward(grad_y)
+
+    forward_and_backward()  # warm-up
+    whole = allocator_peak_of(forward_and_backward)
+    assert whole >= weight  # the whole dequantized weight is alive at some point
+    layer.dequantize_chunk_elements = block // 4
+    blocked = allocator_peak_of(forward_and_backward)
+    assert blocked <= output + rank_wide + 2 * grad_x + 3 * block + (1 << 16)
+    assert blocked <= whole - weight + 4 * block
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_collected_gradient_gives_top_singular_vectors_and_no_B_gradient(side):
     _, layer = _layer(quant="nf4", side=side, rank=3)

@@ -97,6 +97,8 @@ def convert_to_loqt(model: nn.Module, config: LoQTConfig) -> dict[str, LoQTLinea
             quantize_projection=config.quantize_projection,
             quant_block_size=config.quant_block_size,
             init_weight=config.init_weight,
+            dequantize_chunk_elements=None if config.dequantize_chunk_mib is None
+            else max(1, int(config.dequantize_chunk_mib * 2**20) // 4),  # float32 elements
             name=name,
         )
         layer._svd_options = {

@@ -81,6 +81,10 @@ class LoQTConfig:
             as soon as its gradient is complete, and the gradient is freed at once (``hf_memopt.shared.layerwise``).
             Needs ``max_grad_norm=0`` (the global norm is not known before the first update) and no fp16; under
             DDP the model is kept out of DDP and the hooks average each gradient across ranks.
+        dequantize_chunk_mib: the frozen weight is dequantized (or cast to the compute dtype) this many MiB of
+            float32 at a time, whole rows, in forward and in backward, so no whole dequantized weight exists (a 4096
+            x 11008 weight is 172 MiB in float32); None (default): a whole weight at once, the fastest. Same results
+            either way. For minimum-memory runs, where the dequantized weight is part of the peak.
     """
 
     rank: int = field(default=128, metadata={"help": "Rank of P and B (>= 1, <= min(m, n))."})
@@ -119,6 +123,9 @@ class LoQTConfig:
         default="full_precision",
         metadata={"help": f"Weight update 0 (the initialisation) computes with: one of {INIT_WEIGHTS}."},
     )
+    dequantize_chunk_mib: float | None = field(
+        default=None, metadata={"help": "MiB (float32) of the frozen weight dequantized at a time (> 0; None: all)."}
+    )
 
     def __post_init__(self) -> None:
         check_int("rank", self.rank, 1)
@@ -147,6 +154,9 @@ class LoQTConfig:
         check_choice("init_weight", self.init_weight, INIT_WEIGHTS)
         if self.init_weight == "quantized" and self.quant is None:
             raise ValueError("init_weight='quantized' needs a quant type; got quant=None (LoQT-nq keeps W unquantized)")
+        if self.dequantize_chunk_mib is not None:
+            self.dequantize_chunk_mib = check_float("dequantize_chunk_mib", self.dequantize_chunk_mib, 0.0,
+                                                    low_inclusive=False)  # fmt: skip
         self.target_modules = validate_target_modules(self.target_modules)
 
     def merge_steps(self, until: int) -> list[int]:

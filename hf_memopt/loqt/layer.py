@@ -22,6 +22,7 @@ accumulation each layer keeps one running sum during the merge step's window).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,33 @@ __all__ = ["LoQTLinear", "quantize_with_error_compensation"]
 logger = logging.getLogger(__name__)
 
 
+def _times_frozen_transposed(x: torch.Tensor, layer: LoQTLinear) -> torch.Tensor:
+    """x W^T for the layer's frozen weight W, a block of W's rows (y's columns) at a time where W comes in blocks."""
+    blocks = layer.frozen_row_blocks(x.dtype)
+    start, stop, rows = next(blocks)
+    if stop == layer.out_features:  # the whole weight at once
+        return F.linear(x, rows)
+    y = x.new_empty(*x.shape[:-1], layer.out_features)
+    flat_x, flat_y = x.reshape(-1, layer.in_features), y.view(-1, layer.out_features)
+    torch.mm(flat_x, rows.t(), out=flat_y[:, start:stop])
+    for start, stop, rows in blocks:
+        torch.mm(flat_x, rows.t(), out=flat_y[:, start:stop])
+    return y
+
+
+def _times_frozen(grad_y: torch.Tensor, layer: LoQTLinear) -> torch.Tensor:
+    """grad_y W for the layer's frozen weight W: the sum over W's row blocks of grad_y's matching columns times them."""
+    blocks = layer.frozen_row_blocks(grad_y.dtype)
+    start, stop, rows = next(blocks)
+    if stop == layer.out_features:
+        return grad_y @ rows
+    flat = grad_y.reshape(-1, layer.out_features)
+    grad_x = flat[:, start:stop] @ rows
+    for start, stop, rows in blocks:
+        grad_x.addmm_(flat[:, start:stop], rows)
+    return grad_x.view(*grad_y.shape[:-1], layer.in_features)
+
+
 class _LoQTProduct(torch.autograd.Function):
     """y = x W^T + bias + s * a O^T for a :class:`LoQTLinear`: W its frozen (quantized) weight, ``a`` the rank-wide
     ``x I^T`` (I, O = B, P for ``side="left"``, P, B for ``"right"``; O is m x r), computed outside by autograd.
@@ -45,7 +73,8 @@ class _LoQTProduct(torch.autograd.Function):
     One function rather than autograd's F.linear + matmul + scale + add: the low-rank term is added into the frozen
     product in place (one fused matmul-add), so forward makes one output-sized tensor instead of four, and backward
     none beyond the gradients it returns (an in-place add on a view of the output would cost two in backward). W is
-    dequantized again in backward instead of being saved (no m x n tensor is kept per layer between the passes).
+    dequantized again in backward instead of being saved (no m x n tensor is kept per layer between the passes), a
+    block of rows at a time where the layer has a ``dequantize_chunk_elements`` (no whole dequantized W exists).
 
     ``anchor`` is given while the layer collects its weight gradient: a fresh scalar leaf that requires grad, so
     backward runs even when nothing else needs a gradient (its own gradient is returned as None; it is not a
@@ -60,7 +89,7 @@ class _LoQTProduct(torch.autograd.Function):
         ctx.save_for_backward(x if ctx.collect else None, a, outer)
         # No bias in F.linear: with one it returns a view for 1-D / 3-D / 4-D inputs, and autograd refuses in-place
         # ops on a view a custom function returned (an in-place ReLU or residual add after this layer would fail).
-        y = F.linear(x, layer.frozen_weight(x.dtype))
+        y = _times_frozen_transposed(x, layer)
         y.view(-1, layer.out_features).addmm_(a.reshape(-1, layer.rank), outer.t(), alpha=layer.scale)
         if bias is not None:
             y.add_(bias.to(y.dtype))
@@ -72,7 +101,7 @@ class _LoQTProduct(torch.autograd.Function):
         x, a, outer = ctx.saved_tensors
         need_x, need_a, need_outer, need_bias = ctx.needs_input_grad[:4]
         flat = grad_out.reshape(-1, layer.out_features)
-        grad_x = grad_out @ layer.frozen_weight(grad_out.dtype) if need_x else None
+        grad_x = _times_frozen(grad_out, layer) if need_x else None
         grad_a = (flat @ outer).mul_(layer.scale).view(a.shape) if need_a else None
         grad_outer = (flat.t() @ a.reshape(-1, layer.rank)).mul_(layer.scale) if need_outer else None
         grad_bias = flat.sum(dim=0) if need_bias else None
@@ -90,6 +119,8 @@ class LoQTLinear(nn.Module):
         rank, scale, quant, quantize_projection, quant_block_size, init_weight: as in
             :class:`~hf_memopt.loqt.LoQTConfig`.
         side: ``"left"`` (P m x r) or ``"right"`` (P r x n).
+        dequantize_chunk_elements: the most weight elements the product dequantizes at a time (whole rows, aligned
+            to the quantization blocks); None: the whole weight at once. See :meth:`frozen_row_blocks`.
         name: the qualified module name, for messages and the per-layer SVD seed.
     """
 
@@ -104,6 +135,7 @@ class LoQTLinear(nn.Module):
         quantize_projection: bool = False,
         quant_block_size: int = 64,
         init_weight: str = "full_precision",
+        dequantize_chunk_elements: int | None = None,
         name: str = "",
     ):
         super().__init__()
@@ -117,6 +149,9 @@ class LoQTLinear(nn.Module):
             raise ValueError(f"rank must be in [1, {min(weight.shape)}] for {name or 'this layer'}; got {rank}")
         self.rank, self.scale, self.side, self.quant = rank, float(scale), side, quant
         self.quantize_projection, self.quant_block_size, self.name = quantize_projection, quant_block_size, name
+        if dequantize_chunk_elements is not None and dequantize_chunk_elements < 1:
+            raise ValueError(f"dequantize_chunk_elements must be >= 1 or None; got {dequantize_chunk_elements}")
+        self.dequantize_chunk_elements = dequantize_chunk_elements
         self.weight_dtype = weight.dtype
         device = weight.device
 
@@ -185,6 +220,36 @@ class LoQTLinear(nn.Module):
         return dequantize(
             self.weight_q, self.weight_absmax, self.quant, (self.out_features, self.in_features), self.quant_block_size
         ).to(dtype)
+
+    def frozen_row_blocks(self, dtype: torch.dtype):
+        """``(start, stop, rows)`` over the frozen weight: ``rows`` is ``frozen_weight(dtype)[start:stop]``, made one
+        block at a time so that no whole dequantized (or cast) m x n tensor exists at once.
+
+        A block is as many whole rows as fit ``dequantize_chunk_elements``, rounded down to a multiple that starts
+        every block on a quantization block (so each is dequantized from its own slice of the codes and absmax, the
+        same values as the whole weight's); at least that multiple. The whole weight is one block where nothing is
+        made (stored unquantized in ``dtype``), where ``dequantize_chunk_elements`` is None, or where it fits.
+        """
+        m, n = self.out_features, self.in_features
+        pending = self._pending()
+        stored = pending if pending is not None else self.base_weight if self.quant is None else None
+        budget = self.dequantize_chunk_elements
+        if budget is None or budget >= m * n or (stored is not None and stored.dtype == dtype):
+            yield 0, m, self.frozen_weight(dtype)
+            return
+        align = self.quant_block_size // math.gcd(n, self.quant_block_size) if stored is None else 1
+        step = max(align, budget // n // align * align)
+        for start in range(0, m, step):
+            stop = min(m, start + step)
+            if stored is not None:
+                yield start, stop, stored[start:stop].to(device=self.B.device, dtype=dtype)
+                continue
+            first, last = start * n // self.quant_block_size, -(-stop * n // self.quant_block_size)
+            flat = self.weight_q.reshape(-1)  # int8: one code per value; nf4 / fp4: two per byte
+            codes = (flat[start * n : stop * n].view(stop - start, n) if self.quant == "int8"
+                     else flat[start * n // 2 : -(-stop * n // 2)].unsqueeze(1))  # fmt: skip
+            absmax = self.weight_absmax[first:last]
+            yield start, stop, dequantize(codes, absmax, self.quant, (stop - start, n), self.quant_block_size).to(dtype)
 
     def projector(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """P (dequantized when stored quantized)."""
