@@ -103,6 +103,21 @@ CASE_ARGS = {
     "min_memory_loqt": {"max_grad_norm": 0.0, "optim": "adamw_bnb_8bit", "gradient_checkpointing": True},
     "loqt_without_find_unused_parameters": {"ddp_find_unused_parameters": False},
 }  # fmt: skip
+
+
+def _min_memory_model(model):
+    """recipes/instruct/smollm2_min_memory.yaml's model settings: frozen bfloat16 embeddings and head, SwiGLU MLPs
+    recomputing SiLU, the chunked LM loss."""
+    from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
+    from hf_memopt.shared.frozen import freeze_modules
+    from hf_memopt.shared.swiglu import use_recomputed_swiglu
+
+    freeze_modules(model, ["embed_tokens", "lm_head"], "bfloat16")
+    use_recomputed_swiglu(model)
+    return use_chunked_lm_loss(model, chunk_size=16)
+
+
+CASE_MODELS = {"min_memory_loqt": _min_memory_model}  # case -> the model settings it trains with
 TRAINED = [
     "adamw", "galore", "velora", "velora+galore",
     "galore_layerwise", "galore_layerwise_accumulation", "velora+galore_layerwise", "loqt", "loqt_layerwise", "velora+loqt",
@@ -139,9 +154,8 @@ def _trainer(case: str, output_dir: Path, batch_factor: int = 1, **overrides):
     args.update(CASE_ARGS.get(case, {}))
     args["per_device_train_batch_size"] *= batch_factor
     args.update(overrides)
-    trainer = Trainer(
-        model=tiny_llama(seed=3), args=training_args(output_dir, **args), train_dataset=TokenDataset(n=48)
-    )
+    model = CASE_MODELS.get(case, lambda m: m)(tiny_llama(seed=3))
+    trainer = Trainer(model=model, args=training_args(output_dir, **args), train_dataset=TokenDataset(n=48))
     for config in _configs(case):
         attach(trainer, config)
     return trainer

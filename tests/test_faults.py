@@ -48,8 +48,10 @@ def _loqt(**kw):
 def _min_memory(model):
     from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
     from hf_memopt.shared.frozen import freeze_modules
+    from hf_memopt.shared.swiglu import use_recomputed_swiglu
 
     freeze_modules(model, ["embed_tokens", "lm_head"], "bfloat16")
+    use_recomputed_swiglu(model)
     return use_chunked_lm_loss(model, chunk_size=16)
 
 

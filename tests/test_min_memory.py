@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, Trainer
 from hf_memopt import LoQTConfig, attach
 from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
 from hf_memopt.shared.frozen import freeze_modules
+from hf_memopt.shared.swiglu import use_recomputed_swiglu
 from hf_memopt.tools.recipes.recipe import MemorySettings, RecipeError, load_recipe, method_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,8 @@ def test_min_memory_recipes_load_with_their_memory_settings():
     recipe = load_recipe(RECIPE)
     (loqt,) = method_configs(recipe)
     assert isinstance(loqt, LoQTConfig) and loqt.layerwise and loqt.quant == "nf4"
-    assert recipe.memory == MemorySettings(freeze_modules=["embed_tokens"], frozen_dtype="bfloat16", loss_chunk_size=64)
+    assert recipe.memory == MemorySettings(freeze_modules=["embed_tokens"], frozen_dtype="bfloat16", loss_chunk_size=64,
+                                           recompute_swiglu=True)  # fmt: skip
     assert recipe.training["optim"] == "adamw_bnb_8bit" and recipe.training["gradient_checkpointing"]
     assert recipe.training["max_grad_norm"] == 0.0
     galore = load_recipe(RECIPE.with_name("smollm2_min_memory_galore.yaml"))
@@ -38,6 +40,7 @@ def test_min_memory_recipes_load_with_their_memory_settings():
         ({"frozen_dtype": "bfloat16"}, "frozen_dtype needs freeze_modules"),
         ({"freeze_modules": ["embed_tokens"], "frozen_dtype": "int8"}, "frozen_dtype"),
         ({"loss_chunk_size": 0}, "loss_chunk_size"),
+        ({"recompute_swiglu": "often"}, "recompute_swiglu"),
         ({"freeze": ["embed_tokens"]}, "has no field 'freeze'"),
         ({"malloc_mmap_threshold": -1}, r"malloc_mmap_threshold must be an integer in \[0, 33554432\]"),
         ({"malloc_mmap_threshold": 64 * 2**20}, r"malloc_mmap_threshold must be an integer in \[0, 33554432\]"),
@@ -157,6 +160,7 @@ def test_composed_run_saves_a_plain_model_that_reloads_with_the_same_outputs(tmp
     model = tiny_llama(seed=2, hidden=64)
     freeze_modules(model, ["embed_tokens", "lm_head"], "bfloat16")
     use_chunked_lm_loss(model, chunk_size=16)
+    use_recomputed_swiglu(model)
     args = training_args(tmp_path / "run", max_steps=3, learning_rate=3e-3, max_grad_norm=0.0,
                          optim="adamw_bnb_8bit", gradient_checkpointing=True)  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16))
@@ -188,11 +192,13 @@ def test_estimate_predicts_the_measured_composed_run_within_15_percent(tmp_path,
                 self.breakdown = MemoryBreakdown()
                 self._activations.peak = self._gradients.peak = 0
 
-    settings = {"freeze_modules": ["embed_tokens", "lm_head"], "frozen_dtype": "bfloat16", "loss_chunk_size": 16}
+    settings = {"freeze_modules": ["embed_tokens", "lm_head"], "frozen_dtype": "bfloat16", "loss_chunk_size": 16,
+                "recompute_swiglu": True}
     loqt = {"rank": 4, "quant": quant, "merge_every": 50, "layerwise": True}
     model = tiny_llama(seed=2, hidden=64, vocab=256)
     freeze_modules(model, settings["freeze_modules"], settings["frozen_dtype"])
     use_chunked_lm_loss(model, settings["loss_chunk_size"])
+    use_recomputed_swiglu(model)
     args = training_args(tmp_path, max_steps=3, max_grad_norm=0.0, optim="adamw_bnb_8bit",
                          gradient_checkpointing=True)  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=12, seq=16, vocab=256))

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback
 from hf_memopt import BlockLLMConfig, GaLoreConfig, LoQTConfig, VeLoRAConfig, ZOConfig, attach
 from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
 from hf_memopt.shared.frozen import freeze_modules
+from hf_memopt.shared.swiglu import use_recomputed_swiglu
 
 N = 3
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,8 +59,10 @@ def _loqt(targets="all-linear"):
 
 
 def _min_memory(model):
-    """The min-memory recipe's model settings: frozen bfloat16 embeddings and head, the chunked LM loss."""
+    """The min-memory recipe's model settings: frozen bfloat16 embeddings and head, the chunked LM loss, SwiGLU MLPs
+    recomputing SiLU."""
     freeze_modules(model, ["embed_tokens", "lm_head"], "bfloat16")
+    use_recomputed_swiglu(model)
     return use_chunked_lm_loss(model, chunk_size=16)
 
 

@@ -6,7 +6,7 @@ takes them out before the method config is built, :func:`apply_training_settings
 before the method's transform, and :func:`stock_optimizer_state` recounts the state of the Trainer's own optimizer
 when the method trains with it (LoQT's B, VeLoRA's layers) and ``optim`` is bitsandbytes' 8-bit AdamW.
 
-* ``freeze_modules`` / ``frozen_dtype`` / ``loss_chunk_size``: the recipe's ``memory:`` section
+* ``freeze_modules`` / ``frozen_dtype`` / ``loss_chunk_size`` / ``recompute_swiglu``: the recipe's ``memory:`` section
   (:class:`hf_memopt.tools.recipes.recipe.MemorySettings`);
 * ``gradient_checkpointing``: ``TrainingArguments.gradient_checkpointing`` (the trace then sees what the checkpointed
   layers keep, as the measurement does);
@@ -24,7 +24,8 @@ from hf_memopt.core.registry import METHODS
 
 __all__ = ["OPTIMS", "TRAINING_SETTINGS", "apply_training_settings", "split_training_settings", "stock_optimizer_state"]
 
-TRAINING_SETTINGS = ("freeze_modules", "frozen_dtype", "loss_chunk_size", "gradient_checkpointing", "optim")
+MEMORY_SETTINGS = ("freeze_modules", "frozen_dtype", "loss_chunk_size", "recompute_swiglu")  # the recipe's memory:
+TRAINING_SETTINGS = (*MEMORY_SETTINGS, "gradient_checkpointing", "optim")
 OPTIMS = ("adamw_torch", "adamw_bnb_8bit")
 
 
@@ -39,7 +40,7 @@ def split_training_settings(method: str, kwargs: dict[str, Any]) -> dict[str, An
     from hf_memopt.tools.recipes.recipe import MemorySettings
 
     settings = {k: kwargs.pop(k) for k in TRAINING_SETTINGS if k in kwargs}
-    MemorySettings(**{k: v for k, v in settings.items() if k in ("freeze_modules", "frozen_dtype", "loss_chunk_size")})
+    MemorySettings(**{k: v for k, v in settings.items() if k in MEMORY_SETTINGS})
     if not isinstance(settings.get("gradient_checkpointing", False), bool):
         raise ValueError(f"gradient_checkpointing must be true or false; got {settings['gradient_checkpointing']!r}")
     optim = settings.get("optim", "adamw_torch")
@@ -58,7 +59,7 @@ def apply_training_settings(model: nn.Module, settings: dict[str, Any]) -> None:
     """Freeze / cast modules, chunk the loss and turn on gradient checkpointing on the meta model, as training would."""
     from hf_memopt.tools.recipes.recipe import MemorySettings
 
-    memory = {k: v for k, v in settings.items() if k in ("freeze_modules", "frozen_dtype", "loss_chunk_size")}
+    memory = {k: v for k, v in settings.items() if k in MEMORY_SETTINGS}
     if memory:
         MemorySettings(**memory).prepare(model)
     if settings.get("gradient_checkpointing"):

@@ -179,6 +179,9 @@ class MemorySettings:
             loss); instruct recipes, whose ``SFTTrainer`` computes the loss with TRL's fused LM head already, by
             setting that head's token tile (``hf_memopt.tools.recipes.instruct.fused_head_token_tile``; None: TRL's
             4096). Not for GLUE (a classification head has no vocabulary-sized logits).
+        recompute_swiglu: LLaMA-family (SwiGLU) MLPs keep gate(x) and up(x) for backward and recompute SiLU there,
+            one tokens x intermediate tensor less per layer, same bits (``hf_memopt.shared.swiglu``); a model without
+            such MLPs is refused.
         malloc_mmap_threshold: fix glibc malloc's mmap threshold at this many bytes (0 to 32 MiB) before the model
             is loaded, so freed buffers above it go back to the system instead of staying in the process's resident
             set (``hf_memopt.tools.host_memory``; CPU peak RSS, at some allocation time); None: glibc's default.
@@ -193,6 +196,9 @@ class MemorySettings:
     loss_chunk_size: int | None = field(
         default=None, metadata={"help": "Tokens per chunk of the LM loss without full logits (None: off)."}
     )
+    recompute_swiglu: bool = field(
+        default=False, metadata={"help": "SwiGLU MLPs recompute SiLU in backward (one intermediate less saved)."}
+    )
     malloc_mmap_threshold: int | None = field(
         default=None, metadata={"help": "glibc malloc's fixed mmap threshold in bytes, e.g. 131072 (None: default)."}
     )
@@ -206,6 +212,7 @@ class MemorySettings:
         if self.frozen_dtype is not None and not self.freeze_modules:
             raise ValueError("frozen_dtype needs freeze_modules (it sets the dtype of the frozen modules)")
         _check_optional_int("loss_chunk_size", self.loss_chunk_size, 1)
+        check_bool("recompute_swiglu", self.recompute_swiglu)
         if self.malloc_mmap_threshold is not None:
             from hf_memopt.tools.host_memory import MAX_MMAP_THRESHOLD
 
@@ -221,6 +228,10 @@ class MemorySettings:
             from hf_memopt.shared.chunked_loss import use_chunked_lm_loss
 
             use_chunked_lm_loss(model, self.loss_chunk_size)
+        if self.recompute_swiglu:
+            from hf_memopt.shared.swiglu import use_recomputed_swiglu
+
+            use_recomputed_swiglu(model)
         return model
 
 

@@ -1,0 +1,113 @@
+"""SwiGLU MLPs that keep two intermediates for backward instead of three: SiLU(gate) is recomputed there.
+
+A LLaMA-family MLP computes ``down(silu(gate(x)) * up(x))``. Autograd keeps ``gate(x)`` for SiLU's backward and
+``silu(gate(x))`` and ``up(x)`` for the product's: three tokens x intermediate tensors per layer (SmolLM2-135M, 4 x
+128 tokens: 3 MiB each in float32). :class:`_SiLUMul` keeps ``gate(x)`` and ``up(x)`` and recomputes the SiLU in
+backward, as Liger-Kernel's ``LigerSiLUMulFunction`` does; outputs and gradients are the same bits (the same ATen
+kernels: ``silu``, ``mul``, ``silu_backward``). Without gradient checkpointing this is a third of every MLP's saved
+activations; with it, one tensor less in the recomputed layer at the top of the backward peak (docs/min_memory.md).
+
+:func:`use_recomputed_swiglu` installs it on every module shaped as such an MLP (``gate_proj``, ``up_proj``,
+``down_proj`` and a SiLU ``act_fn``) and, on real tensors, checks on a probe input that the new forward
+gives exactly what the module's own forward gives; a module whose forward differs (dropout, another gating) is
+refused, never computed differently.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["silu_mul", "use_recomputed_swiglu"]
+
+_PATCHED = "_hf_memopt_recomputed_swiglu"
+
+
+class _SiLUMul(torch.autograd.Function):
+    """``silu(gate) * up``, saving ``gate`` and ``up`` only."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0]:  # d/d gate: silu'(gate) * (grad * up), as SiLU's own backward computes it
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        if ctx.needs_input_grad[1]:
+            grad_up = F.silu(gate).mul_(grad)
+        return grad_gate, grad_up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` that keeps two tensors for backward instead of three (the SiLU is recomputed)."""
+    return _SiLUMul.apply(gate, up)
+
+
+def _recomputed_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _silu_types() -> tuple[type, ...]:
+    """``nn.SiLU`` and transformers' own ``SiLUActivation`` (what ``ACT2FN["silu"]`` gives in transformers 5)."""
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:
+        return (nn.SiLU,)
+    return (nn.SiLU, SiLUActivation)
+
+
+def _is_swiglu_mlp(module: nn.Module) -> bool:
+    return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")) and isinstance(
+        getattr(module, "act_fn", None), _silu_types()
+    )
+
+
+@torch.no_grad()
+def _same_as_own_forward(module: nn.Module) -> bool:
+    """Whether the recomputing forward gives exactly the module's own output on a random probe (eval mode, so
+    dropout, if any, cannot hide a difference by chance; skipped on meta tensors, which hold no values)."""
+    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+    width = getattr(module.gate_proj, "in_features", None)
+    if weight is None or width is None:
+        return False
+    if weight.device.type == "meta":
+        return True
+    training = module.training
+    module.eval()
+    try:
+        probe = torch.randn(1, 3, width, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+        return torch.equal(module.forward(probe), _recomputed_forward(module, probe))
+    finally:
+        module.train(training)
+
+
+def use_recomputed_swiglu(model: nn.Module) -> list[str]:
+    """Give every SwiGLU MLP of ``model`` the forward that recomputes SiLU in backward; returns their names.
+
+    Raises ``ValueError`` when the model has no such MLP (the setting would do nothing) or when one's own forward is
+    not ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (checked on a probe input). Calling it again changes nothing.
+    """
+    mlps = {name: m for name, m in model.named_modules() if _is_swiglu_mlp(m)}
+    if not mlps:
+        raise ValueError(
+            "recompute_swiglu: the model has no SwiGLU MLP (a module with gate_proj, up_proj, down_proj and a SiLU "
+            f"act_fn, as LLaMA's); {type(model).__name__} cannot use it"
+        )
+    for name, module in mlps.items():
+        if getattr(module, _PATCHED, False):
+            continue
+        if not _same_as_own_forward(module):
+            raise ValueError(
+                f"recompute_swiglu: {name} ({type(module).__name__}) does not compute "
+                "down_proj(silu(gate_proj(x)) * up_proj(x)) exactly; it is left as it is and the setting refused"
+            )
+        module.forward = types.MethodType(_recomputed_forward, module)
+        setattr(module, _PATCHED, True)
+    return sorted(mlps)

@@ -1,0 +1,109 @@
+"""hf_memopt.shared.swiglu: SwiGLU MLPs recompute SiLU in backward, same bits, one saved intermediate less."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_memopt.shared.swiglu import silu_mul, use_recomputed_swiglu
+from hf_memopt.tools.recipes.recipe import MemorySettings
+
+INTERMEDIATE = 96
+
+
+def _llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=INTERMEDIATE, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=100)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_loss_and_every_gradient_are_the_same_bits_as_the_models_own_mlp(checkpointing):
+    own = _llama()
+    recomputed = copy.deepcopy(own)
+    assert use_recomputed_swiglu(recomputed) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (own, recomputed):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), b in zip(own.named_parameters(), recomputed.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
+def test_silu_mul_gradients_match_float64_autograd():
+    gate = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(silu_mul, (gate, up))
+
+
+def _saved_intermediates(model: nn.Module, tokens: int) -> int:
+    """How many distinct tokens x intermediate tensors autograd keeps for backward during one forward."""
+    saved = set()
+
+    def pack(t):
+        if t.shape[-1] == INTERMEDIATE and t.numel() == tokens * INTERMEDIATE:
+            saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(1, tokens, 64))
+    return len(saved)
+
+
+def test_each_mlp_keeps_two_intermediates_for_backward_and_its_product_not_three():
+    own = _llama().model.layers[0].mlp
+    recomputed = copy.deepcopy(own)
+    use_recomputed_swiglu(recomputed)
+    # own: gate(x) for SiLU, silu(gate) and up(x) for the product, the product for down_proj
+    assert _saved_intermediates(own, tokens=5) == 4
+    assert _saved_intermediates(recomputed, tokens=5) == 3
+
+
+def test_a_model_without_swiglu_mlps_is_refused():
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="recompute_swiglu: the model has no SwiGLU MLP"):
+        use_recomputed_swiglu(model)
+
+
+class _ScaledGateMLP(nn.Module):
+    """Shaped as a SwiGLU MLP, computing something else: must be refused, not recomputed as SwiGLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 4)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(2 * self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_an_mlp_whose_forward_is_not_swiglu_is_refused_and_left_as_it_is():
+    model = nn.Sequential(_ScaledGateMLP())
+    forward = model[0].forward
+    with pytest.raises(ValueError, match=r"recompute_swiglu: 0 \(_ScaledGateMLP\) does not compute"):
+        use_recomputed_swiglu(model)
+    assert model[0].forward == forward
+
+
+def test_applying_it_twice_changes_nothing():
+    model = _llama()
+    use_recomputed_swiglu(model)
+    forward = model.model.layers[0].mlp.forward
+    use_recomputed_swiglu(model)
+    assert model.model.layers[0].mlp.forward is forward
+
+
+def test_recipe_memory_setting_applies_it_and_validates_its_value():
+    model = MemorySettings(recompute_swiglu=True).prepare(_llama())
+    assert model.model.layers[0].mlp._hf_memopt_recomputed_swiglu
+    with pytest.raises(ValueError, match="recompute_swiglu"):
+        MemorySettings(recompute_swiglu="yes")
