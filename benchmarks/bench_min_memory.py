@@ -15,11 +15,11 @@ seed 0) it measures the peak tensor bytes, by category, of
   checkpointing, the model's own loss;
 * ``composed``: ``recipes/instruct/smollm2_min_memory.yaml``'s setting: LoQT NF4 (rank 64, layer-wise updates,
   ``init_weight="quantized"``), frozen token embeddings / head, bitsandbytes ``AdamW8bit``, gradient checkpointing,
-  the chunked LM loss;
+  the chunked LM loss, SwiGLU MLPs that recompute SiLU in backward (``memory.recompute_swiglu``);
 * ``composed int8``: the same with LoQT's weights in bitsandbytes' block-wise int8 (``--set method.quant=int8``), which
   starts training at the fp32 model's loss where NF4 starts 13% above it (docs/min_memory.md);
 * ``galore path``: the recipe's switch for users who cannot quantize: GaLore 8-bit layer-wise (rank 64) + VeLoRA on
-  the MLP inputs + the same frozen embeddings, checkpointing and chunked loss.
+  the MLP inputs + the same frozen embeddings, checkpointing, chunked loss and SwiGLU recomputation.
 
 Training figures are hf_memopt's ``MemoryReportCallback`` categories (parameters, buffers, gradients, optimizer
 state, saved activations), the peak of each over the whole run (``whole_run``: update 0, which initialises LoQT,
@@ -50,6 +50,7 @@ from transformers import TrainerCallback  # noqa: E402
 from hf_memopt import GaLoreConfig, LoQTConfig, MemoryReportCallback, VeLoRAConfig, attach  # noqa: E402
 from hf_memopt.shared.chunked_loss import use_chunked_lm_loss  # noqa: E402
 from hf_memopt.shared.frozen import freeze_modules  # noqa: E402
+from hf_memopt.shared.swiglu import use_recomputed_swiglu  # noqa: E402
 from hf_memopt.tools.memory import MB, MemoryBreakdown, plot_memory_breakdown  # noqa: E402
 from hf_memopt.tools.recipes.run import environment  # noqa: E402
 
@@ -63,7 +64,8 @@ STEPS = 3  # update 0 (LoQT's initialisation), then the steady updates 1 and 2 a
 LOSS_CHUNK = 64  # tokens: one chunk's logits (64 x 49152 x 4 bytes = 12 MiB at SmolLM2) stay far below inference's
 RANK = 64
 LOQT_QUANT = {"composed": "nf4", "composed int8": "int8"}  # the LoQT settings and their weight format
-CHUNKED_LOSS = (*LOQT_QUANT, "galore path")  # the settings with frozen bf16 embeddings, checkpointing, chunked loss
+# the settings with frozen bf16 embeddings, checkpointing, chunked loss and SwiGLU MLPs recomputing SiLU
+CHUNKED_LOSS = (*LOQT_QUANT, "galore path")
 
 
 def make_model(shape: str) -> torch.nn.Module:
@@ -172,6 +174,7 @@ def train_breakdown(shape: str, setting: str, rows, out_dir: Path, loss_chunk: i
             model, ["embed_tokens"] + ([] if model.config.tie_word_embeddings else ["lm_head"]), dtype=torch.bfloat16
         )
         use_chunked_lm_loss(model, loss_chunk)
+        use_recomputed_swiglu(model)
         args.update(gradient_checkpointing=True, max_grad_norm=0.0)
         if setting in LOQT_QUANT:
             args.update(optim="adamw_bnb_8bit")
