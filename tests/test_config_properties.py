@@ -112,6 +112,7 @@ RANGES: dict[str, dict[str, Any]] = {
         "max_consecutive_skips": Int(0),
         "layerwise": Bool(),
         "init_weight": Choice(("full_precision", "quantized")),
+        "train_only_factors": Bool(),
         "dequantize_chunk_mib": Float(0.0, low_inclusive=False),  # or None
     },
     "velora": {

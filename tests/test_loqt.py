@@ -498,6 +498,28 @@ def test_fine_tuning_a_classifier_saves_a_plain_classifier(tmp_path):
         torch.testing.assert_close(plain.eval()(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_train_only_factors_trains_the_b_factors_and_the_classifier_and_nothing_else(tmp_path):
+    """The official GLUE fine-tuning (run_glue.py freezes the model, then trains the adapters and the classifier)."""
+    model = tiny_bert_classifier()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (16, 8), generator=g)
+    data = [{"input_ids": ids[i], "labels": (ids[i, 0] % 2).long()} for i in range(16)]
+    config = LoQTConfig(rank=4, quant="int8", merge_every=50, target_modules=["query", "value"], train_only_factors=True)
+    trainer = _trainer(tmp_path, config, model=model, dataset=data, max_steps=3, learning_rate=1e-2)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable and all(n.endswith(".B") or n.startswith("classifier.") for n in trainable)
+    assert {"classifier.weight", "classifier.bias"} <= set(trainable)
+    trainer.train()
+    after = dict(model.named_parameters())
+    for name, value in before.items():
+        changed = not torch.equal(after[name], value) if name in after else None
+        if name.startswith("classifier."):
+            assert changed, name
+        elif changed is not None:  # targeted weights became quantized buffers; every other parameter is unchanged
+            assert not changed, name
+
+
 @pytest.mark.parametrize("quant, quantize_projection", [("nf4", True), (None, False)])
 def test_resume_from_checkpoint_is_exact(tmp_path, quant, quantize_projection):
     config = dict(

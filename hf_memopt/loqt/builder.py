@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from hf_memopt.core import compat
 from hf_memopt.core.plan import MethodPlan
@@ -28,7 +28,7 @@ from hf_memopt.shared.modules import rewritten_by
 from hf_memopt.shared.optim_state import unwrap_optimizer
 from hf_memopt.shared.parallel import broadcast_from_rank0_, is_distributed
 from hf_memopt.shared.projector import projection_sides
-from hf_memopt.shared.targeting import match_target_modules, refuse_peft_model
+from hf_memopt.shared.targeting import HEAD_NAMES, match_target_modules, refuse_peft_model
 
 __all__ = [
     "LoQTCallback",
@@ -109,7 +109,19 @@ def convert_to_loqt(model: nn.Module, config: LoQTConfig) -> dict[str, LoQTLinea
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         layers[name] = layer
+    if config.train_only_factors:
+        _train_only_factors_and_head(model, layers)
     return layers
+
+
+def _train_only_factors_and_head(model: nn.Module, layers: dict[str, LoQTLinear]) -> None:
+    """Freeze every parameter but the B factors and the task head's (``LoQTConfig.train_only_factors``)."""
+    base = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+    heads = [h for h in (getattr(base, name, None) for name in HEAD_NAMES) if isinstance(h, nn.Module)]
+    kept = {id(layer.B) for layer in layers.values()} | {id(p) for head in heads for p in head.parameters()}
+    for param in model.parameters():
+        if id(param) not in kept:
+            param.requires_grad_(False)
 
 
 def loqt_layers(model: nn.Module) -> dict[str, LoQTLinear]:

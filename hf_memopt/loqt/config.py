@@ -81,6 +81,11 @@ class LoQTConfig:
             as soon as its gradient is complete, and the gradient is freed at once (``hf_memopt.shared.layerwise``).
             Needs ``max_grad_norm=0`` (the global norm is not known before the first update) and no fp16; under
             DDP the model is kept out of DDP and the hooks average each gradient across ranks.
+        train_only_factors: fine-tuning as the official GLUE scripts do it (``run_glue.py`` freezes the model before
+            wrapping it and trains the adapters and the classifier): only the B factors and the task head
+            (``classifier``, ``score``, ... of a sequence-classification model; none for a causal LM) train, every
+            other parameter (embeddings, norms, biases, layers not targeted) is frozen. False (default): they train as
+            the model has them (the paper's pretraining, where embeddings, norms and the LM head are full-rank).
         dequantize_chunk_mib: the frozen weight is dequantized (or cast to the compute dtype) this many MiB of
             float32 at a time, whole rows, in forward and in backward, so no whole dequantized weight exists (a 4096
             x 11008 weight is 172 MiB in float32); None (default): a whole weight at once, the fastest. Same results
@@ -123,6 +128,9 @@ class LoQTConfig:
         default="full_precision",
         metadata={"help": f"Weight update 0 (the initialisation) computes with: one of {INIT_WEIGHTS}."},
     )
+    train_only_factors: bool = field(
+        default=False, metadata={"help": "Train only B and the task head; freeze everything else (fine-tuning)."}
+    )
     dequantize_chunk_mib: float | None = field(
         default=None, metadata={"help": "MiB (float32) of the frozen weight dequantized at a time (> 0; None: all)."}
     )
@@ -154,6 +162,7 @@ class LoQTConfig:
         check_choice("init_weight", self.init_weight, INIT_WEIGHTS)
         if self.init_weight == "quantized" and self.quant is None:
             raise ValueError("init_weight='quantized' needs a quant type; got quant=None (LoQT-nq keeps W unquantized)")
+        check_bool("train_only_factors", self.train_only_factors)
         if self.dequantize_chunk_mib is not None:
             self.dequantize_chunk_mib = check_float("dequantize_chunk_mib", self.dequantize_chunk_mib, 0.0,
                                                     low_inclusive=False)  # fmt: skip
