@@ -292,8 +292,9 @@ def restore_recorded_cells(schedule_name: str) -> int:
     """Write back under the schedule's ``out`` folder every cell of its committed record that the folder lacks.
 
     A fresh clone has no ``out/``: without this, ``run`` would train again cells that took hours and ``render`` would
-    drop them from the page. A cell already under ``out`` wins (it may be newer than the record). Returns how many
-    cells were restored."""
+    drop them from the page. A cell already under ``out`` wins (it may be newer than the record). So a cell leaves
+    the page only when it leaves the record too (delete it from the record's JSON); ``--force`` reruns it. Returns
+    how many cells were restored."""
     record, out = RECORDS[schedule_name], SCHEDULE_PROFILES[schedule_name][1]
     if not record.exists():
         return 0

@@ -259,6 +259,24 @@ def test_row_blocks_give_the_whole_weights_rows_outputs_and_gradients(quant, n):
     torch.testing.assert_close(blocked.B.grad, whole.B.grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_blocks_sum_a_16_bit_input_gradient_in_float32(dtype):
+    """In 16 bits the blocks' partial products are summed in float32 and rounded once, as one matmul does: a 16-bit
+    running sum rounded once per block (256 blocks: 1.9% error in bfloat16 against 0.28%) is not what is returned."""
+    _, layer = _layer(quant="nf4", side="left", rank=4, m=2048, n=256)
+    _set_factors(layer)
+    x, grad_y = torch.randn(64, 256), torch.randn(64, 2048)
+    reference = grad_y.double() @ layer.frozen_weight(torch.float64)
+    layer.to(dtype)
+    errors = []
+    for chunk in (None, 256):
+        layer.dequantize_chunk_elements = chunk
+        x16 = x.to(dtype).requires_grad_(True)
+        layer(x16).backward(grad_y.to(dtype))
+        errors.append(((x16.grad.double() - reference).norm() / reference.norm()).item())
+    assert errors[1] <= 1.05 * errors[0], errors
+
+
 def test_row_blocks_keep_no_whole_dequantized_weight_alive():
     """With 64 KiB blocks, forward and backward of a 1 MiB int8 weight hold at most a few blocks of it as floats,
     never the whole dequantized weight (for the composed min-memory recipe's true peak, docs/min_memory.md)."""

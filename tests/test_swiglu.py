@@ -94,6 +94,37 @@ def test_an_mlp_whose_forward_is_not_swiglu_is_refused_and_left_as_it_is():
     assert model[0].forward == forward
 
 
+class _DropoutMLP(nn.Module):
+    """SwiGLU with a dropout on the product (as GTE's or T5Gemma's MLPs): equal in eval mode, not in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 4)
+        self.act_fn, self.dropout = nn.SiLU(), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.down_proj(self.dropout(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def test_an_mlp_with_a_dropout_in_its_forward_is_refused():
+    with pytest.raises(ValueError, match=r"0 \(_DropoutMLP\) does not compute"):
+        use_recomputed_swiglu(nn.Sequential(_DropoutMLP()))
+
+
+def test_a_model_with_recomputed_mlps_pickles_and_loads_with_the_same_outputs():
+    import io
+
+    model = _llama()
+    use_recomputed_swiglu(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ids = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert loaded.model.layers[0].mlp.forward.args[0] is loaded.model.layers[0].mlp
+
+
 def test_applying_it_twice_changes_nothing():
     model = _llama()
     use_recomputed_swiglu(model)

@@ -54,16 +54,18 @@ def _times_frozen_transposed(x: torch.Tensor, layer: LoQTLinear) -> torch.Tensor
 
 
 def _times_frozen(grad_y: torch.Tensor, layer: LoQTLinear) -> torch.Tensor:
-    """grad_y W for the layer's frozen weight W: the sum over W's row blocks of grad_y's matching columns times them."""
+    """grad_y W for the layer's frozen weight W: the sum over W's row blocks of grad_y's matching columns times them,
+    summed in at least float32 (a 16-bit running sum would round once per block) and cast once."""
     blocks = layer.frozen_row_blocks(grad_y.dtype)
     start, stop, rows = next(blocks)
     if stop == layer.out_features:
         return grad_y @ rows
     flat = grad_y.reshape(-1, layer.out_features)
-    grad_x = flat[:, start:stop] @ rows
+    wide = torch.promote_types(grad_y.dtype, torch.float32)  # the 16-bit operands' values, multiplied and summed wide
+    grad_x = flat[:, start:stop].to(wide) @ rows.to(wide)
     for start, stop, rows in blocks:
-        grad_x.addmm_(flat[:, start:stop], rows)
-    return grad_x.view(*grad_y.shape[:-1], layer.in_features)
+        grad_x.addmm_(flat[:, start:stop].to(wide), rows.to(wide))
+    return grad_x.to(grad_y.dtype).view(*grad_y.shape[:-1], layer.in_features)
 
 
 class _LoQTProduct(torch.autograd.Function):
@@ -195,7 +197,7 @@ class LoQTLinear(nn.Module):
         for name, before in scales.items():
             after = self._buffers[name]
             if after.dtype != torch.float32:
-                self._buffers[name] = before.to(after.device)
+                self._buffers[name] = before.to(device=after.device, dtype=torch.float32)
         return self
 
     # ---- the three parts of the weight --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ refused, never computed differently.
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +71,9 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def _same_as_own_forward(module: nn.Module) -> bool:
-    """Whether the recomputing forward gives exactly the module's own output on a random probe (eval mode, so
-    dropout, if any, cannot hide a difference by chance; skipped on meta tensors, which hold no values)."""
+    """Whether the recomputing forward gives exactly the module's own output on a random probe, in eval mode and in
+    train mode under the same random seed (a dropout in the module's forward, which eval mode hides, makes them
+    differ). Skipped on meta tensors, which hold no values (the estimator's meta models)."""
     weight = next((p for p in module.parameters() if p.is_floating_point()), None)
     width = getattr(module.gate_proj, "in_features", None)
     if weight is None or width is None:
@@ -80,10 +81,21 @@ def _same_as_own_forward(module: nn.Module) -> bool:
     if weight.device.type == "meta":
         return True
     training = module.training
-    module.eval()
+    probe = torch.randn(1, 3, width, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    devices = [weight.device] if weight.device.type == "cuda" else []
     try:
-        probe = torch.randn(1, 3, width, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
-        return torch.equal(module.forward(probe), _recomputed_forward(module, probe))
+        for mode in (False, True):
+            module.train(mode)
+            outputs = []
+            for forward in (module.forward, functools.partial(_recomputed_forward, module)):
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(0)
+                    outputs.append(forward(probe))
+            if not torch.equal(*outputs):
+                return False
+        return True
+    except RuntimeError:  # e.g. gate and up projections in different dtypes: not the product this computes
+        return False
     finally:
         module.train(training)
 
@@ -108,6 +120,6 @@ def use_recomputed_swiglu(model: nn.Module) -> list[str]:
                 f"recompute_swiglu: {name} ({type(module).__name__}) does not compute "
                 "down_proj(silu(gate_proj(x)) * up_proj(x)) exactly; it is left as it is and the setting refused"
             )
-        module.forward = types.MethodType(_recomputed_forward, module)
+        module.forward = functools.partial(_recomputed_forward, module)  # pickles and deep-copies, unlike a bound method
         setattr(module, _PATCHED, True)
     return sorted(mlps)
