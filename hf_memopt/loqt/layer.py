@@ -192,12 +192,13 @@ class LoQTLinear(nn.Module):
         ``proj_absmax``), which stay float32 whatever dtype the model is cast to: bitsandbytes reads them as float32
         (an int8 weight with float64 or bfloat16 scales dequantized to garbage), and a scale cast down would lose
         precision for good (the Trainer casts the whole model for ``bf16_full_eval``)."""
-        scales = {name: self._buffers[name] for name in ("weight_absmax", "proj_absmax") if name in self._buffers}
+        names = [name for name in ("weight_absmax", "proj_absmax") if getattr(self, name, None) is not None]
+        scales = {name: getattr(self, name) for name in names}
         super()._apply(fn, recurse)
         for name, before in scales.items():
-            after = self._buffers[name]
-            if after.dtype != torch.float32:
-                self._buffers[name] = before.to(device=after.device, dtype=torch.float32)
+            after = getattr(self, name)
+            if after.dtype != torch.float32:  # assigning a tensor to a buffer's name replaces the buffer
+                setattr(self, name, before.to(device=after.device, dtype=torch.float32))
         return self
 
     # ---- the three parts of the weight --------------------------------------------------------------------------
