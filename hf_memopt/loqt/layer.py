@@ -22,13 +22,12 @@ accumulation each layer keeps one running sum during the merge step's window).
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_memopt.loqt.quant import dequantize, quantize
+from hf_memopt.loqt.quant import dequantize, dequantize_rows, quantize, row_alignment
 from hf_memopt.shared.faults import all_finite, out_of_memory_advice
 from hf_memopt.shared.layerwise import accelerate_sync_gradients
 from hf_memopt.shared.parallel import all_reduce_mean_, is_distributed
@@ -192,8 +191,8 @@ class LoQTLinear(nn.Module):
         ``proj_absmax``), which stay float32 whatever dtype the model is cast to: bitsandbytes reads them as float32
         (an int8 weight with float64 or bfloat16 scales dequantized to garbage), and a scale cast down would lose
         precision for good (the Trainer casts the whole model for ``bf16_full_eval``)."""
-        names = [name for name in ("weight_absmax", "proj_absmax") if getattr(self, name, None) is not None]
-        scales = {name: getattr(self, name) for name in names}
+        scales = {name: getattr(self, name, None) for name in ("weight_absmax", "proj_absmax")}
+        scales = {name: scale for name, scale in scales.items() if scale is not None}
         super()._apply(fn, recurse)
         for name, before in scales.items():
             after = getattr(self, name)
@@ -240,19 +239,16 @@ class LoQTLinear(nn.Module):
         if budget is None or budget >= m * n or (stored is not None and stored.dtype == dtype):
             yield 0, m, self.frozen_weight(dtype)
             return
-        align = self.quant_block_size // math.gcd(n, self.quant_block_size) if stored is None else 1
+        align = row_alignment(n, self.quant_block_size) if stored is None else 1
         step = max(align, budget // n // align * align)
         for start in range(0, m, step):
             stop = min(m, start + step)
             if stored is not None:
-                yield start, stop, stored[start:stop].to(device=self.B.device, dtype=dtype)
-                continue
-            first, last = start * n // self.quant_block_size, -(-stop * n // self.quant_block_size)
-            flat = self.weight_q.reshape(-1)  # int8: one code per value; nf4 / fp4: two per byte
-            codes = (flat[start * n : stop * n].view(stop - start, n) if self.quant == "int8"
-                     else flat[start * n // 2 : -(-stop * n // 2)].unsqueeze(1))  # fmt: skip
-            absmax = self.weight_absmax[first:last]
-            yield start, stop, dequantize(codes, absmax, self.quant, (stop - start, n), self.quant_block_size).to(dtype)
+                rows = stored[start:stop].to(device=self.B.device)
+            else:
+                rows = dequantize_rows(self.weight_q, self.weight_absmax, self.quant, (m, n), self.quant_block_size,
+                                       start, stop)  # fmt: skip
+            yield start, stop, rows.to(dtype)
 
     def projector(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """P (dequantized when stored quantized)."""

@@ -8,11 +8,12 @@ bitsandbytes 0.50 (``dequantize_4bit(..., out=...)`` does not, hence the ``Quant
 
 from __future__ import annotations
 
+import math
 from math import prod
 
 import torch
 
-__all__ = ["dequantize", "quantize"]
+__all__ = ["dequantize", "dequantize_rows", "quantize", "row_alignment"]
 
 
 def _functional():
@@ -59,6 +60,30 @@ def dequantize(
         state = F.QuantState(absmax=absmax, code=code, blocksize=block_size, dtype=torch.float32)
         return F.dequantize_blockwise(data, state)
     raise ValueError(f"quant must be one of nf4, fp4, int8; got {quant!r}")
+
+
+def row_alignment(width: int, block_size: int) -> int:
+    """The fewest rows of ``width`` values that end on a quantization block: row blocks that are multiples of it
+    start on a block, so each can be dequantized from its own slice (:func:`dequantize_rows`)."""
+    return block_size // math.gcd(width, block_size)
+
+
+def dequantize_rows(
+    data: torch.Tensor, absmax: torch.Tensor, quant: str, shape: tuple[int, int], block_size: int, start: int, stop: int
+) -> torch.Tensor:
+    """Rows ``start:stop`` of the float32 matrix of ``shape`` stored in ``(data, absmax)``, read from their slice of
+    the codes (int8: one per value; nf4 / fp4: two per byte) and of the absmax (one per ``block_size`` values); the
+    same values as ``dequantize(...)[start:stop]``. ``start`` must be a multiple of :func:`row_alignment`."""
+    width = shape[1]
+    if start % row_alignment(width, block_size):
+        raise ValueError(f"start={start} does not begin a quantization block of {width}-wide rows")
+    codes = data.reshape(-1)
+    if quant == "int8":
+        codes = codes[start * width : stop * width].view(stop - start, width)
+    else:
+        codes = codes[start * width // 2 : -(-stop * width // 2)].unsqueeze(1)
+    scales = absmax[start * width // block_size : -(-stop * width // block_size)]
+    return dequantize(codes, scales, quant, (stop - start, width), block_size)
 
 
 _DYNAMIC_MAPS: dict[torch.device, torch.Tensor] = {}

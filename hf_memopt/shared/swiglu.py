@@ -63,9 +63,9 @@ def _silu_types() -> tuple[type, ...]:
     return (nn.SiLU, SiLUActivation)
 
 
-def _is_swiglu_mlp(module: nn.Module) -> bool:
+def _is_swiglu_mlp(module: nn.Module, silu_types: tuple[type, ...]) -> bool:
     return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")) and isinstance(
-        getattr(module, "act_fn", None), _silu_types()
+        getattr(module, "act_fn", None), silu_types
     )
 
 
@@ -106,7 +106,8 @@ def use_recomputed_swiglu(model: nn.Module) -> list[str]:
     Raises ``ValueError`` when the model has no such MLP (the setting would do nothing) or when one's own forward is
     not ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (checked on a probe input). Calling it again changes nothing.
     """
-    mlps = {name: m for name, m in model.named_modules() if _is_swiglu_mlp(m)}
+    silu_types = _silu_types()
+    mlps = {name: m for name, m in model.named_modules() if _is_swiglu_mlp(m, silu_types)}
     if not mlps:
         raise ValueError(
             "recompute_swiglu: the model has no SwiGLU MLP (a module with gate_proj, up_proj, down_proj and a SiLU "
