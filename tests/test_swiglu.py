@@ -111,6 +111,16 @@ def test_an_mlp_with_a_dropout_in_its_forward_is_refused():
         use_recomputed_swiglu(nn.Sequential(_DropoutMLP()))
 
 
+def test_on_the_meta_device_a_llama_mlp_is_accepted_and_a_dropout_mlp_refused_as_on_real_tensors():
+    # the estimator's models live on the meta device: the probe runs on a small CPU stand-in of each module
+    with torch.device("meta"):
+        llama, dropout = _llama(), nn.Sequential(_DropoutMLP())
+    assert use_recomputed_swiglu(llama) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert llama.model.layers[0].mlp.gate_proj.weight.device.type == "meta"  # the model itself is left on meta
+    with pytest.raises(ValueError, match=r"0 \(_DropoutMLP\) does not compute"):
+        use_recomputed_swiglu(dropout)
+
+
 def test_a_model_with_recomputed_mlps_pickles_and_loads_with_the_same_outputs():
     import io
 

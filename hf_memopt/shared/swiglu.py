@@ -8,13 +8,14 @@ kernels: ``silu``, ``mul``, ``silu_backward``). Without gradient checkpointing t
 activations; with it, one tensor less in the recomputed layer at the top of the backward peak (docs/min_memory.md).
 
 :func:`use_recomputed_swiglu` installs it on every module shaped as such an MLP (``gate_proj``, ``up_proj``,
-``down_proj`` and a SiLU ``act_fn``) and, on real tensors, checks on a probe input that the new forward
-gives exactly what the module's own forward gives; a module whose forward differs (dropout, another gating) is
-refused, never computed differently.
+``down_proj`` and a SiLU ``act_fn``) and checks on a probe input that the new forward gives exactly what the module's
+own forward gives (on the estimator's meta-device models, through a small CPU stand-in of the module); a module whose
+forward differs (dropout, another gating) is refused, never computed differently.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -69,19 +70,39 @@ def _is_swiglu_mlp(module: nn.Module, silu_types: tuple[type, ...]) -> bool:
     )
 
 
+def _cpu_stand_in(module: nn.Module) -> nn.Module:
+    """A CPU copy of a meta-device MLP whose three projections are 4 -> 8 -> 4 Linear layers with seeded random values:
+    the module's own forward code and every other submodule it holds (activation, dropout, norm), at a size that
+    costs nothing, so the estimator's meta models go through the same probe as training's real ones."""
+    stand_in = copy.deepcopy(module)
+    for name, (width_in, width_out) in {"gate_proj": (4, 8), "up_proj": (4, 8), "down_proj": (8, 4)}.items():
+        bias = getattr(getattr(stand_in, name), "bias", None) is not None
+        setattr(stand_in, name, nn.Linear(width_in, width_out, bias=bias, device="meta"))
+    stand_in.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    for tensor in (*stand_in.parameters(), *stand_in.buffers()):
+        if tensor.is_floating_point():
+            tensor.data.normal_(generator=generator)
+    return stand_in
+
+
 @torch.no_grad()
 def _same_as_own_forward(module: nn.Module) -> bool:
     """Whether the recomputing forward gives exactly the module's own output on a random probe, in eval mode and in
     train mode under the same random seed (a dropout in the module's forward, which eval mode hides, makes them
-    differ). Skipped on meta tensors, which hold no values (the estimator's meta models)."""
+    differ). A meta-device module (the estimator's models hold no values) is probed through a small CPU stand-in."""
     weight = next((p for p in module.parameters() if p.is_floating_point()), None)
-    width = getattr(module.gate_proj, "in_features", None)
-    if weight is None or width is None:
+    if weight is None or getattr(module.gate_proj, "in_features", None) is None:
         return False
     if weight.device.type == "meta":
-        return True
+        try:
+            module = _cpu_stand_in(module)
+        except (RuntimeError, TypeError):  # a projection that is not a Linear layer of a plain shape
+            return False
+        weight = module.gate_proj.weight
     training = module.training
-    probe = torch.randn(1, 3, width, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    probe = torch.randn(1, 3, module.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(weight.device, weight.dtype)
     devices = [weight.device] if weight.device.type == "cuda" else []
     try:
         for mode in (False, True):
