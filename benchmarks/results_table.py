@@ -73,6 +73,7 @@ FULL_SCHEDULES: dict[str, list[str]] = {
 # peak is torch.cuda.max_memory_allocated and time per update is wall time.
 GPU_SCHEDULES: dict[str, list[str]] = {"glue": [*FULL_SCHEDULES["glue"], "training.bf16=true"]}
 SAVE_EVERY = 100  # updates between the checkpoints of a full-schedule cell
+SAVE_EVERY_INSTRUCT = 20  # SmolLM2's updates take 20-40 s each: an interruption loses at most ~15 min of a cell
 SCHEDULE_PROFILES = {"short": (SCHEDULES, OUT), "full": (FULL_SCHEDULES, OUT.with_name("results_full")),
                      "gpu": (GPU_SCHEDULES, OUT.with_name("results_gpu"))}  # fmt: skip
 SCHEDULE_TASKS = {"short": TASKS, "full": FULL_TASKS, "gpu": GLUE_TASKS}  # the tasks each schedule has
@@ -253,10 +254,12 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
     row = ROWS[row_name]
     schedule = SCHEDULE_PROFILES[schedule_name][0]["glue" if task in GLUE_TASKS else task]
     seeds = [f"training.seed={seed}"] if seed else []
-    # Full-schedule cells run for up to hours: they checkpoint every 100 updates into their own folder and continue
-    # from the last complete checkpoint when run again (resume is exact for every method); short cells do not save.
+    # Full-schedule cells run for up to hours: they checkpoint every 100 updates (20 for instruct) into their own
+    # folder and continue from the last complete checkpoint when run again (resume is exact for every method); short
+    # cells do not save.
     resumable = schedule_name == "full" and not extra_sets
-    saving = (["training.save_strategy=steps", f"training.save_steps={SAVE_EVERY}", "training.save_total_limit=2"]
+    every = SAVE_EVERY_INSTRUCT if task in INSTRUCT_TASKS else SAVE_EVERY
+    saving = (["training.save_strategy=steps", f"training.save_steps={every}", "training.save_total_limit=2"]
               if resumable else ["training.save_strategy=no"])  # fmt: skip
     longer = row.full_glue_sets if task in GLUE_TASKS and schedule_name in ("full", "gpu") else ()
     sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else ()), *longer, *seeds, *extra_sets,
