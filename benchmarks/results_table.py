@@ -729,6 +729,27 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
     return "\n".join(lines)
 
 
+def lm_guide(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, ...], what: str) -> list[str]:
+    """Guide lines for pretraining or instruction tuning, from the measured figures only: per row that ran a task
+    beside AdamW, its held-out change (perplexity or loss, per cent) with its tensor memory and CPU time per update
+    against AdamW on that task."""
+    tasks = [t for t in all_tasks if t in cells]
+    lines = []
+    for row in ROWS:
+        parts = []
+        for t in tasks:
+            value, base = _mean(_seed_values(t, cells[t], row)), _mean(_seed_values(t, cells[t], "adamw"))
+            if row == "adamw" or value is None or base is None:
+                continue
+            mem, time_ = _tensor_ratio(cells[t], row), _time_ratio(cells[t], row)
+            parts.append(f"{t} {100 * (value / base - 1):+.1f}% (tensor memory "
+                         f"{'-' if mem is None else f'{mem:.2f}x'}, CPU time per update "
+                         f"{'-' if time_ is None else f'{time_:.2f}x'})")  # fmt: skip
+        if parts:
+            lines.append(f"- **{row}**, {what} vs AdamW: " + "; ".join(parts) + ".")
+    return lines
+
+
 def full_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
     """The GLUE and pretraining summaries and the guide: the head of the full-schedule section and the README's."""
     parts = []
@@ -747,8 +768,13 @@ def full_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
     if instruct:
         parts.append("\nInstruction tuning (SmolLM2-135M, TRL SFTTrainer, one epoch of 2,000 Code Alpaca records): "
                      "held-out loss on 17 records, and issue #15's target.\n\n" + instruct + "\n")
-    if glue_cells:
-        parts.append("\nWhich method when (from these numbers):\n\n" + which_method_when(glue_cells, summary))
+    guide = which_method_when(glue_cells, summary) if glue_cells else ""
+    lm_lines = [*lm_guide(cells, PRETRAIN_TASKS, "pretraining held-out perplexity"),
+                *lm_guide(cells, INSTRUCT_TASKS, "instruction held-out loss")]  # fmt: skip
+    if lm_lines:
+        guide += "\n".join(lm_lines) + "\n"
+    if guide:
+        parts.append("\nWhich method when (from these numbers):\n\n" + guide)
     return "".join(parts)
 
 

@@ -238,6 +238,17 @@ def test_pretraining_summary_gives_perplexity_change_against_adamw_and_the_five_
     assert "incomplete (1 of 2): within so far" in rt.lm_summary(cells)
 
 
+def test_guide_gives_pretraining_and_instruct_changes_with_memory_and_time_per_task(rt):
+    cells = {t: {"adamw": _cell("perplexity", 1.00, 100, 2.0), "galore": _cell("perplexity", 1.04, 40, 1.0)}
+             for t in ("llama-20m", "instruct")}  # fmt: skip
+    cells["instruct"] = {row: {**c, "metrics": {"loss": c["metrics"]["perplexity"]}} for row, c in cells["instruct"].items()}
+    guide = rt.full_summary(cells)
+    assert ("- **galore**, pretraining held-out perplexity vs AdamW: llama-20m +4.0% (tensor memory 0.40x, CPU time "
+            "per update 0.50x).") in guide
+    assert "- **galore**, instruction held-out loss vs AdamW: instruct +4.0% (tensor memory 0.40x" in guide
+    assert "**adamw**," not in guide
+
+
 def test_instruct_summary_uses_held_out_loss_and_the_two_percent_target(rt):
     cells = {"instruct": {"adamw": _cell("loss", 1.000, 100, 1.0), "galore": _cell("loss", 1.015, 40, 1.0),
                           "loqt": _cell("loss", 1.030, 40, 1.0)}}  # fmt: skip
