@@ -582,7 +582,8 @@ def plot_curves(task: str, cells: dict[str, dict[str, Any]]) -> Path:
     pretrain = task in PRETRAIN_TASKS
     fig, axes = plt.subplots(1, 2 if pretrain else 1, figsize=(11 if pretrain else 6, 4), squeeze=False)
     for ax in axes[0]:
-        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[: len(ROWS)])  # one distinct colour per row
+        colours = plt.get_cmap("tab20").colors  # pairs of a dark and a light shade: the ten dark ones come first
+        ax.set_prop_cycle(color=(colours[0::2] + colours[1::2])[: len(ROWS)])  # one distinct colour per row
     for row in ROWS:
         cell = cells.get(row)
         if not cell or "failed" in cell or not cell.get("losses"):
