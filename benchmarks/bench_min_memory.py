@@ -19,7 +19,7 @@ seed 0) it measures the peak tensor bytes, by category, of
 * ``composed int8``: the same with LoQT's weights in bitsandbytes' block-wise int8 (``--set method.quant=int8``), which
   starts training at the fp32 model's loss where NF4 starts 13% above it (docs/min_memory.md);
 * ``galore path``: the recipe's switch for users who cannot quantize: GaLore 8-bit layer-wise (rank 64) + VeLoRA on
-  the MLP inputs + the same frozen embeddings, checkpointing, chunked loss and SwiGLU recomputation.
+  its automatic targets (down_proj) + the same frozen embeddings, checkpointing, chunked loss and SwiGLU recomputation.
 
 Training figures are hf_memopt's ``MemoryReportCallback`` categories (parameters, buffers, gradients, optimizer
 state, saved activations), the peak of each over the whole run (``whole_run``: update 0, which initialises LoQT,

@@ -41,6 +41,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MB = 2**20
 SEED = 0
 PAPER_TARGETS = {"llama": ["v_proj", "down_proj"], "bert": r".*layer\.\d+\.(attention\.self\.value|output\.dense)"}
+# the auto set from 2026-11-25 to 2026-12-05: the whole MLP / feed-forward (its two inputs freed)
+MLP = {"llama": ["gate_proj", "up_proj", "down_proj"], "bert": r".*layer\.\d+\.(intermediate\.dense|output\.dense)"}
 # the auto set until 2026-11-25: every Linear input that compressing really frees under SDPA
 ATTENTION_AND_MLP = {
     "llama": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
@@ -194,6 +196,7 @@ def memory_part(quick: bool, models: list[str] | None = None) -> list[dict]:
             ("plain", None, False),
             ("velora paper targets", PAPER_TARGETS[family], False),
             ("velora attention q/k/v + mlp", ATTENTION_AND_MLP[family], False),
+            ("velora mlp", MLP[family], False),
             ("velora auto", "auto", False),
             ("gradient checkpointing", None, True),
             ("checkpointing + velora auto", "auto", True),
@@ -283,7 +286,8 @@ def loss_part(quick: bool, steps: int) -> list[dict]:
     train = text_batches(tok, batch, seq, steps)
     evaluation = text_batches(tok, batch, seq, 4, offset=len(train) * batch)
     rows = []
-    variants = [("plain", None, 0), ("velora auto (mlp: gate/up/down), 16 groups", "auto", 16)]
+    variants = [("plain", None, 0), ("velora auto (down_proj), 16 groups", "auto", 16),
+                ("velora mlp (gate/up/down), 16 groups", MLP["llama"], 16)]  # fmt: skip
     if not quick:
         variants.append(("velora paper targets, 16 groups", PAPER_TARGETS["llama"], 16))
         variants.append(("velora attention q/k/v + mlp, 16 groups", ATTENTION_AND_MLP["llama"], 16))
