@@ -16,8 +16,9 @@ short schedule in ``SCHEDULES``, and a row that is either an hf_memopt method ru
 (peak RSS is that run's own) and writes ``out/results_table/<task>/<row>.json``; ``run`` skips cells already done,
 so an interrupted run continues where it stopped (``--force`` reruns). ``render`` commits each schedule's cells to its
 record (``benchmarks/results/results_table.json``, ``results_full.json``, ``results_gpu.json``), and ``run`` and
-``render`` first restore from it the cells ``out/`` lacks, so a fresh clone continues where the record stops; a full-schedule cell also checkpoints every 100
-updates (``out/results_full/<task>/runs/<cell>/``) and, run again, continues from its last complete checkpoint.
+``render`` first restore from it the cells ``out/`` lacks, so a fresh clone continues where the record stops; a
+full-schedule cell also checkpoints every 100 updates (20 for instruct; ``out/results_full/<task>/runs/<cell>/``) and,
+run again, continues from its last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -223,8 +224,8 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("velora_mlp", method="velora", glue_sets=(
         r"methods.velora.target_modules=.*layer\.\d+\.(intermediate\.dense|output\.dense)",),
         lm_sets=("methods.velora.target_modules=[gate_proj, up_proj, down_proj]",)),
-    # VeLoRA on the paper's targets (v_proj + down_proj; in BERT value and the FFN's output projection) instead of
-    # the recipes' automatic MLP / FFN layers: does compressing fewer inputs keep more accuracy?
+    # VeLoRA on the paper's targets (v_proj + down_proj; in BERT value and the FFN's output projection): the automatic
+    # targets (down_proj / output.dense) plus v_proj / value, whose input stays saved for q and k (it frees nothing)
     Row("velora_paper_targets", method="velora", glue_sets=(
         r"methods.velora.target_modules=.*layer\.\d+\.(attention\.self\.value|output\.dense)",),
         lm_sets=("methods.velora.target_modules=[v_proj, down_proj]",)),
@@ -586,19 +587,17 @@ def plot_curves(task: str, cells: dict[str, dict[str, Any]]) -> Path:
 
     pretrain = task in PRETRAIN_TASKS
     fig, axes = plt.subplots(1, 2 if pretrain else 1, figsize=(11 if pretrain else 6, 4), squeeze=False)
-    for ax in axes[0]:
-        colours = plt.get_cmap("tab20").colors  # pairs of a dark and a light shade: the ten dark ones come first
-        ax.set_prop_cycle(color=(colours[0::2] + colours[1::2])[: len(ROWS)])  # one distinct colour per row
-    for row in ROWS:
-        cell = cells.get(row)
-        if not cell or "failed" in cell or not cell.get("losses"):
-            continue
+    drawn = [row for row in ROWS if cells.get(row, {}).get("losses") and "failed" not in cells[row]]
+    tab20 = plt.get_cmap("tab20").colors  # pairs of a dark and a light shade: the ten dark ones come first
+    colours = dict(zip(drawn, tab20[0::2] + tab20[1::2]))  # one colour per row, the same in both panels
+    for row in drawn:
+        cell = cells[row]
         steps = cell.get("loss_steps") or list(range(1, len(cell["losses"]) + 1))
-        axes[0][0].plot(steps, cell["losses"], label=row, linewidth=1)
+        axes[0][0].plot(steps, cell["losses"], label=row, linewidth=1, color=colours[row])
         if pretrain and cell.get("eval_history"):
             history = cell["eval_history"]
             axes[0][1].plot([h["step"] for h in history], [math.exp(min(h["eval_loss"], 50)) for h in history],
-                            label=row, marker=".", linewidth=1)
+                            label=row, marker=".", linewidth=1, color=colours[row])
     axes[0][0].set(xlabel="update", ylabel="training loss", title=f"{task}: training loss")
     if pretrain:
         axes[0][1].set(xlabel="update", ylabel="held-out perplexity", title=f"{task}: held-out perplexity",
@@ -676,7 +675,7 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
         time_ = [r for r in (_time_ratio(cells[t], row) for t in s["tasks"]) if r is not None]
         rows.append((row, s, sorted(mem)[len(mem) // 2] if mem else None, sorted(time_)[len(time_) // 2] if time_ else None))
     if not rows:
-        return "Not enough full-schedule cells yet to compare methods.\n"
+        return ""  # no row beside AdamW on any GLUE task yet
     rows.sort(key=lambda r: (r[2] is None, r[2] or 0))
     lines = []
     for row, s, mem, time_ in rows:

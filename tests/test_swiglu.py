@@ -121,6 +121,39 @@ def test_on_the_meta_device_a_llama_mlp_is_accepted_and_a_dropout_mlp_refused_as
         use_recomputed_swiglu(dropout)
 
 
+def test_a_frozen_bfloat16_projection_beside_float32_ones_is_accepted_on_real_and_meta_models_alike():
+    # freeze_modules(..., "bfloat16") casts around the frozen projection: the MLP still computes in float32
+    from hf_memopt.shared.frozen import freeze_modules
+
+    real = _llama()
+    with torch.device("meta"):
+        meta = _llama()
+    for model in (real, meta):
+        freeze_modules(model, r".*layers\.\d+\.mlp\.gate_proj", "bfloat16")
+        assert use_recomputed_swiglu(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    ids = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(3))
+    own = _llama()
+    freeze_modules(own, r".*layers\.\d+\.mlp\.gate_proj", "bfloat16")
+    assert torch.equal(real(input_ids=ids).logits, own(input_ids=ids).logits)
+
+
+class _ConvGateMLP(_ScaledGateMLP):
+    """A gate that is not an nn.Linear: on the meta device the probe cannot shrink it, so it is refused by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = nn.Conv1d(4, 6, 1)
+        self.gate_proj.in_features = 4
+
+
+def test_a_meta_mlp_that_cannot_be_probed_is_refused_with_the_reason():
+    with torch.device("meta"):
+        model = nn.Sequential(_ConvGateMLP())
+    with pytest.raises(ValueError, match=r"0 \(_ConvGateMLP\) cannot be checked on the meta device: its gate_proj is a "
+                                         r"Conv1d, not an nn.Linear"):  # fmt: skip
+        use_recomputed_swiglu(model)
+
+
 def test_a_model_with_recomputed_mlps_pickles_and_loads_with_the_same_outputs():
     import io
 

@@ -70,53 +70,88 @@ def _is_swiglu_mlp(module: nn.Module, silu_types: tuple[type, ...]) -> bool:
     )
 
 
+class _CannotProbe(Exception):
+    """A meta-device MLP could not be copied into a CPU stand-in, so its forward cannot be checked."""
+
+
 def _cpu_stand_in(module: nn.Module) -> nn.Module:
-    """A CPU copy of a meta-device MLP whose three projections are 4 -> 8 -> 4 Linear layers with seeded random values:
-    the module's own forward code and every other submodule it holds (activation, dropout, norm), at a size that
-    costs nothing, so the estimator's meta models go through the same probe as training's real ones."""
-    stand_in = copy.deepcopy(module)
-    for name, (width_in, width_out) in {"gate_proj": (4, 8), "up_proj": (4, 8), "down_proj": (8, 4)}.items():
-        bias = getattr(getattr(stand_in, name), "bias", None) is not None
-        setattr(stand_in, name, nn.Linear(width_in, width_out, bias=bias, device="meta"))
+    """A CPU copy of a meta-device MLP whose three projections hold 4 -> 8 -> 4 weights of seeded random values: the
+    module's own forward code, every other submodule (activation, dropout, norm), each projection's class, dtype and
+    hooks (a frozen module's casting hooks), at a size that costs nothing, so the estimator's meta models go through
+    the same probe as training's real ones."""
+    try:
+        stand_in = copy.deepcopy(module)
+    except Exception as error:  # noqa: BLE001 - whatever deepcopy raises, the module cannot be probed
+        raise _CannotProbe(f"it cannot be copied ({type(error).__name__}: {error})") from error
+    for name, (width_out, width_in) in {"gate_proj": (8, 4), "up_proj": (8, 4), "down_proj": (4, 8)}.items():
+        projection = getattr(stand_in, name)
+        if not isinstance(projection, nn.Linear):
+            raise _CannotProbe(f"its {name} is a {type(projection).__name__}, not an nn.Linear")
+        shapes = {"weight": (width_out, width_in), "bias": (width_out,)}
+        for kind, shape in shapes.items():
+            old = getattr(projection, kind)
+            if old is not None:
+                new = torch.empty(shape, dtype=old.dtype, device="meta")
+                setattr(projection, kind, nn.Parameter(new, requires_grad=old.requires_grad))
+        projection.in_features, projection.out_features = width_in, width_out
     stand_in.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
-    for tensor in (*stand_in.parameters(), *stand_in.buffers()):
-        if tensor.is_floating_point():
-            tensor.data.normal_(generator=generator)
+    with torch.no_grad():
+        for tensor in (*stand_in.parameters(), *stand_in.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+            else:
+                tensor.zero_()
     return stand_in
+
+
+def _float_dtypes(module: nn.Module) -> list[torch.dtype]:
+    """The floating dtypes of the module's parameters, in order of first appearance (the probe tries each)."""
+    dtypes: list[torch.dtype] = []
+    for parameter in module.parameters():
+        if parameter.is_floating_point() and parameter.dtype not in dtypes:
+            dtypes.append(parameter.dtype)
+    return dtypes
 
 
 @torch.no_grad()
 def _same_as_own_forward(module: nn.Module) -> bool:
     """Whether the recomputing forward gives exactly the module's own output on a random probe, in eval mode and in
     train mode under the same random seed (a dropout in the module's forward, which eval mode hides, makes them
-    differ). A meta-device module (the estimator's models hold no values) is probed through a small CPU stand-in."""
-    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
-    if weight is None or getattr(module.gate_proj, "in_features", None) is None:
+    differ). The probe is tried in each dtype of the module's parameters (a module with a frozen bfloat16 projection
+    next to float32 ones computes in float32 through the frozen one's casting hooks); one the module's own forward
+    cannot take is skipped, and the module is refused if no dtype runs. A meta-device module (the estimator's models
+    hold no values) is probed through a small CPU stand-in (:func:`_cpu_stand_in`)."""
+    if not _float_dtypes(module) or getattr(module.gate_proj, "in_features", None) is None:
         return False
-    if weight.device.type == "meta":
-        try:
-            module = _cpu_stand_in(module)
-        except (RuntimeError, TypeError):  # a projection that is not a Linear layer of a plain shape
-            return False
-        weight = module.gate_proj.weight
+    if next(module.parameters()).device.type == "meta":
+        module = _cpu_stand_in(module)
+    device = next(module.parameters()).device
+    devices = [device] if device.type == "cuda" else []
     training = module.training
-    probe = torch.randn(1, 3, module.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
-    probe = probe.to(weight.device, weight.dtype)
-    devices = [weight.device] if weight.device.type == "cuda" else []
+    ran = False
     try:
-        for mode in (False, True):
-            module.train(mode)
-            outputs = []
-            for forward in (module.forward, functools.partial(_recomputed_forward, module)):
+        for dtype in _float_dtypes(module):
+            probe = torch.randn(1, 3, module.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+            probe = probe.to(device, dtype)
+            for mode in (False, True):
+                module.train(mode)
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(0)
-                    outputs.append(forward(probe))
-            if not torch.equal(*outputs):
-                return False
-        return True
-    except RuntimeError:  # e.g. gate and up projections in different dtypes: not the product this computes
-        return False
+                    try:
+                        own = module.forward(probe)
+                    except RuntimeError:  # e.g. a float32 input to a bfloat16 projection without casting hooks
+                        break
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(0)
+                    try:
+                        recomputed = _recomputed_forward(module, probe)
+                    except RuntimeError:  # the module's forward runs where the plain SwiGLU product does not
+                        return False
+                if not torch.equal(own, recomputed):
+                    return False
+                ran = True
+        return ran
     finally:
         module.train(training)
 
@@ -137,7 +172,14 @@ def use_recomputed_swiglu(model: nn.Module) -> list[str]:
     for name, module in mlps.items():
         if getattr(module, _PATCHED, False):
             continue
-        if not _same_as_own_forward(module):
+        try:
+            same = _same_as_own_forward(module)
+        except _CannotProbe as reason:
+            raise ValueError(
+                f"recompute_swiglu: {name} ({type(module).__name__}) cannot be checked on the meta device: {reason}; "
+                "it is left as it is and the setting refused"
+            ) from None
+        if not same:
             raise ValueError(
                 f"recompute_swiglu: {name} ({type(module).__name__}) does not compute "
                 "down_proj(silu(gate_proj(x)) * up_proj(x)) exactly; it is left as it is and the setting refused"
