@@ -9,6 +9,9 @@
 full dev sets; LLaMA 20M 2,000 and 60M 1,000 updates with held-out perplexity every 100 updates), into
 ``out/results_full``; a seed other than 0 is the cell ``<row>@seed<N>``. ``--lrs 5e-5,2e-4`` adds learning-rate
 sweep cells ``<row>@lr<value>`` (seed 0); the page shows each row's metric per learning rate next to the recipe's own.
+``--schedule timing --rounds 3`` measures time per update side by side: 12 updates of each row in turn, AdamW's
+included, repeated in rounds (cells ``<row>@round<k>``, ``out/results_timing``); the full-schedule tables take each
+row's time against AdamW from it, since cells that ran hours apart beside other jobs do not compare.
 
 A cell is one (task, row): the task's recipe (recipes/glue/<task>.yaml, recipes/pretrain/llama_<size>.yaml) with the
 short schedule in ``SCHEDULES``, and a row that is either an hf_memopt method run exactly as ``hf-memopt train
@@ -28,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -70,17 +74,26 @@ FULL_SCHEDULES: dict[str, list[str]] = {
                   "training.logging_steps=20", "training.eval_strategy=steps", "training.eval_steps=100"],
     "instruct": ["training.logging_steps=5"],  # recipes/instruct/code_alpaca_2k.yaml: one epoch, 125 updates
 }
+# Side-by-side timing: every row runs the same 12 updates (same seed, same batches) in turn, AdamW's in every round;
+# time per update is compared within a round. The cells of the full schedules ran in different sessions beside other
+# jobs, and there AdamW's own MRPC cells spread from 1.81 to 2.86 CPU s per update.
+TIMING_SCHEDULES: dict[str, list[str]] = {
+    "glue": ["data.train_limit=640", "data.eval_limit=32", "training.max_steps=12", "training.logging_steps=4"],
+    **{size: ["training.max_steps=12", "training.warmup_steps=2", "training.per_device_train_batch_size=4",
+              "training.logging_steps=4", "data.eval_blocks=4"] for size in PRETRAIN_TASKS},  # the full batch shape
+}
 # On a CUDA device (scripts/gpu_glue.sh): the full GLUE schedules again in bf16, where the memory report's process
 # peak is torch.cuda.max_memory_allocated and time per update is wall time.
 GPU_SCHEDULES: dict[str, list[str]] = {"glue": [*FULL_SCHEDULES["glue"], "training.bf16=true"]}
 SAVE_EVERY = 100  # updates between the checkpoints of a full-schedule cell
 SAVE_EVERY_INSTRUCT = 20  # SmolLM2's updates take 20-40 s each: an interruption loses at most ~15 min of a cell
 SCHEDULE_PROFILES = {"short": (SCHEDULES, OUT), "full": (FULL_SCHEDULES, OUT.with_name("results_full")),
-                     "gpu": (GPU_SCHEDULES, OUT.with_name("results_gpu"))}  # fmt: skip
-SCHEDULE_TASKS = {"short": TASKS, "full": FULL_TASKS, "gpu": GLUE_TASKS}  # the tasks each schedule has
+                     "gpu": (GPU_SCHEDULES, OUT.with_name("results_gpu")),
+                     "timing": (TIMING_SCHEDULES, OUT.with_name("results_timing"))}  # fmt: skip
+SCHEDULE_TASKS = {"short": TASKS, "full": FULL_TASKS, "gpu": GLUE_TASKS, "timing": TASKS}  # the tasks of each
 # The committed record of each schedule's finished cells, written by ``render``; ``out/`` is only a working folder.
 RECORDS = {"short": RESULTS_JSON, "full": RESULTS_JSON.with_name("results_full.json"),
-           "gpu": RESULTS_JSON.with_name("results_gpu.json")}  # fmt: skip
+           "gpu": RESULTS_JSON.with_name("results_gpu.json"), "timing": RESULTS_JSON.with_name("results_timing.json")}
 
 PAPER = {
     "source_glue": "GaLore (arXiv 2403.03507) Table 4: RoBERTa-base, rank 4, full GLUE schedules; metric x 100",
@@ -246,17 +259,19 @@ def recipe_path(task: str) -> Path:
     return ROOT / "recipes" / "pretrain" / f"{task.replace('-', '_')}.yaml"
 
 
-def cell_name(row: str, seed: int = 0, lr: str | None = None) -> str:
-    """``row``, ``row@seed<N>`` for another seed, ``row@lr<value>`` for a learning-rate sweep cell."""
-    return row + (f"@seed{seed}" if seed else "") + (f"@lr{lr}" if lr is not None else "")
+def cell_name(row: str, seed: int = 0, lr: str | None = None, timing_round: int = 0) -> str:
+    """``row``, ``row@seed<N>`` for another seed, ``row@lr<value>`` for a learning-rate sweep cell, ``row@round<k>``
+    for round k of the side-by-side timing."""
+    return (row + (f"@seed{seed}" if seed else "") + (f"@lr{lr}" if lr is not None else "")
+            + (f"@round{timing_round}" if timing_round else ""))
 
 
-def cell_path(task: str, row: str, out: Path = OUT, seed: int = 0, lr: str | None = None) -> Path:
-    return out / task / f"{cell_name(row, seed, lr)}.json"
+def cell_path(task: str, row: str, out: Path = OUT, seed: int = 0, lr: str | None = None, timing_round: int = 0) -> Path:
+    return out / task / f"{cell_name(row, seed, lr, timing_round)}.json"
 
 
 def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, ...] = (), *,
-             schedule_name: str = "short", seed: int = 0, lr: str | None = None) -> None:
+             schedule_name: str = "short", seed: int = 0, lr: str | None = None, timing_round: int = 0) -> None:
     """Train one cell in this process and write its JSON (called by ``run`` in a fresh interpreter)."""
     from hf_memopt import last_complete_checkpoint
     from hf_memopt.tools.recipes.recipe import load_recipe
@@ -274,7 +289,7 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
               if resumable else ["training.save_strategy=no"])  # fmt: skip
     longer = row.full_glue_sets if task in GLUE_TASKS and schedule_name in ("full", "gpu") else ()
     sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else row.lm_sets), *longer, *seeds, *extra_sets,
-            f"output_dir={out / task / 'runs' / cell_name(row_name, seed, lr)}", "training.disable_tqdm=true", *saving]
+            f"output_dir={out / task / 'runs' / cell_name(row_name, seed, lr, timing_round)}", "training.disable_tqdm=true", *saving]
     if lr is not None:  # a sweep cell: this learning rate instead of the recipe's (the rest of the recipe unchanged)
         sets.append(f"training.learning_rate={lr}")
     elif row.lr_of is not None:  # peers of a method run at that method's learning rate from the recipe
@@ -301,7 +316,7 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
     results.pop("resolved_recipe", None)
     results["row"], results["kind"], results["seed"] = row_name, row.kind, seed
     results["learning_rate"] = recipe.training["learning_rate"]
-    cell_path(task, row_name, out, seed, lr).write_text(json.dumps(results, indent=1, default=str))
+    cell_path(task, row_name, out, seed, lr, timing_round).write_text(json.dumps(results, indent=1, default=str))
 
 
 def failed_cell(path: Path) -> bool:
@@ -331,25 +346,29 @@ def restore_recorded_cells(schedule_name: str) -> int:
 
 
 def run_all(tasks: list[str], rows: list[str], force: bool, smoke: bool, schedule_name: str = "short",
-            seeds: tuple[int, ...] = (0,), lrs: tuple[str | None, ...] = (None,)) -> None:
+            seeds: tuple[int, ...] = (0,), lrs: tuple[str | None, ...] = (None,), rounds: int = 0) -> None:
+    """Run every missing cell; ``rounds`` (timing only) runs all the rows, then all again, ``rounds`` times."""
     out = SCHEDULE_PROFILES[schedule_name][1]
     out = out.with_name(out.name + "_smoke") if smoke else out
     if not smoke:
         restore_recorded_cells(schedule_name)
-    for task, row, seed, lr in [(t, r, s, lr) for t in tasks for s in seeds for lr in lrs for r in rows]:
+    timing_rounds = range(1, rounds + 1) if rounds else (0,)
+    order = [(t, r, s, lr, k) for t in tasks for s in seeds for lr in lrs for k in timing_rounds for r in rows]
+    for task, row, seed, lr, timing_round in order:
         if task in INSTRUCT_TASKS and (ROWS[row].prepare or ROWS[row].optimizers):
             print(f"{task} / {row}: skipped (TRL's SFTTrainer runs only AdamW and hf_memopt's methods here)")
             continue
         (out / task).mkdir(parents=True, exist_ok=True)
-        path = cell_path(task, row, out, seed, lr)
+        path = cell_path(task, row, out, seed, lr, timing_round)
         if path.exists() and not force and not failed_cell(path):
             continue
         log = path.with_suffix(".log")
         started = time.perf_counter()
-        print(f"{task} / {cell_name(row, seed, lr)} ...", end=" ", flush=True)
+        print(f"{task} / {cell_name(row, seed, lr, timing_round)} ...", end=" ", flush=True)
         command = [sys.executable, __file__, "cell", task, row, "--schedule", schedule_name, "--seed", str(seed)]
         command += ["--smoke"] if smoke else []
         command += ["--lr", lr] if lr is not None else []
+        command += ["--round", str(timing_round)] if timing_round else []
         with open(log, "w") as f:
             proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
         wall = time.perf_counter() - started
@@ -534,9 +553,74 @@ def _time_ratio(task_cells: dict[str, dict[str, Any]], row: str, key: str = "med
     return step / base if step and base else None
 
 
-def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = False) -> str:
-    """Per row: the metric (mean and half-range over seeds), its gap to AdamW, memory, CPU time per update; with
-    ``device`` (the GPU cells) also the device peak (``torch.cuda.max_memory_allocated``) and wall time per update."""
+SideBySide = dict[str, dict[str, tuple[float, int]]]  # {task: {row: (time per update vs AdamW, rounds)}}
+
+
+def side_by_side_time_ratios(timing_cells: dict[str, dict[str, dict[str, Any]]],
+                             key: str = "median_step_cpu_seconds") -> SideBySide:
+    """Per task and row of the timing schedule: the median over rounds of the row's time per update over AdamW's in
+    the same round (the rounds run the rows in turn, so a slow spell of the machine weighs on both sides of each
+    ratio), and how many rounds it covers."""
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for task, task_cells in timing_cells.items():
+        for name, cell in task_cells.items():
+            row, _, k = name.partition("@round")
+            base = task_cells.get(f"adamw@round{k}", {})
+            if row == "adamw" or not k or not cell.get(key) or not base.get(key):
+                continue
+            ratios.setdefault(task, {}).setdefault(row, []).append(cell[key] / base[key])
+    return {task: {row: (statistics.median(r), len(r)) for row, r in rows.items()} for task, rows in ratios.items()}
+
+
+def _time_vs_adamw(task_cells: dict[str, dict[str, Any]], row: str,
+                   side: dict[str, tuple[float, int]] | None) -> tuple[float | None, bool]:
+    """The row's time per update against AdamW's and whether it was measured side by side: from the timing rounds
+    where they ran the row, else from the two full-schedule cells (which may have run in different sessions)."""
+    if row == "adamw":
+        return 1.0, True
+    if side and row in side:
+        return side[row][0], True
+    return _time_ratio(task_cells, row), False
+
+
+def _time_text(ratio: float | None, side_by_side: bool) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x" + ("" if side_by_side else "*")
+
+
+def timing_table(timing_cells: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Per row and timing task: CPU time per update against AdamW's, side by side (median over rounds), and AdamW's
+    own CPU seconds per update (median over its rounds) for scale."""
+    ratios = side_by_side_time_ratios(timing_cells)
+    tasks = [t for t in TASKS if t in ratios]
+    if not tasks:
+        return ""
+    header = ["row", *[f"{t} (vs AdamW)" for t in tasks]]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(tasks)]
+    adamw = [[c["median_step_cpu_seconds"] for n, c in timing_cells[t].items() if n.startswith("adamw@round")]
+             for t in tasks]  # fmt: skip
+    lines.append("| adamw (CPU s / update) | " + " | ".join(f"{statistics.median(a):.2f} s" for a in adamw) + " |")
+    for row in ROWS:
+        if any(row in ratios[t] for t in tasks):
+            lines.append(f"| {row} | " + " | ".join(
+                f"{ratios[t][row][0]:.2f}x ({ratios[t][row][1]} rounds)" if row in ratios[t] else "-" for t in tasks
+            ) + " |")
+    return "\n".join(lines)
+
+
+TIME_FOOTNOTE = (
+    "Time against AdamW is CPU time per update (median update; GaLore's subspace refreshes and BlockLLM's reselections "
+    "fall outside it) from the side-by-side timing: `python benchmarks/results_table.py run --schedule timing "
+    "--rounds 3`, 12 updates of each row on the same batches, AdamW's in every round, the median of the per-round "
+    "ratios. Ratios marked * are not from it: they divide two full-schedule cells, which ran hours or sessions apart "
+    "beside other jobs (AdamW's own MRPC cells spread from 1.81 to 2.86 CPU s per update), so they can be off by a "
+    "third.")
+
+
+def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = False,
+                    side: dict[str, tuple[float, int]] | None = None) -> str:
+    """Per row: the metric (mean and half-range over seeds), its gap to AdamW, memory, CPU time per update (against
+    AdamW's from ``side``, the side-by-side timing, where it has the row); with ``device`` (the GPU cells) also the
+    device peak (``torch.cuda.max_memory_allocated``) and wall time per update."""
     from hf_memopt.tools.memory import MemoryBreakdown
 
     time_key, time_name = ("median_step_seconds", "s / update") if device else ("median_step_cpu_seconds",
@@ -567,13 +651,17 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = 
             gap = f"{100 * (mean / base_mean - 1):+.1f}%"
         b = MemoryBreakdown(**cell["memory_bytes"])
         step = cell.get(time_key)
-        tensors, time_ = _tensor_ratio(cells, row), _time_ratio(cells, row, time_key)
+        tensors = _tensor_ratio(cells, row)
+        if device:  # the GPU cells ran one after another in one session: their wall times compare
+            time_text = _time_text(_time_ratio(cells, row, time_key), True)
+        else:
+            time_text = _time_text(*_time_vs_adamw(cells, row, side))
         lines.append("| " + " | ".join([
             row, _mean_spread(values, digits), gap, str(cell.get("steps", "-")),
             f"{(b.parameters + b.buffers) / MB:.1f}", f"{b.gradients / MB:.1f}", f"{b.optimizer_state / MB:.1f}",
             f"{b.activations / MB:.1f}", "-" if tensors is None else f"{tensors:.2f}x",
             *([f"{b.peak_process / MB:.1f}"] if device else []),
-            "-" if step is None else f"{step:.2f}", "-" if time_ is None else f"{time_:.2f}x",
+            "-" if step is None else f"{step:.2f}", time_text,
         ]) + " |")
     return "\n".join(lines)
 
@@ -662,17 +750,22 @@ def glue_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict
     return "\n".join(lines), summary
 
 
-def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict[str, dict[str, Any]]) -> str:
+def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict[str, dict[str, Any]],
+                      timing: SideBySide | None = None) -> str:
     """A short guide written from the measured figures only: for every row with a GLUE average, its accuracy gap,
-    tensor memory and CPU time against AdamW (medians over the tasks it ran), sorted by memory, and the least-memory
-    rows that keep accuracy within 1 point. Claims from the papers are not used here."""
+    tensor memory and CPU time against AdamW (medians over the tasks it ran; time from the side-by-side ``timing``
+    where it has the row), sorted by memory, and the least-memory rows that keep accuracy within 1 point. Claims
+    from the papers are not used here."""
     rows = []
     for row, s in summary.items():
         if row == "adamw" or s["gap"] is None:
             continue
         mem = [r for r in (_tensor_ratio(cells[t], row) for t in s["tasks"]) if r is not None]
-        time_ = [r for r in (_time_ratio(cells[t], row) for t in s["tasks"]) if r is not None]
-        rows.append((row, s, sorted(mem)[len(mem) // 2] if mem else None, sorted(time_)[len(time_) // 2] if time_ else None))
+        times = [_time_vs_adamw(cells[t], row, (timing or {}).get(t)) for t in s["tasks"]]
+        side = [r for r, measured in times if measured and r is not None]
+        time_ = side or [r for r, _ in times if r is not None]
+        rows.append((row, s, sorted(mem)[len(mem) // 2] if mem else None,
+                     (sorted(time_)[len(time_) // 2] if time_ else None, bool(side))))
     if not rows:
         return ""  # no row beside AdamW on any GLUE task yet
     rows.sort(key=lambda r: (r[2] is None, r[2] or 0))
@@ -684,7 +777,7 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
         lines.append(f"- **{row}**: GLUE average {s['gap']:+.1f} points vs AdamW over {len(s['tasks'])} task(s)"
                      + (f", with {longer:.0f}x AdamW's updates" if longer > 1.01 else "") + "; "
                      f"tensor memory {'-' if mem is None else f'{mem:.2f}x'}, CPU time per update "
-                     f"{'-' if time_ is None else f'{time_:.2f}x'} (medians over those tasks).")
+                     f"{_time_text(*time_)} (medians over those tasks).")
     kept = [r for r in rows if r[1]["gap"] >= -1.0 and r[2] is not None]
     if kept:
         best = min(kept, key=lambda r: r[2])
@@ -738,10 +831,11 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
     return "\n".join(lines)
 
 
-def lm_guide(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, ...], what: str) -> list[str]:
+def lm_guide(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, ...], what: str,
+             timing: SideBySide | None = None) -> list[str]:
     """Guide lines for pretraining or instruction tuning, from the measured figures only: per row that ran a task
     beside AdamW, its held-out change (perplexity or loss, per cent) with its tensor memory and CPU time per update
-    against AdamW on that task."""
+    against AdamW on that task (side by side from ``timing`` where it has the row)."""
     tasks = [t for t in all_tasks if t in cells]
     lines = []
     for row in ROWS:
@@ -750,17 +844,17 @@ def lm_guide(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, 
             value, base = _mean(_seed_values(t, cells[t], row)), _mean(_seed_values(t, cells[t], "adamw"))
             if row == "adamw" or value is None or base is None:
                 continue
-            mem, time_ = _tensor_ratio(cells[t], row), _time_ratio(cells[t], row)
+            mem, time_ = _tensor_ratio(cells[t], row), _time_vs_adamw(cells[t], row, (timing or {}).get(t))
             parts.append(f"{t} {100 * (value / base - 1):+.1f}% (tensor memory "
-                         f"{'-' if mem is None else f'{mem:.2f}x'}, CPU time per update "
-                         f"{'-' if time_ is None else f'{time_:.2f}x'})")  # fmt: skip
+                         f"{'-' if mem is None else f'{mem:.2f}x'}, CPU time per update {_time_text(*time_)})")
         if parts:
             lines.append(f"- **{row}**, {what} vs AdamW: " + "; ".join(parts) + ".")
     return lines
 
 
-def full_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """The GLUE and pretraining summaries and the guide: the head of the full-schedule section and the README's."""
+def full_summary(cells: dict[str, dict[str, dict[str, Any]]], timing: SideBySide | None = None) -> str:
+    """The GLUE and pretraining summaries and the guide (time from the side-by-side ``timing`` where it has the row):
+    the head of the full-schedule section and the README's."""
     parts = []
     glue_cells = {t: cells[t] for t in GLUE_TASKS if t in cells}
     if glue_cells:
@@ -777,22 +871,22 @@ def full_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
     if instruct:
         parts.append("\nInstruction tuning (SmolLM2-135M, TRL SFTTrainer, one epoch of 2,000 Code Alpaca records): "
                      "held-out loss on 17 records, and issue #15's target.\n\n" + instruct + "\n")
-    guide = which_method_when(glue_cells, summary) if glue_cells else ""
-    lm_lines = [*lm_guide(cells, PRETRAIN_TASKS, "pretraining held-out perplexity"),
-                *lm_guide(cells, INSTRUCT_TASKS, "instruction held-out loss")]  # fmt: skip
+    guide = which_method_when(glue_cells, summary, timing) if glue_cells else ""
+    lm_lines = [*lm_guide(cells, PRETRAIN_TASKS, "pretraining held-out perplexity", timing),
+                *lm_guide(cells, INSTRUCT_TASKS, "instruction held-out loss", timing)]  # fmt: skip
     if lm_lines:
         guide += "\n".join(lm_lines) + "\n"
     if guide:
-        parts.append("\nWhich method when (from these numbers):\n\n" + guide)
+        parts.append("\nWhich method when (from these numbers):\n\n" + guide + "\n" + TIME_FOOTNOTE + "\n")
     return "".join(parts)
 
 
-def write_readme_full_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
+def write_readme_full_summary(cells: dict[str, dict[str, dict[str, Any]]], timing: SideBySide | None = None) -> None:
     text = README.read_text()
     start, end = "<!-- full-summary -->", "<!-- /full-summary -->"
     if start in text:
         before, rest = text.split(start, 1)
-        README.write_text(before + start + "\n" + full_summary(cells) + end + rest.split(end, 1)[1])
+        README.write_text(before + start + "\n" + full_summary(cells, timing) + end + rest.split(end, 1)[1])
 
 
 def sample_answers(cells: dict[str, dict[str, Any]], chars: int = 400) -> str:
@@ -818,12 +912,21 @@ def sample_answers(cells: dict[str, dict[str, Any]], chars: int = 400) -> str:
 def render_full() -> str:
     """The full-schedule section of docs/results.md (tables and curves), from ``out/results_full``."""
     cells = load_cells(SCHEDULE_PROFILES["full"][1])
+    timing_cells = load_cells(SCHEDULE_PROFILES["timing"][1])
+    if timing_cells:
+        RECORDS["timing"].write_text(json.dumps(timing_cells, indent=1, default=str))
+    timing = side_by_side_time_ratios(timing_cells)
     parts = [FULL_START, "\n"]
     if cells:
         RECORDS["full"].write_text(json.dumps(cells, indent=1, default=str))
         parts.append(f"Machine: {machine_line(cells)}.\n")
-        parts.append("\n### Summary (full schedules)\n\n" + full_summary(cells))
-        write_readme_full_summary(cells)
+        parts.append("\n### Summary (full schedules)\n\n" + full_summary(cells, timing))
+        write_readme_full_summary(cells, timing)
+    if timing:
+        parts.append("\n### Time per update, side by side\n\nCPU time per update against AdamW's in the same round "
+                     f"(`run --schedule timing`: {', '.join(TIMING_SCHEDULES['glue'])} for GLUE; the full schedules' "
+                     "batch shape, 12 updates, for pretraining), median over the rounds; machine: "
+                     f"{machine_line(timing_cells)}.\n\n{timing_table(timing_cells)}\n")
     for task in FULL_TASKS:
         if task not in cells:
             parts.append(f"\n### {task} (full schedule)\n\nNot run yet (`python benchmarks/results_table.py run "
@@ -832,7 +935,7 @@ def render_full() -> str:
         schedule = ", ".join(FULL_SCHEDULES["glue" if task in GLUE_TASKS else task])
         figure = os.path.relpath(plot_curves(task, cells[task]), DOC.parent)
         parts.append(f"\n### {task} (full schedule)\n\nThe recipe `{recipe_path(task).relative_to(ROOT)}` with "
-                     f"`{schedule}`.\n\n{full_task_table(task, cells[task])}\n\n![{task} curves]({figure})\n")
+                     f"`{schedule}`.\n\n{full_task_table(task, cells[task], side=timing.get(task))}\n\n![{task} curves]({figure})\n")
         sweep = lr_sweep_table(task, cells[task])
         if sweep:
             parts.append(f"\nLearning-rate sweep on {task} (seed 0, everything else as the recipe; best per row in "
@@ -961,6 +1064,8 @@ def main() -> None:
     run.add_argument("--schedule", choices=sorted(SCHEDULE_PROFILES), default="short")
     run.add_argument("--seeds", default="0", help="comma-separated training seeds (cells <row>@seed<N> for N > 0)")
     run.add_argument("--lrs", default=None, help="comma-separated learning rates to sweep (cells <row>@lr<value>)")
+    run.add_argument("--rounds", type=int, default=None,
+                     help="--schedule timing only: rounds of all the rows in turn (default 3)")
     sub.add_parser("render", help="write docs/results.md and the README summary")
     cell = sub.add_parser("cell", help="train one cell in this process")
     cell.add_argument("task", choices=FULL_TASKS)
@@ -969,6 +1074,7 @@ def main() -> None:
     cell.add_argument("--schedule", choices=sorted(SCHEDULE_PROFILES), default="short")
     cell.add_argument("--seed", type=int, default=0)
     cell.add_argument("--lr", default=None, help="a learning rate instead of the recipe's (a sweep cell)")
+    cell.add_argument("--round", type=int, default=0, help="--schedule timing: the round this cell belongs to")
     a = parser.parse_args()
     if a.command == "cell":
         if a.task not in SCHEDULE_TASKS[a.schedule]:
@@ -982,7 +1088,8 @@ def main() -> None:
             smoke = (*smoke, "training.use_cpu=true")
         out = SCHEDULE_PROFILES[a.schedule][1]
         out = out.with_name(out.name + "_smoke") if a.smoke else out
-        run_cell(a.task, a.row, out, smoke if a.smoke else (), schedule_name=a.schedule, seed=a.seed, lr=a.lr)
+        run_cell(a.task, a.row, out, smoke if a.smoke else (), schedule_name=a.schedule, seed=a.seed, lr=a.lr,
+                 timing_round=a.round)
     elif a.command == "run":
         tasks, rows = a.tasks.split(","), a.rows.split(",")
         known = SCHEDULE_TASKS[a.schedule]
@@ -997,7 +1104,14 @@ def main() -> None:
         bad = [lr for lr in lrs if lr is not None and not _positive_float(lr)]
         if bad:
             raise SystemExit(f"--lrs: {bad} are not positive numbers (e.g. --lrs 5e-5,2e-4)")
-        run_all(tasks, rows, a.force, a.smoke, a.schedule, tuple(int(x) for x in a.seeds.split(",")), lrs)
+        if a.rounds is not None and a.schedule != "timing":
+            raise SystemExit(f"--rounds belongs to --schedule timing (got --schedule {a.schedule})")
+        rounds = 3 if a.rounds is None else a.rounds
+        if a.schedule == "timing" and ("adamw" not in rows or rounds < 1):
+            raise SystemExit(f"--schedule timing compares each row with AdamW in the same round: --rows must include "
+                             f"adamw (got {a.rows}) and --rounds must be at least 1 (got {rounds})")
+        run_all(tasks, rows, a.force, a.smoke, a.schedule, tuple(int(x) for x in a.seeds.split(",")), lrs,
+                rounds if a.schedule == "timing" else 0)
     else:
         render()
 

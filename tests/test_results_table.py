@@ -182,16 +182,21 @@ def test_a_failed_cell_is_recorded_and_tried_again_by_the_next_run(rt, tmp_path,
     assert len(commands) == 2
 
 
+def _main_refuses(rt, monkeypatch, argv: list[str], match: str) -> None:
+    """The command line ``results_table.py ARGV`` stops with a message matching ``match``."""
+    monkeypatch.setattr(sys, "argv", ["results_table.py", *argv])
+    with pytest.raises(SystemExit, match=match):
+        rt.main()
+
+
 def test_the_gpu_schedule_is_the_full_glue_schedule_in_bf16_and_refuses_a_machine_without_cuda(rt, monkeypatch):
     assert rt.GPU_SCHEDULES["glue"] == [*rt.FULL_SCHEDULES["glue"], "training.bf16=true"]
     assert rt.SCHEDULE_TASKS["gpu"] == rt.GLUE_TASKS
     monkeypatch.setattr(rt, "_cuda", lambda: False)
-    monkeypatch.setattr(sys, "argv", ["results_table.py", "run", "--schedule", "gpu", "--tasks", "rte"])
-    with pytest.raises(SystemExit, match="--schedule gpu runs the GLUE cells in bf16 on a CUDA device"):
-        rt.main()
-    monkeypatch.setattr(sys, "argv", ["results_table.py", "cell", "llama-20m", "adamw", "--schedule", "gpu"])
-    with pytest.raises(SystemExit, match="task 'llama-20m' is not in --schedule gpu"):
-        rt.main()
+    _main_refuses(rt, monkeypatch, ["run", "--schedule", "gpu", "--tasks", "rte"],
+                  "--schedule gpu runs the GLUE cells in bf16 on a CUDA device")
+    _main_refuses(rt, monkeypatch, ["cell", "llama-20m", "adamw", "--schedule", "gpu"],
+                  "task 'llama-20m' is not in --schedule gpu")
 
 
 def test_a_smoke_gpu_cell_trains_in_bf16_on_the_cpu(rt, tmp_path, monkeypatch):
@@ -244,9 +249,59 @@ def test_guide_gives_pretraining_and_instruct_changes_with_memory_and_time_per_t
     cells["instruct"] = {row: {**c, "metrics": {"loss": c["metrics"]["perplexity"]}} for row, c in cells["instruct"].items()}
     guide = rt.full_summary(cells)
     assert ("- **galore**, pretraining held-out perplexity vs AdamW: llama-20m +4.0% (tensor memory 0.40x, CPU time "
-            "per update 0.50x).") in guide
+            "per update 0.50x*).") in guide  # * : two cells' times, not side by side
     assert "- **galore**, instruction held-out loss vs AdamW: instruct +4.0% (tensor memory 0.40x" in guide
     assert "**adamw**," not in guide
+    guide = rt.full_summary(cells, timing={"llama-20m": {"galore": (1.25, 3)}})
+    assert "llama-20m +4.0% (tensor memory 0.40x, CPU time per update 1.25x)." in guide
+    assert "instruct +4.0% (tensor memory 0.40x, CPU time per update 0.50x*)." in guide
+    assert "Ratios marked * are not from it" in guide
+
+
+def _timing_cell(step_s: float) -> dict:
+    return {"median_step_cpu_seconds": step_s}
+
+
+def test_side_by_side_time_is_the_median_of_ratios_to_adamw_in_the_same_round(rt):
+    timing = {"mrpc": {
+        "adamw@round1": _timing_cell(2.0), "galore@round1": _timing_cell(2.2),
+        "adamw@round2": _timing_cell(3.0), "galore@round2": _timing_cell(3.0),  # a slow spell slows both sides
+        "adamw@round3": _timing_cell(1.0), "galore@round3": _timing_cell(1.2),
+        "velora@round1": _timing_cell(2.4),  # one round only
+        "blockllm@round4": _timing_cell(1.0),  # no AdamW in its round: no ratio
+    }}  # fmt: skip
+    ratios = rt.side_by_side_time_ratios(timing)["mrpc"]
+    assert ratios["galore"] == (pytest.approx(1.1), 3)  # median of 1.1, 1.0, 1.2
+    assert ratios["velora"] == (pytest.approx(1.2), 1)
+    assert set(ratios) == {"galore", "velora"}
+
+
+def test_glue_tables_and_guide_take_time_side_by_side_where_measured_and_star_the_rest(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.795, "velora": 0.80})
+    for task in cells:
+        cells[task]["velora"]["median_step_cpu_seconds"] = 0.5  # across runs: VeLoRA looks twice as fast
+    timing = {"mrpc": {"velora": (1.1, 3)}}
+    table = rt.full_task_table("mrpc", cells["mrpc"], side=timing["mrpc"])
+    assert next(line for line in table.splitlines() if line.startswith("| velora |")).endswith("| 0.50 | 1.10x |")
+    assert next(line for line in table.splitlines() if line.startswith("| galore |")).endswith("| 1.00 | 1.00x* |")
+    assert next(line for line in table.splitlines() if line.startswith("| adamw |")).endswith("| 1.00 | 1.00x |")
+    guide = rt.which_method_when(cells, rt.glue_summary(cells)[1], timing)
+    assert "**velora**: GLUE average +0.0 points vs AdamW over 5 task(s); tensor memory 0.40x, CPU time per update " \
+           "1.10x (medians" in guide  # the side-by-side figure wins over the four tasks' cell ratios
+    assert "CPU time per update 1.00x* (medians" in guide  # galore: no side-by-side figure
+
+
+def test_timing_runs_every_row_in_turn_round_after_round_and_needs_adamw(rt, tmp_path, monkeypatch):
+    commands = _fake_cells(rt, monkeypatch, tmp_path, returncode=0)
+    monkeypatch.setitem(rt.SCHEDULE_PROFILES, "timing", (rt.TIMING_SCHEDULES, tmp_path))
+    monkeypatch.setitem(rt.RECORDS, "timing", tmp_path / "record.json")
+    rt.run_all(["mrpc"], ["adamw", "galore"], force=False, smoke=False, schedule_name="timing", rounds=2)
+    assert [(c[4], c[c.index("--round") + 1]) for c in commands] == [
+        ("adamw", "1"), ("galore", "1"), ("adamw", "2"), ("galore", "2")]
+    assert rt.cell_name("galore", timing_round=2) == "galore@round2"
+    _main_refuses(rt, monkeypatch, ["run", "--schedule", "timing", "--rows", "galore"], "--rows must include adamw")
+    _main_refuses(rt, monkeypatch, ["run", "--schedule", "full", "--rounds", "2"],
+                  "--rounds belongs to --schedule timing")
 
 
 def test_instruct_summary_uses_held_out_loss_and_the_two_percent_target(rt):
