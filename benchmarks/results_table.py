@@ -413,12 +413,13 @@ METRIC_NAMES = {"cola": "MCC", "stsb": "Pearson", "llama-20m": "held-out ppl", "
                 "instruct": "held-out loss"}
 
 
-def task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
+def task_table(task: str, cells: dict[str, dict[str, Any]], side: dict[str, tuple[float, int]] | None = None) -> str:
+    """One short-schedule task: per row the metric, the paper's, memory, CPU time per update and final loss; time
+    against AdamW from ``side`` (the side-by-side timing) where it has the row, else the two cells' ratio, starred."""
     from hf_memopt.tools.memory import MemoryBreakdown
 
     base = cells.get("adamw")
     base_total = MemoryBreakdown(**base["memory_bytes"]).tensors_total if base and "memory_bytes" in base else None
-    base_step = base.get("median_step_cpu_seconds") if base else None
     metric = METRIC_NAMES.get(task, "accuracy")
     paper_kind = "glue" if task in GLUE_TASKS else "pretrain"
     header = ["row", metric, "paper", "weights MB", "grads MB", "optimizer MB", "activations MB", "tensors vs AdamW",
@@ -441,7 +442,7 @@ def task_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
             f"{b.tensors_total / base_total:.2f}x" if base_total else "-",
             f"{b.peak_process / MB:.0f}",
             "-" if step is None else f"{step:.2f}",
-            f"{step / base_step:.2f}x" if step and base_step else "-",
+            _time_text(*_time_vs_adamw(cells, name, side)),
             "-" if cell.get("final_loss") is None else f"{cell['final_loss']:.3f}",
         ]
         lines.append("| " + " | ".join(cells_out) + " |")
@@ -614,6 +615,12 @@ TIME_FOOTNOTE = (
     "ratios. Ratios marked * are not from it: they divide two full-schedule cells, which ran hours or sessions apart "
     "beside other jobs (AdamW's own MRPC cells spread from 1.81 to 2.86 CPU s per update), so they can be off by a "
     "third.")
+
+
+SHORT_TIME_FOOTNOTE = (
+    "Time against AdamW: where unstarred, from the side-by-side timing (docs/results.md, \"Time per update, side by "
+    "side\"; LLaMA at batch 4 x 256, the same 1,024 tokens per update as these cells' 8 x 128); a * ratio divides two "
+    "of these cells, which did not run side by side (off by up to a third).")
 
 
 def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = False,
@@ -977,6 +984,7 @@ def render() -> None:
     if not cells:
         raise SystemExit("no cells yet: run `python benchmarks/results_table.py run` first")
     RECORDS["short"].write_text(json.dumps(cells, indent=1, default=str))
+    timing = side_by_side_time_ratios(load_cells(SCHEDULE_PROFILES["timing"][1]))
     loads = [c["environment"].get("load_average_1m") for t in cells.values() for c in t.values() if "environment" in c]
     loads = [x for x in loads if x is not None]
     parts = [DOC.read_text().split("<!-- tables -->")[0].rstrip() + "\n\n<!-- tables -->\n",
@@ -990,17 +998,18 @@ def render() -> None:
         schedule = ", ".join(SCHEDULES["glue" if task in GLUE_TASKS else task])
         what = "MiniLM-L6 (22.7M) fine-tuning" if task in GLUE_TASKS else f"LLaMA {task[6:].upper()} from scratch"
         parts.append(f"\n### {task}: {what}\n\nSchedule: `{schedule}` on top of `{recipe_path(task).relative_to(ROOT)}`."
-                     f"\n\n{task_table(task, cells[task])}\n")
+                     f"\n\n{task_table(task, cells[task], timing.get(task))}\n")
     parts.append(
         f"\nPaper columns: {PAPER['source_glue']}; {PAPER['source_pretrain']}. They are the nearest published setting, "
-        "not this one: compare rows within a table, not against the paper column.\n")
+        "not this one: compare rows within a table, not against the paper column.\n\n" + SHORT_TIME_FOOTNOTE + "\n")
     DOC.write_text("".join(parts))
-    write_readme_summary(cells)
+    write_readme_summary(cells, timing)
     print(f"wrote {DOC.relative_to(ROOT)} and {RESULTS_JSON.relative_to(ROOT)}")
 
 
-def write_readme_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """The README's short table: per row, tensor memory and CPU time vs AdamW, SST-2 accuracy, LLaMA perplexities."""
+def write_readme_summary(cells: dict[str, dict[str, dict[str, Any]]], timing: SideBySide | None = None) -> None:
+    """The README's short table: per row, tensor memory and CPU time vs AdamW (side by side from ``timing`` where it
+    has the row, else the two cells' ratio, starred), SST-2 accuracy, LLaMA perplexities."""
     from hf_memopt.tools.memory import MemoryBreakdown
 
     text = README.read_text()
@@ -1017,8 +1026,10 @@ def write_readme_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
     def tensors(cell: dict[str, Any]) -> float:
         return MemoryBreakdown(**cell["memory_bytes"]).tensors_total
 
-    def cpu_step(cell: dict[str, Any]) -> float:
-        return cell["median_step_cpu_seconds"]
+    def time_vs_adamw(task: str, name: str) -> str:
+        if name not in cells.get(task, {}):
+            return "-"
+        return _time_text(*_time_vs_adamw(cells[task], name, (timing or {}).get(task)))
 
     def metric(task: str, name: str) -> str:
         cell = cells.get(task, {}).get(name)
@@ -1032,9 +1043,10 @@ def write_readme_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> None:
             continue  # a row run only at full schedules (loqt_int8)
         lines.append(
             f"| {name} | {ratio('llama-20m', name, tensors)} / {ratio('llama-60m', name, tensors)} | "
-            f"{ratio('llama-20m', name, cpu_step)} / {ratio('llama-60m', name, cpu_step)} | {metric('sst2', name)} | "
+            f"{time_vs_adamw('llama-20m', name)} / {time_vs_adamw('llama-60m', name)} | {metric('sst2', name)} | "
             f"{metric('llama-20m', name)} / {metric('llama-60m', name)} |"
         )
+    lines += ["", SHORT_TIME_FOOTNOTE]
     block = start + "\n" + "\n".join(lines) + "\n" + end
     before, rest = text.split(start, 1)
     README.write_text(before + block + rest.split(end, 1)[1])

@@ -289,6 +289,9 @@ def test_glue_tables_and_guide_take_time_side_by_side_where_measured_and_star_th
     assert "**velora**: GLUE average +0.0 points vs AdamW over 5 task(s); tensor memory 0.40x, CPU time per update " \
            "1.10x (medians" in guide  # the side-by-side figure wins over the four tasks' cell ratios
     assert "CPU time per update 1.00x* (medians" in guide  # galore: no side-by-side figure
+    short = rt.task_table("mrpc", cells["mrpc"], timing["mrpc"])  # the short-schedule tables too
+    assert next(line for line in short.splitlines() if line.startswith("| velora |")).endswith("| 0.50 | 1.10x | - |")
+    assert next(line for line in short.splitlines() if line.startswith("| galore |")).endswith("| 1.00 | 1.00x* | - |")
 
 
 def test_timing_runs_every_row_in_turn_round_after_round_and_needs_adamw(rt, tmp_path, monkeypatch):
