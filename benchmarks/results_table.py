@@ -588,10 +588,10 @@ def _time_text(ratio: float | None, side_by_side: bool) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x" + ("" if side_by_side else "*")
 
 
-def timing_table(timing_cells: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """Per row and timing task: CPU time per update against AdamW's, side by side (median over rounds), and AdamW's
-    own CPU seconds per update (median over its rounds) for scale."""
-    ratios = side_by_side_time_ratios(timing_cells)
+def timing_table(timing_cells: dict[str, dict[str, dict[str, Any]]], ratios: SideBySide) -> str:
+    """Per row and timing task: CPU time per update against AdamW's, side by side (``ratios``, from
+    :func:`side_by_side_time_ratios` of ``timing_cells``), and AdamW's own CPU seconds per update (median over its
+    rounds) for scale."""
     tasks = [t for t in TASKS if t in ratios]
     if not tasks:
         return ""
@@ -916,13 +916,10 @@ def sample_answers(cells: dict[str, dict[str, Any]], chars: int = 400) -> str:
     return "".join(parts)
 
 
-def render_full() -> str:
-    """The full-schedule section of docs/results.md (tables and curves), from ``out/results_full``."""
+def render_full(timing_cells: dict[str, dict[str, dict[str, Any]]], timing: SideBySide) -> str:
+    """The full-schedule section of docs/results.md (tables and curves), from ``out/results_full``, with time against
+    AdamW from the side-by-side ``timing`` (of ``timing_cells``)."""
     cells = load_cells(SCHEDULE_PROFILES["full"][1])
-    timing_cells = load_cells(SCHEDULE_PROFILES["timing"][1])
-    if timing_cells:
-        RECORDS["timing"].write_text(json.dumps(timing_cells, indent=1, default=str))
-    timing = side_by_side_time_ratios(timing_cells)
     parts = [FULL_START, "\n"]
     if cells:
         RECORDS["full"].write_text(json.dumps(cells, indent=1, default=str))
@@ -933,7 +930,7 @@ def render_full() -> str:
         parts.append("\n### Time per update, side by side\n\nCPU time per update against AdamW's in the same round "
                      f"(`run --schedule timing`: {', '.join(TIMING_SCHEDULES['glue'])} for GLUE; the full schedules' "
                      "batch shape, 12 updates, for pretraining), median over the rounds; machine: "
-                     f"{machine_line(timing_cells)}.\n\n{timing_table(timing_cells)}\n")
+                     f"{machine_line(timing_cells)}.\n\n{timing_table(timing_cells, timing)}\n")
     for task in FULL_TASKS:
         if task not in cells:
             parts.append(f"\n### {task} (full schedule)\n\nNot run yet (`python benchmarks/results_table.py run "
@@ -974,8 +971,13 @@ def render_gpu() -> str:
 def render() -> None:
     for schedule_name in RECORDS:
         restore_recorded_cells(schedule_name)
+    timing_cells = load_cells(SCHEDULE_PROFILES["timing"][1])
+    if timing_cells:
+        RECORDS["timing"].write_text(json.dumps(timing_cells, indent=1, default=str))
+    timing = side_by_side_time_ratios(timing_cells)  # read once: the full and the short sections both use it
     text = DOC.read_text()
-    for start, end, section in ((FULL_START, FULL_END, render_full), (GPU_START, GPU_END, render_gpu)):
+    for start, end, section in ((FULL_START, FULL_END, lambda: render_full(timing_cells, timing)),
+                                (GPU_START, GPU_END, render_gpu)):
         if start in text:
             before, rest = text.split(start, 1)
             text = before + section() + rest.split(end, 1)[1]
@@ -984,7 +986,6 @@ def render() -> None:
     if not cells:
         raise SystemExit("no cells yet: run `python benchmarks/results_table.py run` first")
     RECORDS["short"].write_text(json.dumps(cells, indent=1, default=str))
-    timing = side_by_side_time_ratios(load_cells(SCHEDULE_PROFILES["timing"][1]))
     loads = [c["environment"].get("load_average_1m") for t in cells.values() for c in t.values() if "environment" in c]
     loads = [x for x in loads if x is not None]
     parts = [DOC.read_text().split("<!-- tables -->")[0].rstrip() + "\n\n<!-- tables -->\n",
