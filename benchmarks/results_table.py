@@ -778,8 +778,8 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
         times = [_time_vs_adamw(cells[t], row, (timing or {}).get(t)) for t in s["tasks"]]
         side = [r for r, measured in times if measured and r is not None]
         time_ = side or [r for r, _ in times if r is not None]
-        rows.append((row, s, sorted(mem)[len(mem) // 2] if mem else None,
-                     (sorted(time_)[len(time_) // 2] if time_ else None, bool(side))))
+        rows.append((row, s, statistics.median(mem) if mem else None,
+                     (statistics.median(time_) if time_ else None, bool(side))))
     if not rows:
         return ""  # no row beside AdamW on any GLUE task yet
     rows.sort(key=lambda r: (r[2] is None, r[2] or 0))

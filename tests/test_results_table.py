@@ -70,6 +70,15 @@ def test_guide_names_the_least_memory_row_within_one_point(rt):
     assert "(0.40x AdamW, -0.5 points; so far: 2 of 5 tasks)." in guide
 
 
+def test_guide_medians_over_an_even_number_of_tasks_average_the_middle_two(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.80}, tasks=("rte", "mrpc"))
+    cells["rte"]["galore"]["memory_bytes"]["parameters"] = 30  # 0.30x and 0.50x AdamW's 100: the median is 0.40x
+    cells["mrpc"]["galore"]["memory_bytes"]["parameters"] = 50
+    cells["mrpc"]["galore"]["median_step_cpu_seconds"] = 2.0  # 1.0x and 2.0x: the median is 1.5x
+    guide = rt.which_method_when(cells, rt.glue_summary(cells)[1])
+    assert "tensor memory 0.40x, CPU time per update 1.50x*" in guide
+
+
 def test_sweep_cells_are_named_by_learning_rate_and_seed(rt):
     assert rt.cell_name("galore") == "galore"
     assert rt.cell_name("galore", lr="2e-4") == "galore@lr2e-4"
