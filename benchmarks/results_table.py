@@ -211,8 +211,7 @@ def lora_model(model, recipe):
 ROWS: dict[str, Row] = {r.name: r for r in [
     Row("adamw"),
     Row("adamw_8bit", sets=("training.optim=adamw_bnb_8bit",), kind="baseline"),
-    # ... and AdamW without what BlockLLM never trains: the embeddings (BlockLLM keeps them frozen, as its paper; the
-    # 11.7 M word embedding is larger than any selection budget at sparsity >= 0.5 on MiniLM)
+    # AdamW without the embeddings, which BlockLLM never trains (frozen, as in its paper): is that BlockLLM's GLUE gap?
     Row("adamw_frozen_embeddings", glue_sets=(
         "memory.freeze_modules=[word_embeddings, position_embeddings, token_type_embeddings]",), kind="baseline"),
     Row("lora", prepare=lora_model, glue_sets=("training.learning_rate=5e-4",), kind="baseline"),
@@ -220,8 +219,7 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("galore_8bit_layerwise", method="galore", sets=("methods.galore.optimizer=adamw_8bit",
                                                         "methods.galore.layerwise=true")),
     Row("blockllm", method="blockllm"),
-    # Where BlockLLM's GLUE gap comes from: four times its selection budget (20% of the selectable parameters
-    # instead of 5%) ...
+    # BlockLLM with four times its selection budget (20% of the selectable parameters, not 5%): is the budget its gap?
     Row("blockllm_sparsity_0.8", method="blockllm", sets=("methods.blockllm.sparsity=0.8",)),
     Row("loqt", method="loqt"),
     # LoQT with int8 weights instead of NF4: NF4 alone moves a small pretrained model (SmolLM2 starts 13% above its
