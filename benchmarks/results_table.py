@@ -173,6 +173,24 @@ def apollo_optimizer(model, args, recipe):
     return APOLLOAdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay), None
 
 
+def planned_updates(args, recipe) -> int:
+    """The run's number of updates: ``max_steps`` where set, else its epochs over the GLUE training split.
+
+    The optimizers are built before the Trainer counts its updates, and an epoch-based schedule leaves
+    ``args.max_steps`` at -1 (the full GLUE schedules).
+    """
+    if args.max_steps > 0:
+        return args.max_steps
+    if recipe.task != "glue":
+        raise ValueError(f"an epoch-based {recipe.task} schedule: set training.max_steps for this row")
+    from hf_memopt.tools.recipes.data import load_glue
+
+    data = recipe.data
+    examples = len(load_glue(data.name, "train", data.train_limit, data_dir=data.data_dir, source=data.source))
+    batches = math.ceil(examples / (args.per_device_train_batch_size * max(1, args.world_size)))
+    return math.ceil(batches / args.gradient_accumulation_steps) * math.ceil(args.num_train_epochs)
+
+
 def badam_optimizer(model, args, recipe):
     import torch
 
@@ -185,7 +203,7 @@ def badam_optimizer(model, args, recipe):
     base = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
                              weight_decay=args.weight_decay)
     # every block visited once in the run (BAdam's default 50 would leave most blocks untouched at these lengths)
-    switch_every = max(1, args.max_steps // len(blocks))
+    switch_every = max(1, planned_updates(args, recipe) // len(blocks))
     active = ["classifier"] if hasattr(model, "classifier") else ["lm_head"]
     return BlockOptimizer(base, list(model.named_parameters()), block_prefix_list=blocks,
                           switch_block_every=switch_every, switch_mode="ascending", active_modules=active,

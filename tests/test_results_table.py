@@ -380,3 +380,18 @@ def test_a_sweep_cell_trains_at_the_swept_rate_even_where_the_recipe_sets_the_me
     rt.main()
     (cell_file,) = (tmp_path / "short_smoke" / "rte").glob("loqt@lr*.json")
     assert json.loads(cell_file.read_text())["learning_rate"] == 1e-4
+
+
+@pytest.mark.parametrize(("task", "updates"), [("rte", 234), ("mrpc", 345), ("cola", 804), ("stsb", 540), ("sst2", 625)])
+def test_an_epoch_schedule_counts_the_updates_its_full_cells_ran(rt, task, updates):
+    from transformers import TrainingArguments
+
+    from hf_memopt.tools.recipes.recipe import load_recipe
+
+    # the full GLUE schedules set epochs, not max_steps (-1): BAdam's switch interval must come from the real count
+    recipe = load_recipe(rt.recipe_path(task), ["training.logging_steps=10"], "adamw")
+    args = TrainingArguments(output_dir="unused", report_to=[], **{
+        k: v for k, v in recipe.training.items() if k in ("per_device_train_batch_size", "num_train_epochs")})
+    assert args.max_steps == -1
+    assert rt.planned_updates(args, recipe) == updates  # what the AdamW cell of results_full.json ran
+    assert rt.planned_updates(TrainingArguments(output_dir="unused", report_to=[], max_steps=12), recipe) == 12
