@@ -9,9 +9,10 @@
 full dev sets; LLaMA 20M 2,000 and 60M 1,000 updates with held-out perplexity every 100 updates), into
 ``out/results_full``; a seed other than 0 is the cell ``<row>@seed<N>``. ``--lrs 5e-5,2e-4`` adds learning-rate
 sweep cells ``<row>@lr<value>`` (seed 0); the page shows each row's metric per learning rate next to the recipe's own.
-``--schedule timing --rounds 3`` measures time per update side by side: 12 updates of each row in turn, AdamW's
-included, repeated in rounds (cells ``<row>@round<k>``, ``out/results_timing``); the full-schedule tables take each
-row's time against AdamW from it, since cells that ran hours apart beside other jobs do not compare.
+``--schedule timing --rounds 3`` measures time per update side by side: 12 updates of each row in turn (6 for
+instruction tuning), AdamW's included, repeated in rounds (cells ``<row>@round<k>``, ``out/results_timing``); the
+full-schedule tables take each row's time against AdamW from it, since cells that ran hours apart beside other jobs
+do not compare.
 
 A cell is one (task, row): the task's recipe (recipes/glue/<task>.yaml, recipes/pretrain/llama_<size>.yaml) with the
 short schedule in ``SCHEDULES``, and a row that is either an hf_memopt method run exactly as ``hf-memopt train
@@ -74,13 +75,15 @@ FULL_SCHEDULES: dict[str, list[str]] = {
                   "training.logging_steps=20", "training.eval_strategy=steps", "training.eval_steps=100"],
     "instruct": ["training.logging_steps=5"],  # recipes/instruct/code_alpaca_2k.yaml: one epoch, 125 updates
 }
-# Side-by-side timing: every row runs the same 12 updates (same seed, same batches) in turn, AdamW's in every round;
+# Side-by-side timing: every row runs the same updates (same seed, same batches) in turn, AdamW's in every round;
 # time per update is compared within a round. The cells of the full schedules ran in different sessions beside other
 # jobs, and there AdamW's own MRPC cells spread from 1.81 to 2.86 CPU s per update.
 TIMING_SCHEDULES: dict[str, list[str]] = {
     "glue": ["data.train_limit=640", "data.eval_limit=32", "training.max_steps=12", "training.logging_steps=4"],
     **{size: ["training.max_steps=12", "training.warmup_steps=2", "training.per_device_train_batch_size=4",
               "training.logging_steps=4", "data.eval_blocks=4"] for size in PRETRAIN_TASKS},  # the full batch shape
+    # SmolLM2's updates take 20-40 CPU s at the full batch shape (4 x 4 sequences of up to 512 tokens): 6 of them
+    "instruct": ["training.max_steps=6", "training.logging_steps=2", "data.eval_limit=4", "data.sample_answers=0"],
 }
 # On a CUDA device (scripts/gpu_glue.sh): the full GLUE schedules again in bf16, where the memory report's process
 # peak is torch.cuda.max_memory_allocated and time per update is wall time.
@@ -90,7 +93,7 @@ SAVE_EVERY_INSTRUCT = 20  # SmolLM2's updates take 20-40 s each: an interruption
 SCHEDULE_PROFILES = {"short": (SCHEDULES, OUT), "full": (FULL_SCHEDULES, OUT.with_name("results_full")),
                      "gpu": (GPU_SCHEDULES, OUT.with_name("results_gpu")),
                      "timing": (TIMING_SCHEDULES, OUT.with_name("results_timing"))}  # fmt: skip
-SCHEDULE_TASKS = {"short": TASKS, "full": FULL_TASKS, "gpu": GLUE_TASKS, "timing": TASKS}  # the tasks of each
+SCHEDULE_TASKS = {"short": TASKS, "full": FULL_TASKS, "gpu": GLUE_TASKS, "timing": FULL_TASKS}  # the tasks of each
 # The committed record of each schedule's finished cells, written by ``render``; ``out/`` is only a working folder.
 RECORDS = {"short": RESULTS_JSON, "full": RESULTS_JSON.with_name("results_full.json"),
            "gpu": RESULTS_JSON.with_name("results_gpu.json"), "timing": RESULTS_JSON.with_name("results_timing.json")}
@@ -615,7 +618,7 @@ def timing_table(timing_cells: dict[str, dict[str, dict[str, Any]]], ratios: Sid
     """Per row and timing task: CPU time per update against AdamW's, side by side (``ratios``, from
     :func:`side_by_side_time_ratios` of ``timing_cells``), and AdamW's own CPU seconds per update (median over its
     rounds) for scale."""
-    tasks = [t for t in TASKS if t in ratios]
+    tasks = [t for t in FULL_TASKS if t in ratios]
     if not tasks:
         return ""
     header = ["row", *[f"{t} (vs AdamW)" for t in tasks]]
@@ -634,7 +637,8 @@ def timing_table(timing_cells: dict[str, dict[str, dict[str, Any]]], ratios: Sid
 TIME_FOOTNOTE = (
     "Time against AdamW is CPU time per update (median update; GaLore's subspace refreshes and BlockLLM's reselections "
     "fall outside it) from the side-by-side timing: `python benchmarks/results_table.py run --schedule timing "
-    "--rounds 3`, 12 updates of each row on the same batches, AdamW's in every round, the median of the per-round "
+    "--rounds 3`, 12 updates of each row (6 for instruction tuning) on the same batches, AdamW's in every round, the "
+    "median of the per-round "
     "ratios. Ratios marked * are not from it: they divide two full-schedule cells, which ran hours or sessions apart "
     "beside other jobs (AdamW's own MRPC cells spread from 1.81 to 2.86 CPU s per update), so they can be off by a "
     "third.")
@@ -952,7 +956,8 @@ def render_full(timing_cells: dict[str, dict[str, dict[str, Any]]], timing: Side
     if timing:
         parts.append("\n### Time per update, side by side\n\nCPU time per update against AdamW's in the same round "
                      f"(`run --schedule timing`: {', '.join(TIMING_SCHEDULES['glue'])} for GLUE; the full schedules' "
-                     "batch shape, 12 updates, for pretraining), median over the rounds; machine: "
+                     "batch shape, 12 updates, for pretraining, and 6 for instruction tuning), median over the rounds; "
+                     "machine: "
                      f"{machine_line(timing_cells)}.\n\n{timing_table(timing_cells, timing)}\n")
     for task in FULL_TASKS:
         if task not in cells:

@@ -395,3 +395,17 @@ def test_an_epoch_schedule_counts_the_updates_its_full_cells_ran(rt, task, updat
     assert args.max_steps == -1
     assert rt.planned_updates(args, recipe) == updates  # what the AdamW cell of results_full.json ran
     assert rt.planned_updates(TrainingArguments(output_dir="unused", report_to=[], max_steps=12), recipe) == 12
+
+
+def test_instruct_is_timed_side_by_side_at_its_full_batch_shape(rt, tmp_path, monkeypatch):
+    commands = _fake_cells(rt, monkeypatch, tmp_path, returncode=0)
+    monkeypatch.setitem(rt.SCHEDULE_PROFILES, "timing", (rt.TIMING_SCHEDULES, tmp_path))
+    monkeypatch.setitem(rt.RECORDS, "timing", tmp_path / "record.json")
+    rt.run_all(["instruct"], ["adamw", "galore"], force=False, smoke=False, schedule_name="timing", rounds=1)
+    assert [c[3:5] for c in commands] == [["instruct", "adamw"], ["instruct", "galore"]]
+    # fewer updates, never a smaller batch: the recipe's 4 x 4 sequences of up to 512 tokens stay as they are
+    assert not any("batch_size" in s or "accumulation" in s or "max_length" in s for s in rt.TIMING_SCHEDULES["instruct"])
+    timing_cells = {"instruct": {"adamw@round1": {"median_step_cpu_seconds": 20.0},
+                                 "galore@round1": {"median_step_cpu_seconds": 21.0}}}  # fmt: skip
+    table = rt.timing_table(timing_cells, rt.side_by_side_time_ratios(timing_cells))
+    assert "| row | instruct (vs AdamW) |" in table and "| galore | 1.05x (1 rounds) |" in table
