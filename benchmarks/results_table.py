@@ -501,7 +501,7 @@ def _seed_values(task: str, cells: dict[str, dict[str, Any]], row: str) -> list[
 def best_over_learning_rates(task: str, cells: dict[str, dict[str, Any]], row: str) -> tuple[float | None, float | None]:
     """``(metric, learning rate)``: the row's best learning rate among those run (the recipe's, with the mean over its
     seeds, and each sweep cell's), so that rows swept over the same grid are compared each at its best (higher is
-    better for GLUE metrics)."""
+    better for GLUE metrics, lower for held-out perplexity and loss)."""
     recipe_value = _mean(_seed_values(task, cells, row))
     own = cells.get(row, {}).get("learning_rate")
     points = {} if recipe_value is None else {float(own) if own is not None else None: recipe_value}
@@ -509,7 +509,7 @@ def best_over_learning_rates(task: str, cells: dict[str, dict[str, Any]], row: s
         points.setdefault(lr, value)  # the recipe's own learning rate keeps its seed mean
     if not points:
         return None, None
-    lr, value = max(points.items(), key=lambda item: item[1])
+    lr, value = (max if task in GLUE_TASKS else min)(points.items(), key=lambda item: item[1])
     return value, lr
 
 
@@ -537,16 +537,17 @@ def lr_sweep_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
     if not sweep:
         return ""
     lrs = sorted({lr for points in sweep.values() for lr in points})
+    digits = 3 if task in INSTRUCT_TASKS else 1
     lines = ["| row | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
     for row, points in sweep.items():
         own = cells.get(row, {}).get("learning_rate")
-        best = max(points.values())
+        best = (max if task in GLUE_TASKS else min)(points.values())
         marks = []
         for lr in lrs:
             if lr not in points:
                 marks.append("-")
                 continue
-            text = f"{points[lr]:.1f}" + (" (recipe)" if own is not None and float(own) == lr else "")
+            text = f"{points[lr]:.{digits}f}" + (" (recipe)" if own is not None and float(own) == lr else "")
             marks.append(f"**{text}**" if points[lr] == best else text)
         lines.append(f"| {row} | " + " | ".join(marks) + " |")
     return "\n".join(lines)
@@ -829,8 +830,9 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
 def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, ...] = PRETRAIN_TASKS,
                targets: dict[str, float] = PRETRAIN_PPL_TARGET) -> str:
     """Per row: the held-out figure (pretraining: perplexity; instruct: loss) at the end of each task run, its change
-    against AdamW's (mean over seeds), issue #15's target and whether it is met (``incomplete`` until every task of
-    ``all_tasks`` is in)."""
+    against AdamW's, issue #15's target and whether it is met (``incomplete`` until every task of ``all_tasks`` is
+    in). Each row, AdamW included, counts at its best learning rate among those run on the task (the recipe's with
+    the mean over its seeds, and each sweep cell's: :func:`best_over_learning_rates`), shown where it was swept."""
     tasks = [t for t in all_tasks if t in cells]
     if not tasks:
         return ""
@@ -838,19 +840,21 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
     header = ["row", *[f"{t} {METRIC_NAMES[t]} (vs AdamW)" for t in tasks], "target", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for row in ROWS:
-        values = {t: _mean(_seed_values(t, cells[t], row)) for t in tasks}
-        if all(v is None for v in values.values()):
+        best = {t: best_over_learning_rates(t, cells[t], row) for t in tasks}
+        if all(v is None for v, _ in best.values()):
             continue
         changes = {}
         marks = []
         for t in tasks:
-            base = _mean(_seed_values(t, cells[t], "adamw"))
-            if values[t] is None:
+            value, lr = best[t]
+            base = best_over_learning_rates(t, cells[t], "adamw")[0]
+            if value is None:
                 marks.append("-")
                 continue
             if base is not None and row != "adamw":
-                changes[t] = values[t] / base - 1
-            marks.append(f"{values[t]:.{digits}f}" + (f" ({100 * changes[t]:+.1f}%)" if t in changes else ""))
+                changes[t] = value / base - 1
+            swept = f" (lr {lr:g})" if row_sweep(t, cells[t], row) and lr is not None else ""
+            marks.append(f"{value:.{digits}f}" + (f" ({100 * changes[t]:+.1f}%)" if t in changes else "") + swept)
         target = targets.get(row)
         if target is None or not changes:
             verdict = "-"
@@ -868,14 +872,15 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
 def lm_guide(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, ...], what: str,
              timing: SideBySide | None = None) -> list[str]:
     """Guide lines for pretraining or instruction tuning, from the measured figures only: per row that ran a task
-    beside AdamW, its held-out change (perplexity or loss, per cent) with its tensor memory and CPU time per update
-    against AdamW on that task (side by side from ``timing`` where it has the row)."""
+    beside AdamW, its held-out change (perplexity or loss, per cent; each at its best learning rate run) with its
+    tensor memory and CPU time per update against AdamW on that task (side by side from ``timing`` where it has the
+    row)."""
     tasks = [t for t in all_tasks if t in cells]
     lines = []
     for row in ROWS:
         parts = []
         for t in tasks:
-            value, base = _mean(_seed_values(t, cells[t], row)), _mean(_seed_values(t, cells[t], "adamw"))
+            value, base = best_over_learning_rates(t, cells[t], row)[0], best_over_learning_rates(t, cells[t], "adamw")[0]
             if row == "adamw" or value is None or base is None:
                 continue
             mem, time_ = _tensor_ratio(cells[t], row), _time_vs_adamw(cells[t], row, (timing or {}).get(t))

@@ -409,3 +409,20 @@ def test_instruct_is_timed_side_by_side_at_its_full_batch_shape(rt, tmp_path, mo
                                  "galore@round1": {"median_step_cpu_seconds": 21.0}}}  # fmt: skip
     table = rt.timing_table(timing_cells, rt.side_by_side_time_ratios(timing_cells))
     assert "| row | instruct (vs AdamW) |" in table and "| galore | 1.05x (1 rounds) |" in table
+
+
+def test_instruct_summary_takes_each_row_at_its_lowest_held_out_loss_over_the_swept_rates(rt):
+    def cell(loss: float, lr: float) -> dict:
+        return {**_cell("loss", loss, 100, 1.0), "learning_rate": lr}
+
+    cells = {"instruct": {"adamw": cell(0.566, 2e-5), "adamw@lr4e-5": cell(0.560, 4e-5),
+                          "galore": cell(0.584, 2e-5), "galore@lr4e-5": cell(0.570, 4e-5),
+                          "velora": cell(0.574, 2e-5)}}  # fmt: skip
+    table = rt.lm_summary(cells, rt.INSTRUCT_TASKS, rt.INSTRUCT_LOSS_TARGET)
+    assert "| adamw | 0.560 (lr 4e-05) | - | - |" in table  # AdamW at its best rate too: the sweep is for both
+    assert "| galore | 0.570 (+1.8%) (lr 4e-05) | <= +2% | met |" in table
+    assert "| velora | 0.574 (+2.5%) | <= +2% | **missed** |" in table  # not swept: its recipe rate, unlabelled
+    sweep = rt.lr_sweep_table("instruct", cells["instruct"])
+    assert "| galore | 0.584 (recipe) | **0.570** |" in sweep  # lower held-out loss is better
+    guide = rt.lm_guide(cells, rt.INSTRUCT_TASKS, "instruction held-out loss")
+    assert any(line.startswith("- **galore**, instruction held-out loss vs AdamW: instruct +1.8%") for line in guide)
