@@ -526,6 +526,11 @@ def row_sweep(task: str, cells: dict[str, dict[str, Any]], row: str) -> dict[flo
     return points
 
 
+def rates_run(task: str, cells: dict[str, dict[str, Any]], row: str) -> int:
+    """How many learning rates the row has run on the task: its sweep's points, or 1 for its recipe cell alone."""
+    return len(row_sweep(task, cells, row)) or int(row in cells)
+
+
 def lr_sweep(task: str, cells: dict[str, dict[str, Any]]) -> dict[str, dict[float, float]]:
     """``{row: {learning rate: metric}}`` for every row with sweep cells (see :func:`row_sweep`)."""
     return {row: points for row in ROWS if (points := row_sweep(task, cells, row))}
@@ -639,10 +644,9 @@ TIME_FOOTNOTE = (
     "Time against AdamW is CPU time per update (median update; GaLore's subspace refreshes and BlockLLM's reselections "
     "fall outside it) from the side-by-side timing: `python benchmarks/results_table.py run --schedule timing "
     "--rounds 3`, 12 updates of each row (6 for instruction tuning) on the same batches, AdamW's in every round, the "
-    "median of the per-round "
-    "ratios. Ratios marked * are not from it: they divide two full-schedule cells, which ran hours or sessions apart "
-    "beside other jobs (AdamW's own MRPC cells spread from 1.81 to 2.86 CPU s per update), so they can be off by a "
-    "third.")
+    "median of the per-round ratios. Ratios marked * are not from it: they divide two full-schedule cells, which ran "
+    "hours or sessions apart beside other jobs (AdamW's own MRPC cells spread from 1.81 to 2.86 CPU s per update), so "
+    "they can be off by a third.")
 
 
 SHORT_TIME_FOOTNOTE = (
@@ -858,8 +862,7 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
             marks.append(f"{value:.{digits}f}" + (f" ({100 * changes[t]:+.1f}%)" if t in changes else "") + swept)
         target = targets.get(row)
         # a row swept where AdamW has not run its three rates yet is compared with an AdamW that may still improve
-        short_sweeps = [t for t in tasks if row_sweep(t, cells[t], row)
-                        and len(row_sweep(t, cells[t], "adamw") or {None: 0}) < LR_SWEEP_SIZE]  # fmt: skip
+        short_sweeps = [t for t in tasks if row_sweep(t, cells[t], row) and rates_run(t, cells[t], "adamw") < LR_SWEEP_SIZE]
         if target is None or not changes:
             verdict = "-"
         else:
@@ -867,9 +870,9 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
             if len(changes) < len(all_tasks):
                 verdict = f"incomplete ({len(changes)} of {len(all_tasks)}): {'within' if within else 'misses'} so far"
             elif short_sweeps:
-                adamw_rates = len(row_sweep(short_sweeps[0], cells[short_sweeps[0]], "adamw") or {None: 0})
-                verdict = (f"{'within' if within else 'misses'} so far (AdamW's learning-rate sweep on "
-                           f"{short_sweeps[0]}: {adamw_rates} of {LR_SWEEP_SIZE} rates run)")
+                task = short_sweeps[0]
+                verdict = (f"{'within' if within else 'misses'} so far (AdamW's learning-rate sweep on {task}: "
+                           f"{rates_run(task, cells[task], 'adamw')} of {LR_SWEEP_SIZE} rates run)")
             else:
                 verdict = "met" if within else "**missed**"
         lines.append(f"| {row} | " + " | ".join(marks) + f" | {'-' if target is None else f'<= +{100 * target:.0f}%'} | "
