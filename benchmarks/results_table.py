@@ -514,16 +514,18 @@ def best_over_learning_rates(task: str, cells: dict[str, dict[str, Any]], row: s
 
 
 def row_sweep(task: str, cells: dict[str, dict[str, Any]], row: str) -> dict[float, float]:
-    """``{learning rate: metric}`` at seed 0 for a row with sweep cells (empty without); the recipe's own cell is the
-    point at its learning rate."""
-    names = [n for n in cells if n.startswith(f"{row}@lr")]
-    points: dict[float, float] = {}
-    for name in [row, *names] if names else []:
-        cell = cells.get(name)
-        value = None if cell is None or "failed" in cell else _metric(task, cell)
+    """``{learning rate: metric}`` for a row with sweep cells (empty without): at each rate the mean over the seeds run
+    there (``<row>@lr<value>``, ``<row>@seed<N>@lr<value>``; the recipe's own cells at its rate)."""
+    if not any(n.startswith(f"{row}@") and "@lr" in n for n in cells):
+        return {}
+    values: dict[float, list[float]] = {}
+    for name, cell in cells.items():
+        if name.split("@")[0] != row or "@round" in name or "failed" in cell:
+            continue
+        value = _metric(task, cell)
         if value is not None and cell.get("learning_rate") is not None:
-            points[float(cell["learning_rate"])] = value
-    return points
+            values.setdefault(float(cell["learning_rate"]), []).append(value)
+    return {lr: sum(v) / len(v) for lr, v in values.items()}
 
 
 def rates_run(task: str, cells: dict[str, dict[str, Any]], row: str) -> int:
@@ -986,8 +988,8 @@ def render_full(timing_cells: dict[str, dict[str, dict[str, Any]]], timing: Side
                      f"`{schedule}`.\n\n{full_task_table(task, cells[task], side=timing.get(task))}\n\n![{task} curves]({figure})\n")
         sweep = lr_sweep_table(task, cells[task])
         if sweep:
-            parts.append(f"\nLearning-rate sweep on {task} (seed 0, everything else as the recipe; best per row in "
-                         f"bold):\n\n{sweep}\n")
+            parts.append(f"\nLearning-rate sweep on {task} (at each rate the mean over the seeds run there; everything "
+                         f"else as the recipe; best per row in bold):\n\n{sweep}\n")
         if task in INSTRUCT_TASKS:
             parts.append(sample_answers(cells[task]))
     parts.append(FULL_END)

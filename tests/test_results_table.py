@@ -104,6 +104,19 @@ def test_sweep_table_puts_the_recipe_cell_among_the_swept_rates_and_bolds_the_be
     assert "adamw" not in table  # no sweep cells, no line
 
 
+def test_seeds_at_a_swept_rate_are_averaged_there_and_the_summary_takes_the_mean(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.77}, tasks=("mrpc",))["mrpc"]
+    cells["galore"]["learning_rate"] = 1e-4
+    cells["galore@lr2e-4"] = {**_cell("accuracy", 0.81, 40, 1.0), "learning_rate": 2e-4}
+    cells["galore@seed1@lr2e-4"] = {**_cell("accuracy", 0.77, 40, 1.0), "learning_rate": 2e-4}
+    cells["galore@seed2@lr2e-4"] = {**_cell("accuracy", 0.76, 40, 1.0), "learning_rate": 2e-4}
+    # seed 0 alone at 2e-4 (81.0) would beat the recipe's 77.0; the three seeds there (78.0) still do, by less
+    assert rt.row_sweep("mrpc", cells, "galore") == {1e-4: pytest.approx(77.0), 2e-4: pytest.approx(78.0)}
+    assert rt.best_over_learning_rates("mrpc", cells, "galore") == (pytest.approx(78.0), 2e-4)
+    assert rt.rates_run("mrpc", cells, "galore") == 2
+    assert rt._seed_values("mrpc", cells, "galore") == [pytest.approx(77.0)]  # the recipe's rate only
+
+
 class _Interrupted(Exception):
     pass
 
