@@ -498,6 +498,11 @@ def _seed_values(task: str, cells: dict[str, dict[str, Any]], row: str) -> list[
     return [v for v in values if v is not None]
 
 
+def _best(task: str):
+    """``max`` for GLUE metrics (higher is better), ``min`` for held-out perplexity and loss."""
+    return max if task in GLUE_TASKS else min
+
+
 def best_over_learning_rates(task: str, cells: dict[str, dict[str, Any]], row: str) -> tuple[float | None, float | None]:
     """``(metric, learning rate)``: the row's best learning rate among those run (the recipe's, with the mean over its
     seeds, and each sweep cell's), so that rows swept over the same grid are compared each at its best (higher is
@@ -509,7 +514,7 @@ def best_over_learning_rates(task: str, cells: dict[str, dict[str, Any]], row: s
         points.setdefault(lr, value)  # the recipe's own learning rate keeps its seed mean
     if not points:
         return None, None
-    lr, value = (max if task in GLUE_TASKS else min)(points.items(), key=lambda item: item[1])
+    lr, value = _best(task)(points.items(), key=lambda item: item[1])
     return value, lr
 
 
@@ -548,7 +553,7 @@ def lr_sweep_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
     lines = ["| row | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
     for row, points in sweep.items():
         own = cells.get(row, {}).get("learning_rate")
-        best = (max if task in GLUE_TASKS else min)(points.values())
+        best = _best(task)(points.values())
         marks = []
         for lr in lrs:
             if lr not in points:
@@ -846,6 +851,7 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
     digits = 3 if all_tasks == INSTRUCT_TASKS else 1
     header = ["row", *[f"{t} {METRIC_NAMES[t]} (vs AdamW)" for t in tasks], "target", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    bases = {t: best_over_learning_rates(t, cells[t], "adamw")[0] for t in tasks}
     for row in ROWS:
         best = {t: best_over_learning_rates(t, cells[t], row) for t in tasks}
         if all(v is None for v, _ in best.values()):
@@ -854,7 +860,7 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
         marks = []
         for t in tasks:
             value, lr = best[t]
-            base = best_over_learning_rates(t, cells[t], "adamw")[0]
+            base = bases[t]
             if value is None:
                 marks.append("-")
                 continue
