@@ -439,7 +439,13 @@ def test_instruct_summary_takes_each_row_at_its_lowest_held_out_loss_over_the_sw
     cells["instruct"]["adamw@lr1e-5"] = cell(0.580, 1e-5)
     assert "| galore | 0.570 (+1.8%) (lr 4e-05) | <= +2% | met |" in rt.lm_summary(
         cells, rt.INSTRUCT_TASKS, rt.INSTRUCT_LOSS_TARGET)
-    assert "| velora | 0.574 (+2.5%) | <= +2% | **missed** |" in table  # not swept: its recipe rate, unlabelled
+    # it misses against AdamW's best of several rates at its own recipe rate alone: not missed until swept alike
+    assert ("| velora | 0.574 (+2.5%) | <= +2% | misses so far (velora's learning-rate sweep on instruct: "
+            "1 of 3 rates run) |") in table
+    for lr, loss in ((4e-5, 0.575), (1e-5, 0.590)):
+        cells["instruct"][f"velora@lr{lr:g}"] = cell(loss, lr)
+    assert "| velora | 0.574 (+2.5%) (lr 2e-05) | <= +2% | **missed** |" in rt.lm_summary(
+        cells, rt.INSTRUCT_TASKS, rt.INSTRUCT_LOSS_TARGET)
     sweep = rt.lr_sweep_table("instruct", cells["instruct"])
     assert "| galore | - | 0.584 (recipe) | **0.570** |" in sweep  # lower held-out loss is better
     guide = rt.lm_guide(cells, rt.INSTRUCT_TASKS, "instruction held-out loss")
