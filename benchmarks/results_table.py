@@ -839,6 +839,20 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
     return "\n".join(lines) + "\n"
 
 
+def unfinished_sweep(cells: dict[str, dict[str, dict[str, Any]]], row: str, tasks: list[str],
+                     changes: dict[str, float], target: float) -> tuple[str, str] | None:
+    """``(whose sweep, task)`` that must finish before the row's verdict is final, or ``None``: AdamW's where the row
+    was swept and AdamW has not run its three rates (it may still improve); the row's own where it misses against an
+    AdamW taken at its best of several rates (issue #15: sweep that method and AdamW alike)."""
+    for t in tasks:
+        if row_sweep(t, cells[t], row) and rates_run(t, cells[t], "adamw") < LR_SWEEP_SIZE:
+            return "adamw", t
+    for t, change in changes.items():
+        if change > target and rates_run(t, cells[t], row) < LR_SWEEP_SIZE and rates_run(t, cells[t], "adamw") > 1:
+            return row, t
+    return None
+
+
 def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, ...] = PRETRAIN_TASKS,
                targets: dict[str, float] = PRETRAIN_PPL_TARGET) -> str:
     """Per row: the held-out figure (pretraining: perplexity; instruct: loss) at the end of each task run, its change
@@ -869,26 +883,17 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
             swept = f" (lr {lr:g})" if row_sweep(t, cells[t], row) and lr is not None else ""
             marks.append(f"{value:.{digits}f}" + (f" ({100 * changes[t]:+.1f}%)" if t in changes else "") + swept)
         target = targets.get(row)
-        # a row swept where AdamW has not run its three rates yet is compared with an AdamW that may still improve
-        short_sweeps = [t for t in tasks if row_sweep(t, cells[t], row) and rates_run(t, cells[t], "adamw") < LR_SWEEP_SIZE]
         if target is None or not changes:
             verdict = "-"
         else:
             within = all(c <= target for c in changes.values())
             if len(changes) < len(all_tasks):
                 verdict = f"incomplete ({len(changes)} of {len(all_tasks)}): {'within' if within else 'misses'} so far"
-            elif short_sweeps:
-                task = short_sweeps[0]
-                verdict = (f"{'within' if within else 'misses'} so far (AdamW's learning-rate sweep on {task}: "
-                           f"{rates_run(task, cells[task], 'adamw')} of {LR_SWEEP_SIZE} rates run)")
-            elif not within and (unswept := [t for t, c in changes.items() if c > target
-                                             and rates_run(t, cells[t], row) < LR_SWEEP_SIZE
-                                             and rates_run(t, cells[t], "adamw") > 1]):
-                # a row that misses against an AdamW taken at its best of several rates is swept alike before the
-                # table calls it missed (issue #15: sweep that method and AdamW alike)
-                task = unswept[0]
-                verdict = (f"misses so far ({row}'s learning-rate sweep on {task}: "
-                           f"{rates_run(task, cells[task], row)} of {LR_SWEEP_SIZE} rates run)")
+            elif short := unfinished_sweep(cells, row, tasks, changes, target):
+                who, task = short
+                verdict = (f"{'within' if within else 'misses'} so far ({'AdamW' if who == 'adamw' else who}'s "
+                           f"learning-rate sweep on {task}: {rates_run(task, cells[task], who)} of {LR_SWEEP_SIZE} "
+                           "rates run)")
             else:
                 verdict = "met" if within else "**missed**"
         lines.append(f"| {row} | " + " | ".join(marks) + f" | {'-' if target is None else f'<= +{100 * target:.0f}%'} | "
