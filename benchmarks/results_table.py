@@ -759,8 +759,9 @@ LR_SWEEP_SIZE = 3  # issue #15: a row that misses is swept over three learning r
 
 def glue_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict[str, dict[str, Any]]]:
     """Per row: the GLUE metric of every task run, the average over the tasks AdamW also ran, its gap to AdamW's
-    average over the same tasks, the target and whether it is met (``incomplete`` until all five tasks are in).
-    Each row counts at its best learning rate among those run on the task (:func:`best_over_learning_rates`)."""
+    average over the same tasks, the target and whether it is met (``incomplete`` until all five tasks are in,
+    ``so far`` while a sweep it rests on is short of three rates: :func:`unfinished_sweeps`). Each row counts at its
+    best learning rate among those run on the task (:func:`best_over_learning_rates`)."""
     tasks = [t for t in GLUE_TASKS if t in cells]
     summary: dict[str, dict[str, Any]] = {}
     for row in ROWS:
@@ -778,6 +779,8 @@ def glue_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict
             verdict = "-"
         elif len(common) < len(GLUE_TASKS):
             verdict = f"incomplete ({len(common)} of {len(GLUE_TASKS)} tasks): {'within' if -gap <= target else 'misses'} so far"
+        elif short := unfinished_sweeps(cells, row, common, [] if -gap <= target else common):
+            verdict = so_far(-gap <= target, short)
         else:
             verdict = "met" if -gap <= target else "**missed**"
         summary[row] = {"per_task": per_task, "tasks": common, "average": avg, "gap": gap, "target": target,
@@ -839,18 +842,29 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
     return "\n".join(lines) + "\n"
 
 
-def unfinished_sweep(cells: dict[str, dict[str, dict[str, Any]]], row: str, tasks: list[str],
-                     changes: dict[str, float], target: float) -> tuple[str, str] | None:
-    """``(whose sweep, task)`` that must finish before the row's verdict is final, or ``None``: AdamW's where the row
-    was swept and AdamW has not run its three rates (it may still improve); the row's own where it misses against an
-    AdamW taken at its best of several rates (issue #15: sweep that method and AdamW alike)."""
+def unfinished_sweeps(cells: dict[str, dict[str, dict[str, Any]]], row: str, tasks: list[str],
+                      missing_on: list[str]) -> dict[str, dict[str, int]]:
+    """``{whose sweep: {task: rates run}}`` for the learning-rate sweeps that must finish before the row's verdict is
+    final (empty when none): AdamW's on each task where the row was swept and AdamW has not run its three rates (it
+    may still improve); the row's own on each task of ``missing_on`` (where it misses) that it compares with an AdamW
+    taken at its best of several rates (issue #15: sweep that method and AdamW alike)."""
+    short: dict[str, dict[str, int]] = {}
     for t in tasks:
-        if row_sweep(t, cells[t], row) and rates_run(t, cells[t], "adamw") < LR_SWEEP_SIZE:
-            return "adamw", t
-    for t, change in changes.items():
-        if change > target and rates_run(t, cells[t], row) < LR_SWEEP_SIZE and rates_run(t, cells[t], "adamw") > 1:
-            return row, t
-    return None
+        if row_sweep(t, cells[t], row) and (n := rates_run(t, cells[t], "adamw")) < LR_SWEEP_SIZE:
+            short.setdefault("adamw", {})[t] = n
+    for t in missing_on:
+        if (n := rates_run(t, cells[t], row)) < LR_SWEEP_SIZE and rates_run(t, cells[t], "adamw") > 1:
+            short.setdefault(row, {})[t] = n
+    return short
+
+
+def so_far(within: bool, short: dict[str, dict[str, int]]) -> str:
+    """The verdict while sweeps are unfinished, naming each: ``misses so far (velora's learning-rate sweep on
+    instruct: 1 of 3 rates run)``."""
+    parts = [f"{'AdamW' if who == 'adamw' else who}'s learning-rate sweep{'s' if len(runs) > 1 else ''} on "
+             + ", ".join(f"{t}: {n}" for t, n in runs.items()) + f" of {LR_SWEEP_SIZE} rates run"
+             for who, runs in short.items()]
+    return f"{'within' if within else 'misses'} so far ({'; '.join(parts)})"
 
 
 def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, ...] = PRETRAIN_TASKS,
@@ -889,11 +903,8 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
             within = all(c <= target for c in changes.values())
             if len(changes) < len(all_tasks):
                 verdict = f"incomplete ({len(changes)} of {len(all_tasks)}): {'within' if within else 'misses'} so far"
-            elif short := unfinished_sweep(cells, row, tasks, changes, target):
-                who, task = short
-                verdict = (f"{'within' if within else 'misses'} so far ({'AdamW' if who == 'adamw' else who}'s "
-                           f"learning-rate sweep on {task}: {rates_run(task, cells[task], who)} of {LR_SWEEP_SIZE} "
-                           "rates run)")
+            elif short := unfinished_sweeps(cells, row, tasks, [t for t, c in changes.items() if c > target]):
+                verdict = so_far(within, short)
             else:
                 verdict = "met" if within else "**missed**"
         lines.append(f"| {row} | " + " | ".join(marks) + f" | {'-' if target is None else f'<= +{100 * target:.0f}%'} | "
@@ -931,9 +942,11 @@ def full_summary(cells: dict[str, dict[str, dict[str, Any]]], timing: SideBySide
     if glue_cells:
         table, summary = glue_summary(glue_cells)
         parts.append("GLUE: metric x 100 per task (mean over seeds where several ran), each row at its best learning "
-                     "rate among those run on the task (shown where a row was swept; the sweeps run every swept row "
-                     "over the same rates), the average over the tasks both the row and AdamW ran, and issue #15's "
-                     "target for the gap.\n\n" + table + "\n")
+                     "rate among those run on the task (shown where a row was swept), the average over the tasks both "
+                     "the row and AdamW ran, and issue #15's target for the gap. In every summary a verdict reads "
+                     "\"so far\" until the sweeps it rests on have run three rates each: AdamW's on every task where "
+                     "the row was swept, and the row's own on every task where it misses against an AdamW taken at "
+                     "its best of several rates (issue #15: sweep the method and AdamW alike).\n\n" + table + "\n")
     pretraining = lm_summary(cells)
     if pretraining:
         parts.append("\nPretraining from scratch: held-out perplexity after the full schedule, and issue #15's target."

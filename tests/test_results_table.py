@@ -370,6 +370,27 @@ def test_summary_takes_each_row_at_its_best_swept_learning_rate(rt):
     assert "| galore | 80.0 (lr 0.0002) |" in table
 
 
+def test_a_glue_verdict_waits_for_the_sweeps_it_rests_on(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.78, "blockllm": 0.77})
+    for task in cells:
+        for row in ("adamw", "galore", "blockllm"):
+            cells[task][row]["learning_rate"] = 1e-4
+    cells["mrpc"]["adamw@lr2e-4"] = {**_cell("accuracy", 0.75, 100, 1.0), "learning_rate": 2e-4}
+    cells["rte"]["galore@lr2e-4"] = {**_cell("accuracy", 0.75, 40, 1.0), "learning_rate": 2e-4}
+    _, summary = rt.glue_summary(cells)
+    # GaLore was swept on RTE, AdamW not; BlockLLM misses against an AdamW swept on MRPC at its recipe rate alone
+    assert summary["galore"]["verdict"] == ("misses so far (AdamW's learning-rate sweep on rte: 1 of 3 rates run; "
+                                            "galore's learning-rate sweep on mrpc: 1 of 3 rates run)")
+    assert summary["blockllm"]["verdict"] == "misses so far (blockllm's learning-rate sweep on mrpc: 1 of 3 rates run)"
+    for lr in (5e-5, 2e-4):  # AdamW runs its three rates on RTE and MRPC, and so then must both rows where they miss
+        for task in ("rte", "mrpc"):
+            for row in ("adamw", "galore", "blockllm"):
+                cells[task][f"{row}@lr{lr:g}"] = {**_cell("accuracy", 0.70, 40, 1.0), "learning_rate": lr}
+    _, summary = rt.glue_summary(cells)
+    assert summary["galore"]["verdict"] == summary["blockllm"]["verdict"] == "**missed**"
+    assert summary["galore"]["gap"] == pytest.approx(-2.0)  # each at its best rate: the sweeps did not change it
+
+
 def test_the_recipe_learning_rate_keeps_its_seed_mean_against_a_sweep(rt):
     cells = _glue({"adamw": 0.80, "galore": 0.80}, tasks=("rte",))["rte"]
     cells["galore"]["learning_rate"] = 1e-4
