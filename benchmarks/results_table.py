@@ -321,14 +321,7 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
     elif row.lr_of is not None:  # peers of a method run at that method's learning rate from the recipe
         borrowed = load_recipe(recipe_path(task), sets, row.lr_of).training["learning_rate"]
         sets.append(f"training.learning_rate={borrowed}")
-    recipe = load_recipe(recipe_path(task), sets, row.method)
-    if lr is not None and float(recipe.training["learning_rate"]) != float(lr):
-        # the recipe's method_training sets this method's own rate over training.learning_rate (LoQT, BlockLLM)
-        sets.append(f"method_training.{row.method}.learning_rate={lr}")
-        recipe = load_recipe(recipe_path(task), sets, row.method)
-        if float(recipe.training["learning_rate"]) != float(lr):
-            raise RuntimeError(f"{task} / {row_name}: the sweep's learning rate {lr} does not reach the recipe "
-                               f"(it trains at {recipe.training['learning_rate']})")  # fmt: skip
+    recipe = load_recipe(recipe_path(task), sets, row.method)  # a set learning rate wins over method_training's
     prepare = (lambda model: row.prepare(model, recipe)) if row.prepare else None
     optimizers = (lambda model, args: row.optimizers(model, args, recipe)) if row.optimizers else None
     command = f"python benchmarks/results_table.py cell {task} {row_name} --schedule {schedule_name} --seed {seed}"

@@ -638,7 +638,9 @@ def load_recipe(
 
     ``method`` (the CLI's ``--method``) replaces ``method.name``; when it names another method than the file, the
     file's ``method:`` fields (which belong to that other method) are dropped. ``sets`` are applied afterwards, so
-    ``--method blockllm --set method.sparsity=0.5`` works. ``raw`` skips reading ``path``.
+    ``--method blockllm --set method.sparsity=0.5`` works, and a ``training.<field>`` set wins over the recipe's
+    ``method_training`` value for the method that runs (``--set training.learning_rate=1e-3`` trains at 1e-3).
+    ``raw`` skips reading ``path``.
     """
     raw = copy.deepcopy(raw) if raw is not None else read_recipe_file(path)
     if method is not None:
@@ -648,6 +650,8 @@ def load_recipe(
             raw["method"] = {"name": method}
     for assignment in sets:
         apply_set(raw, assignment)
+    # a ``--set training.<field>`` is the caller's last word, over ``method_training``'s per-method value too
+    pinned = {key.split(".")[1] for key in (a.partition("=")[0].strip() for a in sets) if key.startswith("training.")}
 
     task = raw.get("task")
     if task not in TASKS:
@@ -713,7 +717,7 @@ def load_recipe(
             text = f"method_training.{key}{text[len('training') :]}" if text.startswith("training") else text
             raise RecipeError(text) from None
     for part in parts or [BASELINE]:
-        training.update(_validate_training(task, per_method.get(part)))
+        training.update({k: v for k, v in _validate_training(task, per_method.get(part)).items() if k not in pinned})
     supplier = next((part for part in parts if METHODS[part].sets_optimizer), None)
     ignored = [key for key in ("optim", "optim_args", "optim_target_modules") if key in training]
     if supplier and ignored:  # the method's optimizer replaces the Trainer's: these would be accepted and ignored
