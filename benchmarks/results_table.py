@@ -118,7 +118,7 @@ class Row:
     method: str = "adamw"
     sets: tuple[str, ...] = ()
     glue_sets: tuple[str, ...] = ()
-    full_glue_sets: tuple[str, ...] = ()  # on top of the full GLUE schedule (a row that needs a longer one)
+    glue_epochs_factor: int = 1  # full and GPU GLUE schedules: this many times each recipe's epochs (a longer one)
     lm_sets: tuple[str, ...] = ()  # for the LLaMA-family tasks only (pretraining, instruct)
     lr_of: str | None = None  # the recipe method whose learning rate a baseline borrows
     prepare: Callable[[Any, Any], Any] | None = None  # (model, recipe) -> model
@@ -270,7 +270,7 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         lm_sets=("methods.velora.target_modules=[v_proj, down_proj]",)),
     Row("velora+galore", method="velora+galore"),
     # MeZO needs far more, cheaper updates (the paper: 100k steps on RoBERTa-large): 10x the recipes' 3 epochs
-    Row("zo", method="zo", full_glue_sets=("training.num_train_epochs=30",)),
+    Row("zo", method="zo", glue_epochs_factor=10),  # 10x the updates: SST-2 10 epochs, the other tasks 30
     Row("galore-torch", optimizers=galore_torch_optimizer, kind="peer", lr_of="galore"),
     Row("apollo-torch", optimizers=apollo_optimizer, kind="peer", lr_of="galore"),
     Row("badam", optimizers=badam_optimizer, kind="peer"),
@@ -313,7 +313,10 @@ def run_cell(task: str, row_name: str, out: Path = OUT, extra_sets: tuple[str, .
     every = SAVE_EVERY_INSTRUCT if task in INSTRUCT_TASKS else SAVE_EVERY
     saving = (["training.save_strategy=steps", f"training.save_steps={every}", "training.save_total_limit=2"]
               if resumable else ["training.save_strategy=no"])  # fmt: skip
-    longer = row.full_glue_sets if task in GLUE_TASKS and schedule_name in ("full", "gpu") else ()
+    longer = ()
+    if row.glue_epochs_factor > 1 and task in GLUE_TASKS and schedule_name in ("full", "gpu"):
+        epochs = load_recipe(recipe_path(task), [], row.method).training["num_train_epochs"]
+        longer = (f"training.num_train_epochs={row.glue_epochs_factor * epochs:g}",)
     sets = [*schedule, *row.sets, *(row.glue_sets if task in GLUE_TASKS else row.lm_sets), *longer, *seeds, *extra_sets,
             f"output_dir={out / task / 'runs' / cell_name(row_name, seed, lr, timing_round)}", "training.disable_tqdm=true", *saving]
     if lr is not None:  # a sweep cell: this learning rate instead of the recipe's (the rest of the recipe unchanged)

@@ -353,7 +353,25 @@ def test_guide_says_when_a_row_ran_more_updates_than_adamw(rt):
     _, summary = rt.glue_summary(cells)
     assert "- **zo**: GLUE average -10.0 points vs AdamW over 5 task(s), with 10x AdamW's updates;" in (
         rt.which_method_when(cells, summary))
-    assert rt.ROWS["zo"].full_glue_sets == ("training.num_train_epochs=30",)
+
+
+def test_zo_runs_ten_times_each_recipes_glue_updates_at_full_schedules(rt, tmp_path, monkeypatch):
+    import hf_memopt.tools.recipes.run as run_module
+
+    class Started(Exception):
+        pass
+
+    epochs = []
+
+    def start(recipe, **_):
+        epochs.append(recipe.training["num_train_epochs"])
+        raise Started
+
+    monkeypatch.setattr(run_module, "run_recipe", start)
+    for task in ("sst2", "rte"):  # one epoch over SST-2's bundled 20k, three over RTE
+        with pytest.raises(Started):
+            rt.run_cell(task, "zo", tmp_path, schedule_name="full")
+    assert epochs == [10, 30]
 
 
 def test_summary_takes_each_row_at_its_best_swept_learning_rate(rt):
