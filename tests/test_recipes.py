@@ -101,7 +101,10 @@ method_training:
     assert method_configs(blockllm)[0].sparsity == 0.9
     assert blockllm.training["learning_rate"] == 5e-4  # method_training applies to the method that runs
     # the command line has the last word: a set training rate is not overridden by the method's own
-    assert load_recipe(child, ["training.learning_rate=2e-4"], method="blockllm").training["learning_rate"] == 2e-4
+    pinned = load_recipe(child, ["training.learning_rate=2e-4"], method="blockllm")
+    assert pinned.training["learning_rate"] == 2e-4
+    # and stays so where the resolved recipe is written out and read again (each run of `compare`)
+    assert load_recipe(None, raw=pinned.raw, method="blockllm").training["learning_rate"] == 2e-4
 
     overridden = load_recipe(child, ["method.sparsity=0.5", "training.max_steps=3"], method="blockllm")
     assert method_configs(overridden)[0].sparsity == 0.5 and overridden.training["max_steps"] == 3

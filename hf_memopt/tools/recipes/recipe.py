@@ -650,8 +650,13 @@ def load_recipe(
             raw["method"] = {"name": method}
     for assignment in sets:
         apply_set(raw, assignment)
-    # a ``--set training.<field>`` is the caller's last word, over ``method_training``'s per-method value too
+    # a ``--set training.<field>`` is the caller's last word: it replaces that field in every ``method_training``
+    # entry too, so the recipe stays the same when its raw form is written out and read again (``compare``)
     pinned = {key.split(".")[1] for key in (a.partition("=")[0].strip() for a in sets) if key.startswith("training.")}
+    per_method_sets = raw.get("method_training")
+    for values in per_method_sets.values() if isinstance(per_method_sets, dict) else ():
+        if isinstance(values, dict):  # anything else is reported below, where method_training is validated
+            values.update({key: raw["training"][key] for key in pinned & values.keys()})
 
     task = raw.get("task")
     if task not in TASKS:
@@ -717,7 +722,7 @@ def load_recipe(
             text = f"method_training.{key}{text[len('training') :]}" if text.startswith("training") else text
             raise RecipeError(text) from None
     for part in parts or [BASELINE]:
-        training.update({k: v for k, v in _validate_training(task, per_method.get(part)).items() if k not in pinned})
+        training.update(_validate_training(task, per_method.get(part)))
     supplier = next((part for part in parts if METHODS[part].sets_optimizer), None)
     ignored = [key for key in ("optim", "optim_args", "optim_target_modules") if key in training]
     if supplier and ignored:  # the method's optimizer replaces the Trainer's: these would be accepted and ignored
