@@ -269,8 +269,8 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         r"methods.velora.target_modules=.*layer\.\d+\.(attention\.self\.value|output\.dense)",),
         lm_sets=("methods.velora.target_modules=[v_proj, down_proj]",)),
     Row("velora+galore", method="velora+galore"),
-    # MeZO needs far more, cheaper updates (the paper: 100k steps on RoBERTa-large): 10x the recipes' 3 epochs
-    Row("zo", method="zo", glue_epochs_factor=10),  # 10x the updates: SST-2 10 epochs, the other tasks 30
+    # MeZO needs far more, cheaper updates (the paper: 100k steps on RoBERTa-large): 10x each recipe's updates
+    Row("zo", method="zo", glue_epochs_factor=10),
     Row("galore-torch", optimizers=galore_torch_optimizer, kind="peer", lr_of="galore"),
     Row("apollo-torch", optimizers=apollo_optimizer, kind="peer", lr_of="galore"),
     Row("badam", optimizers=badam_optimizer, kind="peer"),
