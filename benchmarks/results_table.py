@@ -773,12 +773,10 @@ def glue_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict
         target = GLUE_GAP_TARGET.get(ROWS[row].method)
         if target is None or gap is None:
             verdict = "-"
-        elif len(common) < len(GLUE_TASKS):
-            verdict = f"incomplete ({len(common)} of {len(GLUE_TASKS)} tasks): {'within' if -gap <= target else 'misses'} so far"
-        elif short := unfinished_sweeps(cells, row, common, [] if -gap <= target else common):
-            verdict = so_far(-gap <= target, short)
         else:
-            verdict = "met" if -gap <= target else "**missed**"
+            within = -gap <= target
+            short = unfinished_sweeps(cells, row, common, [] if within else common)
+            verdict = verdict_text(within, len(common), len(GLUE_TASKS), short, " tasks")
         summary[row] = {"per_task": per_task, "tasks": common, "average": avg, "gap": gap, "target": target,
                         "verdict": verdict, "learning_rates": chosen,
                         "swept": any(row_sweep(t, cells[t], row) for t in tasks)}
@@ -854,13 +852,19 @@ def unfinished_sweeps(cells: dict[str, dict[str, dict[str, Any]]], row: str, tas
     return short
 
 
-def so_far(within: bool, short: dict[str, dict[str, int]]) -> str:
-    """The verdict while sweeps are unfinished, naming each: ``misses so far (velora's learning-rate sweep on
-    instruct: 1 of 3 rates run)``."""
-    parts = [f"{'AdamW' if who == 'adamw' else who}'s learning-rate sweep{'s' if len(runs) > 1 else ''} on "
-             + ", ".join(f"{t}: {n}" for t, n in runs.items()) + f" of {LR_SWEEP_SIZE} rates run"
-             for who, runs in short.items()]
-    return f"{'within' if within else 'misses'} so far ({'; '.join(parts)})"
+def verdict_text(within: bool, ran: int, of: int, short: dict[str, dict[str, int]], unit: str = "") -> str:
+    """A summary's verdict: ``incomplete (1 of 2): misses so far`` until the row has run every task (``ran`` of
+    ``of``), then ``... so far`` naming each unfinished sweep of ``short`` (:func:`unfinished_sweeps`), e.g. ``misses
+    so far (velora's learning-rate sweep on instruct: 1 of 3 rates run)``, then ``met`` or ``**missed**``."""
+    so_far = f"{'within' if within else 'misses'} so far"
+    if ran < of:
+        return f"incomplete ({ran} of {of}{unit}): {so_far}"
+    if short:
+        parts = [f"{'AdamW' if who == 'adamw' else who}'s learning-rate sweep{'s' if len(runs) > 1 else ''} on "
+                 + ", ".join(f"{t}: {n}" for t, n in runs.items()) + f" of {LR_SWEEP_SIZE} rates run"
+                 for who, runs in short.items()]
+        return f"{so_far} ({'; '.join(parts)})"
+    return "met" if within else "**missed**"
 
 
 def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, ...] = PRETRAIN_TASKS,
@@ -896,13 +900,8 @@ def lm_summary(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str
         if target is None or not changes:
             verdict = "-"
         else:
-            within = all(c <= target for c in changes.values())
-            if len(changes) < len(all_tasks):
-                verdict = f"incomplete ({len(changes)} of {len(all_tasks)}): {'within' if within else 'misses'} so far"
-            elif short := unfinished_sweeps(cells, row, tasks, [t for t, c in changes.items() if c > target]):
-                verdict = so_far(within, short)
-            else:
-                verdict = "met" if within else "**missed**"
+            short = unfinished_sweeps(cells, row, tasks, [t for t, c in changes.items() if c > target])
+            verdict = verdict_text(all(c <= target for c in changes.values()), len(changes), len(all_tasks), short)
         lines.append(f"| {row} | " + " | ".join(marks) + f" | {'-' if target is None else f'<= +{100 * target:.0f}%'} | "
                      f"{verdict} |")
     return "\n".join(lines)
