@@ -105,6 +105,12 @@ method_training:
     assert pinned.training["learning_rate"] == 2e-4
     # and stays so where the resolved recipe is written out and read again (each run of `compare`)
     assert load_recipe(None, raw=pinned.raw, method="blockllm").training["learning_rate"] == 2e-4
+    # a whole training section set on the command line pins every field it names the same way
+    section = load_recipe(child, ["training={learning_rate: 3e-4, max_steps: 5}"], method="blockllm")
+    assert section.training["learning_rate"] == 3e-4 and section.training["max_steps"] == 5
+    # and a field set, then dropped by a later whole-section set, is simply gone (the section's own value applies)
+    dropped = load_recipe(child, ["training.learning_rate=2e-4", "training={max_steps: 5}"], method="blockllm")
+    assert dropped.training["learning_rate"] == 5e-4 and dropped.training["max_steps"] == 5
 
     overridden = load_recipe(child, ["method.sparsity=0.5", "training.max_steps=3"], method="blockllm")
     assert method_configs(overridden)[0].sparsity == 0.5 and overridden.training["max_steps"] == 3

@@ -639,7 +639,8 @@ def load_recipe(
     ``method`` (the CLI's ``--method``) replaces ``method.name``; when it names another method than the file, the
     file's ``method:`` fields (which belong to that other method) are dropped. ``sets`` are applied afterwards, so
     ``--method blockllm --set method.sparsity=0.5`` works, and a ``training.<field>`` set wins over the recipe's
-    ``method_training`` value for the method that runs (``--set training.learning_rate=1e-3`` trains at 1e-3).
+    ``method_training`` value for the method that runs (``--set training.learning_rate=1e-3`` trains at 1e-3), as
+    does every field of a whole section set with ``--set training={...}``.
     ``raw`` skips reading ``path``.
     """
     raw = copy.deepcopy(raw) if raw is not None else read_recipe_file(path)
@@ -652,11 +653,20 @@ def load_recipe(
         apply_set(raw, assignment)
     # a ``--set training.<field>`` is the caller's last word: it replaces that field in every ``method_training``
     # entry too, so the recipe stays the same when its raw form is written out and read again (``compare``)
-    pinned = {key.split(".")[1] for key in (a.partition("=")[0].strip() for a in sets) if key.startswith("training.")}
+    # (``--set training={...}`` pins every field it names; a field a later set dropped again pins nothing)
+    training_section = raw.get("training")
+    training_section = training_section if isinstance(training_section, dict) else {}  # else: reported below
+    pinned: set[str] = set()
+    for key in (a.partition("=")[0].strip() for a in sets):
+        if key == "training":
+            pinned.update(training_section)
+        elif key.startswith("training."):
+            pinned.add(key.split(".")[1])
+    pinned &= training_section.keys()
     per_method_sets = raw.get("method_training")
     for values in per_method_sets.values() if isinstance(per_method_sets, dict) else ():
         if isinstance(values, dict):  # anything else is reported below, where method_training is validated
-            values.update({key: raw["training"][key] for key in pinned & values.keys()})
+            values.update({key: training_section[key] for key in pinned & values.keys()})
 
     task = raw.get("task")
     if task not in TASKS:
