@@ -108,7 +108,7 @@ method_training:
     # a whole training section set on the command line pins every field it names the same way
     section = load_recipe(child, ["training={learning_rate: 3e-4, max_steps: 5}"], method="blockllm")
     assert section.training["learning_rate"] == 3e-4 and section.training["max_steps"] == 5
-    # and a field set, then dropped by a later whole-section set, is simply gone (the section's own value applies)
+    # and a field set, then dropped by a later whole-section set, is simply gone (the method_training value applies)
     dropped = load_recipe(child, ["training.learning_rate=2e-4", "training={max_steps: 5}"], method="blockllm")
     assert dropped.training["learning_rate"] == 5e-4 and dropped.training["max_steps"] == 5
 
