@@ -1016,7 +1016,8 @@ def render_full(timing_cells: dict[str, dict[str, dict[str, Any]]], timing: Side
         sweep = lr_sweep_table(task, cells[task])
         if sweep:
             parts.append(f"\nLearning-rate sweep on {task} (at each rate the mean over the seeds run there; everything "
-                         f"else as the recipe; best per row in bold):\n\n{sweep}\n")
+                         f"else as the recipe; best per row in bold; \"(recipe)\" marks the rate of the row's own cell, the "
+                         f"recipe's when that cell ran):\n\n{sweep}\n")
         if task in INSTRUCT_TASKS:
             parts.append(sample_answers(cells[task]))
     parts.append(FULL_END)

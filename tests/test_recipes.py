@@ -115,6 +115,11 @@ method_training:
     overridden = load_recipe(child, ["method.sparsity=0.5", "training.max_steps=3"], method="blockllm")
     assert method_configs(overridden)[0].sparsity == 0.5 and overridden.training["max_steps"] == 3
 
+    # a child's method_training adds to its defaults' per method (code_alpaca_2k.yaml sets two of defaults.yaml's four)
+    tuned = write(tmp_path, "tuned.yaml", "defaults: base.yaml\nmethod_training: {galore: {learning_rate: 2e-4}}\n")
+    assert load_recipe(tuned, method="galore").training["learning_rate"] == 2e-4
+    assert load_recipe(tuned, method="blockllm").training["learning_rate"] == 5e-4
+
 
 def test_composite_method_takes_settings_from_the_table(tmp_path):
     path = write(tmp_path, "r.yaml", "task: pretrain\nmethods: {velora: {num_groups: 8}, galore: {rank: 4}}\n")
