@@ -488,9 +488,19 @@ GPU_START, GPU_END = "<!-- gpu-schedule -->", "<!-- /gpu-schedule -->"
 
 
 def _seed_values(task: str, cells: dict[str, dict[str, Any]], row: str) -> list[float]:
-    """The row's metric over its seeds at the recipe's learning rate (sweep cells are not seeds)."""
-    values = [_metric(task, c) for name, c in cells.items()
-              if (name == row or (name.startswith(f"{row}@seed") and "@lr" not in name)) and "failed" not in c]
+    """The row's metric over its seeds at the recipe's learning rate: its own cells (``<row>``, ``<row>@seed<N>``) and
+    a seed run through ``--lrs`` at that same rate (``<row>@seed<N>@lr<v>``); sweep cells at other rates are not seeds."""
+    own = cells.get(row, {}).get("learning_rate")
+
+    def at_recipe_rate(name: str, cell: dict[str, Any]) -> bool:
+        if name == row:
+            return True
+        if not name.startswith(f"{row}@seed"):
+            return False
+        rate = cell.get("learning_rate")
+        return "@lr" not in name or (own is not None and rate is not None and float(rate) == float(own))
+
+    values = [_metric(task, c) for name, c in cells.items() if at_recipe_rate(name, c) and "failed" not in c]
     return [v for v in values if v is not None]
 
 

@@ -25,6 +25,11 @@ def _cell(metric_key: str, value: float, total_bytes: int, step_s: float) -> dic
     return {"metrics": {metric_key: value}, "memory_bytes": memory, "median_step_cpu_seconds": step_s, "steps": 10}
 
 
+def _at_rate(metric_key: str, value: float, learning_rate: float) -> dict:
+    """A seed or sweep cell of a non-AdamW row that ran at ``learning_rate``."""
+    return {**_cell(metric_key, value, 40, 1.0), "learning_rate": learning_rate}
+
+
 def _glue(rows: dict[str, float], tasks=("rte", "mrpc", "cola", "stsb", "sst2")) -> dict:
     key = {"cola": "matthews_correlation", "stsb": "pearson"}
     return {t: {row: _cell(key.get(t, "accuracy"), v, 100 if row == "adamw" else 40, 1.0) for row, v in rows.items()}
@@ -88,15 +93,15 @@ def test_sweep_cells_are_named_by_learning_rate_and_seed(rt):
 def test_sweep_cells_are_not_averaged_as_seeds(rt):
     cells = _glue({"adamw": 0.80, "galore": 0.78})
     cells["mrpc"]["galore"]["learning_rate"] = 1e-4
-    cells["mrpc"]["galore@lr2e-4"] = {**_cell("accuracy", 0.60, 40, 1.0), "learning_rate": 2e-4}
+    cells["mrpc"]["galore@lr2e-4"] = _at_rate("accuracy", 0.60, 2e-4)
     assert rt._seed_values("mrpc", cells["mrpc"], "galore") == [pytest.approx(78.0)]
 
 
 def test_sweep_table_puts_the_recipe_cell_among_the_swept_rates_and_bolds_the_best(rt):
     cells = _glue({"adamw": 0.80, "galore": 0.78}, tasks=("mrpc",))["mrpc"]
     cells["galore"]["learning_rate"] = 1e-4
-    cells["galore@lr2e-4"] = {**_cell("accuracy", 0.81, 40, 1.0), "learning_rate": 2e-4}
-    cells["galore@lr5e-5"] = {**_cell("accuracy", 0.70, 40, 1.0), "learning_rate": 5e-5}
+    cells["galore@lr2e-4"] = _at_rate("accuracy", 0.81, 2e-4)
+    cells["galore@lr5e-5"] = _at_rate("accuracy", 0.70, 5e-5)
     assert rt.lr_sweep("mrpc", cells) == {"galore": {1e-4: pytest.approx(78.0), 2e-4: pytest.approx(81.0),
                                                      5e-5: pytest.approx(70.0)}}  # fmt: skip
     table = rt.lr_sweep_table("mrpc", cells)
@@ -107,14 +112,19 @@ def test_sweep_table_puts_the_recipe_cell_among_the_swept_rates_and_bolds_the_be
 def test_seeds_at_a_swept_rate_are_averaged_there_and_the_summary_takes_the_mean(rt):
     cells = _glue({"adamw": 0.80, "galore": 0.77}, tasks=("mrpc",))["mrpc"]
     cells["galore"]["learning_rate"] = 1e-4
-    cells["galore@lr2e-4"] = {**_cell("accuracy", 0.81, 40, 1.0), "learning_rate": 2e-4}
-    cells["galore@seed1@lr2e-4"] = {**_cell("accuracy", 0.77, 40, 1.0), "learning_rate": 2e-4}
-    cells["galore@seed2@lr2e-4"] = {**_cell("accuracy", 0.76, 40, 1.0), "learning_rate": 2e-4}
+    cells["galore@lr2e-4"] = _at_rate("accuracy", 0.81, 2e-4)
+    cells["galore@seed1@lr2e-4"] = _at_rate("accuracy", 0.77, 2e-4)
+    cells["galore@seed2@lr2e-4"] = _at_rate("accuracy", 0.76, 2e-4)
     # seed 0 alone at 2e-4 (81.0) would beat the recipe's 77.0; the three seeds there (78.0) still do, by less
     assert rt.row_sweep("mrpc", cells, "galore") == {1e-4: pytest.approx(77.0), 2e-4: pytest.approx(78.0)}
     assert rt.best_over_learning_rates("mrpc", cells, "galore") == (pytest.approx(78.0), 2e-4)
     assert rt.rates_run("mrpc", cells, "galore") == 2
     assert rt._seed_values("mrpc", cells, "galore") == [pytest.approx(77.0)]  # the recipe's rate only
+    # a seed run through --lrs at the recipe's own rate is one of the recipe's seeds: its mean, its table line
+    cells["galore@seed1@lr1e-4"] = _at_rate("accuracy", 0.81, 1e-4)
+    assert rt._seed_values("mrpc", cells, "galore") == [pytest.approx(77.0), pytest.approx(81.0)]
+    assert rt.best_over_learning_rates("mrpc", cells, "galore") == (pytest.approx(79.0), 1e-4)
+    assert "| galore | 79.0 ± 2.0 (2 seeds) |" in rt.full_task_table("mrpc", cells)
 
 
 class _Interrupted(Exception):
@@ -378,7 +388,7 @@ def test_summary_takes_each_row_at_its_best_swept_learning_rate(rt):
     cells = _glue({"adamw": 0.80, "galore": 0.76}, tasks=("mrpc",))
     mrpc = cells["mrpc"]
     mrpc["adamw"]["learning_rate"] = mrpc["galore"]["learning_rate"] = 1e-4
-    mrpc["galore@lr2e-4"] = {**_cell("accuracy", 0.80, 40, 1.0), "learning_rate": 2e-4}
+    mrpc["galore@lr2e-4"] = _at_rate("accuracy", 0.80, 2e-4)
     mrpc["adamw@lr2e-4"] = {**_cell("accuracy", 0.78, 100, 1.0), "learning_rate": 2e-4}
     table, summary = rt.glue_summary(cells)
     assert summary["galore"]["per_task"]["mrpc"] == pytest.approx(80.0)
@@ -394,7 +404,7 @@ def test_a_glue_verdict_waits_for_the_sweeps_it_rests_on(rt):
         for row in ("adamw", "galore", "blockllm"):
             cells[task][row]["learning_rate"] = 1e-4
     cells["mrpc"]["adamw@lr2e-4"] = {**_cell("accuracy", 0.75, 100, 1.0), "learning_rate": 2e-4}
-    cells["rte"]["galore@lr2e-4"] = {**_cell("accuracy", 0.75, 40, 1.0), "learning_rate": 2e-4}
+    cells["rte"]["galore@lr2e-4"] = _at_rate("accuracy", 0.75, 2e-4)
     _, summary = rt.glue_summary(cells)
     # GaLore was swept on RTE, AdamW not; BlockLLM misses against an AdamW swept on MRPC at its recipe rate alone
     assert summary["galore"]["verdict"] == ("misses so far (AdamW's learning-rate sweep on rte: 1 of 3 rates run; "
@@ -412,8 +422,8 @@ def test_a_glue_verdict_waits_for_the_sweeps_it_rests_on(rt):
 def test_the_recipe_learning_rate_keeps_its_seed_mean_against_a_sweep(rt):
     cells = _glue({"adamw": 0.80, "galore": 0.80}, tasks=("rte",))["rte"]
     cells["galore"]["learning_rate"] = 1e-4
-    cells["galore@seed1"] = {**_cell("accuracy", 0.70, 40, 1.0), "learning_rate": 1e-4}  # mean at 1e-4: 75.0
-    cells["galore@lr2e-4"] = {**_cell("accuracy", 0.77, 40, 1.0), "learning_rate": 2e-4}
+    cells["galore@seed1"] = _at_rate("accuracy", 0.70, 1e-4)  # mean at 1e-4: 75.0
+    cells["galore@lr2e-4"] = _at_rate("accuracy", 0.77, 2e-4)
     assert rt.best_over_learning_rates("rte", cells, "galore") == (pytest.approx(77.0), 2e-4)
 
 
