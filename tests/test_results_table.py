@@ -72,7 +72,21 @@ def test_guide_names_the_least_memory_row_within_one_point(rt):
     for task in ("cola", "stsb", "sst2"):  # fewer tasks: the pick says it is provisional
         del cells[task]
     guide = rt.which_method_when(cells, rt.glue_summary(cells)[1])
-    assert "(0.40x AdamW, -0.5 points; so far: 2 of 5 tasks)." in guide
+    assert "Least tensor memory within 1 point on the tasks run so far: **galore** (0.40x AdamW, -0.5 points; " \
+           "2 of 5 tasks)." in guide
+
+
+def test_guide_prefers_a_row_that_ran_every_task_over_a_lower_memory_row_that_ran_two(rt):
+    cells = _glue({"adamw": 0.80, "galore": 0.795})
+    for task in ("rte", "mrpc"):  # a diagnostic row, only on two tasks, with less memory
+        cells[task]["adamw_frozen_embeddings"] = _cell("accuracy", 0.80, 20, 1.0)
+    guide = rt.which_method_when(cells, rt.glue_summary(cells)[1])
+    assert "within 1 point of AdamW: **galore** (0.40x AdamW, -0.5 points)." in guide
+    assert "Less tensor memory within 1 point on the tasks run so far: **adamw_frozen_embeddings** (0.20x AdamW, +0.0 points; " \
+           "2 of 5 tasks)." in guide
+    for task in ("rte", "mrpc"):  # with more memory than the complete pick, the partial row is not named
+        cells[task]["adamw_frozen_embeddings"]["memory_bytes"]["parameters"] = 60
+    assert "run so far" not in rt.which_method_when(cells, rt.glue_summary(cells)[1])
 
 
 def test_guide_medians_over_an_even_number_of_tasks_average_the_middle_two(rt):
