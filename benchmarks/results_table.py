@@ -487,21 +487,24 @@ FULL_START, FULL_END = "<!-- full-schedule -->", "<!-- /full-schedule -->"
 GPU_START, GPU_END = "<!-- gpu-schedule -->", "<!-- /gpu-schedule -->"
 
 
+def _row_values(task: str, cells: dict[str, dict[str, Any]], row: str):
+    """``(cell name, learning rate or None, metric)`` for each finished cell of the row on the task: its seeds and
+    sweep points (``<row>``, ``<row>@seed<N>``, ``<row>@lr<v>``, ``<row>@seed<N>@lr<v>``), not timing rounds."""
+    for name, cell in cells.items():
+        if name.split("@")[0] != row or "@round" in name or "failed" in cell:
+            continue
+        value = _metric(task, cell)
+        if value is not None:
+            yield name, cell.get("learning_rate"), value
+
+
 def _seed_values(task: str, cells: dict[str, dict[str, Any]], row: str) -> list[float]:
     """The row's metric over its seeds at the recipe's learning rate: its own cells (``<row>``, ``<row>@seed<N>``) and
     a seed run through ``--lrs`` at that same rate (``<row>@seed<N>@lr<v>``); sweep cells at other rates are not seeds."""
     own = cells.get(row, {}).get("learning_rate")
-
-    def at_recipe_rate(name: str, cell: dict[str, Any]) -> bool:
-        if name == row:
-            return True
-        if not name.startswith(f"{row}@seed"):
-            return False
-        rate = cell.get("learning_rate")
-        return "@lr" not in name or (own is not None and rate is not None and float(rate) == float(own))
-
-    values = [_metric(task, c) for name, c in cells.items() if at_recipe_rate(name, c) and "failed" not in c]
-    return [v for v in values if v is not None]
+    return [value for name, rate, value in _row_values(task, cells, row)
+            if "@lr" not in name
+            or ("@seed" in name and own is not None and rate is not None and float(rate) == float(own))]
 
 
 def _best(task: str):
@@ -530,12 +533,9 @@ def row_sweep(task: str, cells: dict[str, dict[str, Any]], row: str) -> dict[flo
     if not any(n.startswith(f"{row}@") and "@lr" in n for n in cells):
         return {}
     values: dict[float, list[float]] = {}
-    for name, cell in cells.items():
-        if name.split("@")[0] != row or "@round" in name or "failed" in cell:
-            continue
-        value = _metric(task, cell)
-        if value is not None and cell.get("learning_rate") is not None:
-            values.setdefault(float(cell["learning_rate"]), []).append(value)
+    for _, rate, value in _row_values(task, cells, row):
+        if rate is not None:
+            values.setdefault(float(rate), []).append(value)
     return {lr: sum(v) / len(v) for lr, v in values.items()}
 
 
@@ -834,16 +834,15 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
                      f"{_time_text(*time_)} (medians over those tasks).")
     kept = [r for r in rows if r[1]["gap"] >= -1.0 and r[2] is not None]
     every_task = [r for r in kept if len(r[1]["tasks"]) == len(GLUE_TASKS)]
-    if every_task:
-        best = min(every_task, key=lambda r: r[2])
+    best = min(every_task, key=lambda r: r[2], default=None)
+    lead = min((r for r in kept if r not in every_task), key=lambda r: r[2], default=None)
+    if best:
         lines.append(f"- Least tensor memory with accuracy within 1 point of AdamW: **{best[0]}** "
                      f"({best[2]:.2f}x AdamW, {best[1]['gap']:+.1f} points).")
     # A row measured on fewer tasks is named apart, and only where it would beat the pick: a two-task figure is a
     # lead to follow, not a recommendation.
-    partial = [r for r in kept if r not in every_task and (not every_task or r[2] < best[2])]
-    if partial:
-        lead = min(partial, key=lambda r: r[2])
-        lines.append(f"- {'Less' if every_task else 'Least'} tensor memory within 1 point on the tasks run so far: "
+    if lead and (best is None or lead[2] < best[2]):
+        lines.append(f"- {'Less' if best else 'Least'} tensor memory within 1 point on the tasks run so far: "
                      f"**{lead[0]}** ({lead[2]:.2f}x AdamW, {lead[1]['gap']:+.1f} points; "
                      f"{len(lead[1]['tasks'])} of {len(GLUE_TASKS)} tasks).")
     lost = [r[0] for r in rows if r[1]["gap"] < -1.0]
