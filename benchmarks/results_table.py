@@ -527,6 +527,17 @@ def best_over_learning_rates(task: str, cells: dict[str, dict[str, Any]], row: s
     return value, lr
 
 
+def standing_cell(task: str, cells: dict[str, dict[str, Any]], row: str) -> str | None:
+    """The name of the cell a row's memory, time and update count are read from on the task: its recipe cell, or, for
+    a row run only at swept rates (zo's GLUE column runs at 1e-4, not its recipe's 1e-6: docs/results.md), its seed-0
+    sweep cell at its best rate. None where the row has neither."""
+    if row in cells:
+        return row
+    _, lr = best_over_learning_rates(task, cells, row)
+    return next((name for name, rate, _ in _row_values(task, cells, row)
+                 if "@seed" not in name and rate is not None and float(rate) == lr), None)
+
+
 def row_sweep(task: str, cells: dict[str, dict[str, Any]], row: str) -> dict[float, float]:
     """``{learning rate: metric}`` for a row with sweep cells (empty without): at each rate the mean over the seeds run
     there (``<row>@lr<value>``, ``<row>@seed<N>@lr<value>``; the recipe's own cells at its rate)."""
@@ -619,14 +630,15 @@ def side_by_side_time_ratios(timing_cells: dict[str, dict[str, dict[str, Any]]],
 
 
 def _time_vs_adamw(task_cells: dict[str, dict[str, Any]], row: str,
-                   side: dict[str, tuple[float, int]] | None) -> tuple[float | None, bool]:
+                   side: dict[str, tuple[float, int]] | None, name: str | None = None) -> tuple[float | None, bool]:
     """The row's time per update against AdamW's and whether it was measured side by side: from the timing rounds
-    where they ran the row, else from the two full-schedule cells (which may have run in different sessions)."""
+    where they ran the row, else from the two full-schedule cells (which may have run in different sessions; the row's
+    cell ``name``, by default its recipe cell)."""
     if row == "adamw":
         return 1.0, True
     if side and row in side:
         return side[row][0], True
-    return _time_ratio(task_cells, row), False
+    return _time_ratio(task_cells, name or row), False
 
 
 def _time_text(ratio: float | None, side_by_side: bool) -> str:
@@ -687,13 +699,15 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = 
               "tensors vs AdamW", *(["device peak MB"] if device else []), time_name, "time vs AdamW"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for row in ROWS:
-        cell = cells.get(row)
-        if cell is None:
+        name = standing_cell(task, cells, row)
+        if name is None:
             continue
+        cell = cells[name]
         if "failed" in cell:
             lines.append(f"| {row} | failed: {cell['failed'].replace('|', '/')[:140]} |" + " |" * (len(header) - 2))
             continue
-        values = _seed_values(task, cells, row)
+        # A row run only at swept rates shows its best one, named, where the others show their recipe's rate.
+        values = _seed_values(task, cells, row) if name == row else [_metric(task, cell)]
         mean = _mean(values)
         if mean is None or base_mean is None:
             gap = "-"
@@ -703,13 +717,13 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = 
             gap = f"{100 * (mean / base_mean - 1):+.1f}%"
         b = MemoryBreakdown(**cell["memory_bytes"])
         step = cell.get(time_key)
-        tensors = _tensor_ratio(cells, row)
+        tensors = _tensor_ratio(cells, name)
         if device:  # the GPU cells ran one after another in one session: their wall times compare
-            time_text = _time_text(_time_ratio(cells, row, time_key), True)
+            time_text = _time_text(_time_ratio(cells, name, time_key), True)
         else:
-            time_text = _time_text(*_time_vs_adamw(cells, row, side))
+            time_text = _time_text(*_time_vs_adamw(cells, row, side, name))
         lines.append("| " + " | ".join([
-            row, _mean_spread(values, digits), gap, str(cell.get("steps", "-")),
+            row if name == row else f"{row} (lr {float(cell['learning_rate']):g})", _mean_spread(values, digits), gap, str(cell.get("steps", "-")),
             f"{(b.parameters + b.buffers) / MB:.1f}", f"{b.gradients / MB:.1f}", f"{b.optimizer_state / MB:.1f}",
             f"{b.activations / MB:.1f}", "-" if tensors is None else f"{tensors:.2f}x",
             *([f"{b.peak_process / MB:.1f}"] if device else []),
@@ -814,20 +828,20 @@ def which_method_when(cells: dict[str, dict[str, dict[str, Any]]], summary: dict
     for row, s in summary.items():
         if row == "adamw" or s["gap"] is None:
             continue
-        mem = [r for r in (_tensor_ratio(cells[t], row) for t in s["tasks"]) if r is not None]
-        times = [_time_vs_adamw(cells[t], row, (timing or {}).get(t)) for t in s["tasks"]]
+        names = {t: standing_cell(t, cells[t], row) for t in s["tasks"]}
+        mem = [r for r in (_tensor_ratio(cells[t], names[t]) for t in s["tasks"]) if r is not None]
+        times = [_time_vs_adamw(cells[t], row, (timing or {}).get(t), names[t]) for t in s["tasks"]]
         side = [r for r, measured in times if measured and r is not None]
         time_ = side or [r for r, _ in times if r is not None]
+        updates = [cells[t][names[t]].get("steps", 0) / cells[t]["adamw"]["steps"] for t in s["tasks"]
+                   if cells[t].get("adamw", {}).get("steps")]  # fmt: skip
         rows.append((row, s, statistics.median(mem) if mem else None,
-                     (statistics.median(time_) if time_ else None, bool(side))))
+                     (statistics.median(time_) if time_ else None, bool(side)), max(updates, default=1.0)))
     if not rows:
         return ""  # no row beside AdamW on any GLUE task yet
     rows.sort(key=lambda r: (r[2] is None, r[2] or 0))
     lines = []
-    for row, s, mem, time_ in rows:
-        updates = [cells[t][row].get("steps", 0) / cells[t]["adamw"]["steps"] for t in s["tasks"]
-                   if cells[t].get("adamw", {}).get("steps")]  # fmt: skip
-        longer = max(updates, default=1.0)
+    for row, s, mem, time_, longer in rows:
         lines.append(f"- **{row}**: GLUE average {s['gap']:+.1f} points vs AdamW over {len(s['tasks'])} task(s)"
                      + (f", with {longer:.0f}x AdamW's updates" if longer > 1.01 else "") + "; "
                      f"tensor memory {'-' if mem is None else f'{mem:.2f}x'}, CPU time per update "
@@ -936,7 +950,8 @@ def lm_guide(cells: dict[str, dict[str, dict[str, Any]]], all_tasks: tuple[str, 
             value, base = best_over_learning_rates(t, cells[t], row)[0], best_over_learning_rates(t, cells[t], "adamw")[0]
             if row == "adamw" or value is None or base is None:
                 continue
-            mem, time_ = _tensor_ratio(cells[t], row), _time_vs_adamw(cells[t], row, (timing or {}).get(t))
+            name = standing_cell(t, cells[t], row)
+            mem, time_ = _tensor_ratio(cells[t], name), _time_vs_adamw(cells[t], row, (timing or {}).get(t), name)
             parts.append(f"{t} {100 * (value / base - 1):+.1f}% (tensor memory "
                          f"{'-' if mem is None else f'{mem:.2f}x'}, CPU time per update {_time_text(*time_)})")
         if parts:

@@ -379,6 +379,18 @@ def test_guide_says_when_a_row_ran_more_updates_than_adamw(rt):
         rt.which_method_when(cells, summary))
 
 
+def test_a_row_run_only_at_a_swept_rate_shows_that_cells_metric_memory_and_updates(rt):
+    # zo's GLUE column runs at 1e-4 through --lrs, with no cell at its recipe's 1e-6
+    cells = _glue({"adamw": 0.80}, tasks=("rte",))
+    cells["rte"]["zo@lr1e-4"] = {**_cell("accuracy", 0.50, 5, 0.5), "learning_rate": 1e-4, "steps": 100}
+    line = next(ln for ln in rt.full_task_table("rte", cells["rte"]).splitlines() if ln.startswith("| zo"))
+    assert line.startswith("| zo (lr 0.0001) | 50.0 | -30.0 | 100 |")
+    assert "| 0.05x | 0.50 | 0.50x* |" in line
+    _, summary = rt.glue_summary(cells)
+    assert "- **zo**: GLUE average -30.0 points vs AdamW over 1 task(s), with 10x AdamW's updates; tensor memory " \
+           "0.05x, CPU time per update 0.50x*" in rt.which_method_when(cells, summary)
+
+
 def test_zo_runs_ten_times_each_recipes_glue_updates_at_full_schedules(rt, tmp_path, monkeypatch):
     import hf_memopt.tools.recipes.run as run_module
 
