@@ -733,29 +733,46 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = 
 
 
 def plot_curves(task: str, cells: dict[str, dict[str, Any]]) -> Path:
-    """Training loss (and, for pretraining, held-out perplexity) against updates, one line per seed-0 row."""
+    """Training loss (and, for pretraining, held-out perplexity) against updates, one line per row from its standing
+    cell (:func:`standing_cell`: the recipe cell, or the best sweep cell of a row run only at swept rates, labelled
+    with its rate). Rows on a longer GLUE schedule (zo's 10x updates) get their own panel, beside AdamW's curve, so
+    that they do not squeeze the others into a tenth of the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pretrain = task in PRETRAIN_TASKS
-    fig, axes = plt.subplots(1, 2 if pretrain else 1, figsize=(11 if pretrain else 6, 4), squeeze=False)
-    drawn = [row for row in ROWS if cells.get(row, {}).get("losses") and "failed" not in cells[row]]
+    standing = {row: name for row in ROWS if (name := standing_cell(task, cells, row))
+                and cells[name].get("losses") and "failed" not in cells[name]}
+    longer = [row for row in standing if task in GLUE_TASKS and ROWS[row].glue_epochs_factor > 1]
+    panels = 1 + (pretrain or bool(longer))
+    fig, axes = plt.subplots(1, panels, figsize=(11 if panels == 2 else 6, 4), squeeze=False)
     tab20 = plt.get_cmap("tab20").colors  # pairs of a dark and a light shade: the ten dark ones come first
-    colours = dict(zip(drawn, tab20[0::2] + tab20[1::2]))  # one colour per row, the same in both panels
-    for row in drawn:
-        cell = cells[row]
+    colours = dict(zip(standing, tab20[0::2] + tab20[1::2]))  # one colour per row, the same in both panels
+
+    def draw(ax, row: str) -> None:
+        name = standing[row]
+        cell = cells[name]
+        label = row if name == row else f"{row} (lr {cell['learning_rate']:g})"
         steps = cell.get("loss_steps") or list(range(1, len(cell["losses"]) + 1))
-        axes[0][0].plot(steps, cell["losses"], label=row, linewidth=1, color=colours[row])
-        if pretrain and cell.get("eval_history"):
-            history = cell["eval_history"]
+        ax.plot(steps, cell["losses"], label=label, linewidth=1, color=colours[row])
+
+    for row in standing:
+        if row not in longer:
+            draw(axes[0][0], row)
+        if pretrain and cells[standing[row]].get("eval_history"):
+            history = cells[standing[row]]["eval_history"]
             axes[0][1].plot([h["step"] for h in history], [math.exp(min(h["eval_loss"], 50)) for h in history],
                             label=row, marker=".", linewidth=1, color=colours[row])
     axes[0][0].set(xlabel="update", ylabel="training loss", title=f"{task}: training loss")
     if pretrain:
         axes[0][1].set(xlabel="update", ylabel="held-out perplexity", title=f"{task}: held-out perplexity",
                        yscale="log")
+    elif longer:
+        for row in (["adamw"] if "adamw" in standing else []) + longer:
+            draw(axes[0][1], row)
+        axes[0][1].set(xlabel="update", ylabel="training loss", title=f"{task}: longer schedules, AdamW for scale")
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -525,3 +525,19 @@ def test_instruct_summary_takes_each_row_at_its_lowest_held_out_loss_over_the_sw
     assert "| galore | - | 0.584 (recipe) | **0.570** |" in sweep  # lower held-out loss is better
     guide = rt.lm_guide(cells, rt.INSTRUCT_TASKS, "instruction held-out loss")
     assert any(line.startswith("- **galore**, instruction held-out loss vs AdamW: instruct +1.8%") for line in guide)
+
+
+def test_loss_curves_draw_a_swept_only_row_from_its_best_cell_in_a_panel_of_its_own(rt, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    monkeypatch.setattr(rt, "FIGURES", tmp_path)
+    cells = _glue({"adamw": 0.80, "galore": 0.79}, tasks=("rte",))["rte"]
+    for name, rate, value in (("zo@lr1e-4", 1e-4, 0.50), ("zo@lr1e-5", 1e-5, 0.48)):
+        cells[name] = {**_at_rate("accuracy", value, rate), "losses": [0.70, 0.69], "loss_steps": [10, 20]}
+    for name in ("adamw", "galore"):
+        cells[name] |= {"losses": [0.70, 0.60], "loss_steps": [1, 2]}
+    rt.plot_curves("rte", cells)
+    labels = [ax.get_legend_handles_labels()[1] for ax in figures[0].axes]
+    assert labels == [["adamw", "galore"], ["adamw", "zo (lr 0.0001)"]]
