@@ -530,12 +530,21 @@ def best_over_learning_rates(task: str, cells: dict[str, dict[str, Any]], row: s
 def standing_cell(task: str, cells: dict[str, dict[str, Any]], row: str) -> str | None:
     """The name of the cell a row's memory, time and update count are read from on the task: its recipe cell, or, for
     a row run only at swept rates (zo's GLUE column runs at 1e-4, not its recipe's 1e-6: docs/results.md), its seed-0
-    sweep cell at its best rate. None where the row has neither."""
+    sweep cell at its best rate; where every sweep cell failed (zo diverged on STS-B at 1e-4), a failure record, so that
+    the task table says so instead of leaving the row out. None where the row has no cell."""
     if row in cells:
         return row
     _, lr = best_over_learning_rates(task, cells, row)
-    return next((name for name, rate, _ in _row_values(task, cells, row)
-                 if "@seed" not in name and rate is not None and float(rate) == lr), None)
+    if lr is not None:
+        return next(name for name, rate, _ in _row_values(task, cells, row)
+                    if "@seed" not in name and rate is not None and float(rate) == lr)
+    return next((name for name in _failed_cells(cells, row) if "@seed" not in name), None)
+
+
+def _failed_cells(cells: dict[str, dict[str, Any]], row: str) -> list[str]:
+    """The names of the row's failure records on the task (seeds and sweep points; not timing rounds)."""
+    return [name for name, cell in cells.items()
+            if name.split("@")[0] == row and "@round" not in name and "failed" in cell]
 
 
 def row_sweep(task: str, cells: dict[str, dict[str, Any]], row: str) -> dict[float, float]:
@@ -561,20 +570,23 @@ def lr_sweep(task: str, cells: dict[str, dict[str, Any]]) -> dict[str, dict[floa
 
 
 def lr_sweep_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
-    """The sweep as a table: one line per row, one column per learning rate, the recipe's own marked, the best bold."""
-    sweep = lr_sweep(task, cells)
+    """The sweep as a table: one line per row, one column per learning rate, the recipe's own marked, the best bold,
+    and a rate whose cells all failed (a run that diverged) marked failed."""
+    failed = {row: rates for row in ROWS
+              if (rates := {float(n.split("@lr")[1]) for n in _failed_cells(cells, row) if "@lr" in n})}
+    sweep = lr_sweep(task, cells) | {row: {} for row in failed if not row_sweep(task, cells, row)}
     if not sweep:
         return ""
-    lrs = sorted({lr for points in sweep.values() for lr in points})
+    lrs = sorted({lr for row, points in sweep.items() for lr in (*points, *failed.get(row, ()))})
     digits = 3 if task in INSTRUCT_TASKS else 1
     lines = ["| row | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
     for row, points in sweep.items():
         own = cells.get(row, {}).get("learning_rate")
-        best = _best(task)(points.values())
+        best = _best(task)(points.values(), default=None)
         marks = []
         for lr in lrs:
             if lr not in points:
-                marks.append("-")
+                marks.append("failed" if lr in failed.get(row, ()) else "-")
                 continue
             text = f"{points[lr]:.{digits}f}" + (" (recipe)" if own is not None and float(own) == lr else "")
             marks.append(f"**{text}**" if points[lr] == best else text)
@@ -704,7 +716,8 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = 
             continue
         cell = cells[name]
         if "failed" in cell:
-            lines.append(f"| {row} | failed: {cell['failed'].replace('|', '/')[:140]} |" + " |" * (len(header) - 2))
+            label = row if name == row else f"{row} (lr {float(name.split('@lr')[1]):g})"
+            lines.append(f"| {label} | failed: {cell['failed'].replace('|', '/')[:140]} |" + " |" * (len(header) - 2))
             continue
         # A row run only at swept rates shows its best one, named, where the others show their recipe's rate.
         values = _seed_values(task, cells, row) if name == row else [_metric(task, cell)]
@@ -827,7 +840,7 @@ def glue_summary(cells: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, dict
     for row, s in summary.items():
         lines.append("| " + " | ".join([
             row, *[(f"{s['per_task'][t]:.1f}" + (f" (lr {s['learning_rates'][t]:g})" if s["swept"] else ""))
-                   if t in s["per_task"] else "-" for t in tasks],
+                   if t in s["per_task"] else "failed" if _failed_cells(cells[t], row) else "-" for t in tasks],
             "-" if s["average"] is None else f"{s['average']:.1f}",
             "-" if s["gap"] is None or row == "adamw" else f"{s['gap']:+.1f}",
             "-" if s["target"] is None else f">= -{s['target']:.1f}", s["verdict"],

@@ -391,6 +391,22 @@ def test_a_row_run_only_at_a_swept_rate_shows_that_cells_metric_memory_and_updat
            "0.05x, CPU time per update 0.50x*" in rt.which_method_when(cells, summary)
 
 
+def test_a_row_whose_only_cell_on_a_task_failed_is_shown_failed_not_left_out(rt):
+    # zo diverged on STS-B at 1e-4 (a NaN loss after 1,228 updates): its failure record is its only cell there
+    cells = _glue({"adamw": 0.80}, tasks=("rte", "stsb"))
+    cells["rte"]["zo@lr1e-4"] = {**_cell("accuracy", 0.50, 5, 0.5), "learning_rate": 1e-4, "steps": 100}
+    cells["stsb"]["zo@lr1e-4"] = {"row": "zo", "failed": "NonFiniteError: ZO: non-finite loss at update 1228"}
+    line = next(ln for ln in rt.full_task_table("stsb", cells["stsb"]).splitlines() if ln.startswith("| zo"))
+    assert line.startswith("| zo (lr 0.0001) | failed: NonFiniteError: ZO: non-finite loss at update 1228 |")
+    table, summary = rt.glue_summary(cells)
+    assert next(ln for ln in table.splitlines() if ln.startswith("| zo |")).startswith(
+        "| zo | 50.0 (lr 0.0001) | failed | 50.0 | -30.0 |")
+    assert summary["zo"]["tasks"] == ["rte"]
+    assert "| zo | failed |" in rt.lr_sweep_table("stsb", cells["stsb"])
+    cells["stsb"]["zo@lr1e-5"] = {**_cell("pearson", 0.20, 5, 0.5), "learning_rate": 1e-5, "steps": 100}
+    assert "| zo | **20.0** | failed |" in rt.lr_sweep_table("stsb", cells["stsb"])
+
+
 def test_zo_runs_ten_times_each_recipes_glue_updates_at_full_schedules(rt, tmp_path, monkeypatch):
     import hf_memopt.tools.recipes.run as run_module
 
