@@ -1089,7 +1089,8 @@ def render_gpu() -> str:
     cells = load_cells(SCHEDULE_PROFILES["gpu"][1])
     parts = [GPU_START, "\n"]
     if not cells:
-        parts.append("Not run yet: no CUDA device has been lent to this project so far. On one, `scripts/gpu_glue.sh` "
+        parts.append("Not run yet: no lent GPU has had time for these cells (the H200 runs of [gpu_check.md](gpu_check.md) "
+                     "checked memory and CUDA paths, not GLUE accuracy). On one, `scripts/gpu_glue.sh` "
                      "runs these cells (`python benchmarks/results_table.py run --schedule gpu`) and `render` fills "
                      "this section.\n")
     else:

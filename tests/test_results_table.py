@@ -262,7 +262,7 @@ def test_gpu_section_shows_device_peak_and_wall_time_per_update(rt, tmp_path, mo
 
     monkeypatch.setitem(rt.SCHEDULE_PROFILES, "gpu", (rt.GPU_SCHEDULES, tmp_path))
     monkeypatch.setitem(rt.RECORDS, "gpu", tmp_path / "record.json")
-    assert "Not run yet: no CUDA device" in rt.render_gpu()
+    assert "Not run yet: no lent GPU has had time for these cells" in rt.render_gpu()
     for row, accuracy, peak, seconds in (("adamw", 0.60, 900, 0.020), ("galore", 0.61, 450, 0.030)):
         cell = _cell("accuracy", accuracy, 100, step_s=9.0)
         cell["memory_bytes"]["peak_process"] = peak * 2**20
