@@ -290,7 +290,7 @@ def estimate_memory(
         **method_kwargs: fields of the method's config (``optimizer="adamw_8bit"``, ``layerwise=True``,
             ``target_modules=...``, ``sparsity=0.9``, ``quant="nf4"``, ``num_groups=32`` ...), and the training-side
             settings of :mod:`hf_memopt.tools.estimate_settings` (``freeze_modules``, ``frozen_dtype``,
-            ``loss_chunk_size``, ``gradient_checkpointing``, ``optim``).
+            ``loss_chunk_size``, ``recompute_swiglu``, ``gradient_checkpointing``, ``optim``).
 
     Returns a dict with the byte counts ``parameters``, ``buffers``, ``weights``, ``gradients``, ``optimizer_state``,
     ``activations``, ``total``; parameter counts; the method config used; ``targets`` (the modules the method
