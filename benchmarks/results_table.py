@@ -541,6 +541,16 @@ def standing_cell(task: str, cells: dict[str, dict[str, Any]], row: str) -> str 
     return next((name for name in _failed_cells(cells, row) if "@seed" not in name), None)
 
 
+def cell_label(row: str, name: str) -> str:
+    """How tables and curves name a row's standing cell: the row, or ``row (lr <rate>)`` for a sweep cell."""
+    return row if name == row else f"{row} (lr {_cell_rate(name):g})"
+
+
+def _cell_rate(name: str) -> float:
+    """The learning rate in a sweep cell's name (``<row>@lr1e-4``, ``<row>@seed1@lr1e-4``)."""
+    return float(name.split("@lr")[1])
+
+
 def _failed_cells(cells: dict[str, dict[str, Any]], row: str) -> list[str]:
     """The names of the row's failure records on the task (seeds and sweep points; not timing rounds)."""
     return [name for name, cell in cells.items()
@@ -573,7 +583,7 @@ def lr_sweep_table(task: str, cells: dict[str, dict[str, Any]]) -> str:
     """The sweep as a table: one line per row, one column per learning rate, the recipe's own marked, the best bold,
     and a rate whose cells all failed (a run that diverged) marked failed."""
     failed = {row: rates for row in ROWS
-              if (rates := {float(n.split("@lr")[1]) for n in _failed_cells(cells, row) if "@lr" in n})}
+              if (rates := {_cell_rate(n) for n in _failed_cells(cells, row) if "@lr" in n})}
     sweep = lr_sweep(task, cells) | {row: {} for row in failed if not row_sweep(task, cells, row)}
     if not sweep:
         return ""
@@ -716,8 +726,7 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = 
             continue
         cell = cells[name]
         if "failed" in cell:
-            label = row if name == row else f"{row} (lr {float(name.split('@lr')[1]):g})"
-            lines.append(f"| {label} | failed: {cell['failed'].replace('|', '/')[:140]} |" + " |" * (len(header) - 2))
+            lines.append(f"| {cell_label(row, name)} | failed: {cell['failed'].replace('|', '/')[:140]} |" + " |" * (len(header) - 2))
             continue
         # A row run only at swept rates shows its best one, named, where the others show their recipe's rate.
         values = _seed_values(task, cells, row) if name == row else [_metric(task, cell)]
@@ -736,7 +745,7 @@ def full_task_table(task: str, cells: dict[str, dict[str, Any]], device: bool = 
         else:
             time_text = _time_text(*_time_vs_adamw(cells, row, side, name))
         lines.append("| " + " | ".join([
-            row if name == row else f"{row} (lr {float(cell['learning_rate']):g})", _mean_spread(values, digits), gap, str(cell.get("steps", "-")),
+            cell_label(row, name), _mean_spread(values, digits), gap, str(cell.get("steps", "-")),
             f"{(b.parameters + b.buffers) / MB:.1f}", f"{b.gradients / MB:.1f}", f"{b.optimizer_state / MB:.1f}",
             f"{b.activations / MB:.1f}", "-" if tensors is None else f"{tensors:.2f}x",
             *([f"{b.peak_process / MB:.1f}"] if device else []),
@@ -767,9 +776,8 @@ def plot_curves(task: str, cells: dict[str, dict[str, Any]]) -> Path:
     def draw(ax, row: str) -> None:
         name = standing[row]
         cell = cells[name]
-        label = row if name == row else f"{row} (lr {cell['learning_rate']:g})"
         steps = cell.get("loss_steps") or list(range(1, len(cell["losses"]) + 1))
-        ax.plot(steps, cell["losses"], label=label, linewidth=1, color=colours[row])
+        ax.plot(steps, cell["losses"], label=cell_label(row, name), linewidth=1, color=colours[row])
 
     for row in standing:
         if row not in longer:
