@@ -361,6 +361,15 @@ def test_instruct_summary_uses_held_out_loss_and_the_two_percent_target(rt):
     assert "| loqt | 1.030 (+3.0%) | <= +2% | **missed** |" in table
 
 
+def test_a_variant_row_is_held_to_its_methods_instruct_and_pretraining_targets(rt):
+    instruct = {"instruct": {"adamw": _cell("loss", 1.000, 100, 1.0), "loqt_int8": _cell("loss", 1.046, 40, 1.0)}}
+    assert "| loqt_int8 | 1.046 (+4.6%) | <= +2% | **missed** |" in rt.lm_summary(
+        instruct, rt.INSTRUCT_TASKS, rt.INSTRUCT_LOSS_TARGET)
+    pretrain = {"llama-20m": {"adamw": _cell("perplexity", 100.0, 100, 1.0),
+                              "velora_mlp": _cell("perplexity", 110.0, 40, 1.0)}}
+    assert "| velora_mlp | 110.0 (+10.0%) | <= +5% | incomplete (1 of 2): misses so far |" in rt.lm_summary(pretrain)
+
+
 def test_sample_answers_show_each_rows_answer_beside_the_reference(rt):
     sample = {"instruction": "Add 1 and 2.", "reference": "3", "answer": "three"}
     cells = {"adamw": {"samples": [sample]}, "galore": {"samples": [{**sample, "answer": "3"}]}, "loqt": {}}
